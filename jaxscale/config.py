@@ -1,0 +1,321 @@
+"""Typed experiment configuration: YAML file + `--set KEY=VALUE` overrides -> checked dataclasses.
+
+Every check that can be made without compiling is made here (or in `validate`, once the device count is known),
+so a bad config fails in a second with a message naming the key, the value and what would work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxscale.data import DataConfig
+from jaxscale.errors import ConfigError
+from jaxscale.model.config import ModelConfig, preset_values
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MESH_AXES = ("data", "pipeline", "fsdp", "tensor")  # outermost (slowest links) to innermost (fastest)
+
+
+@dataclass
+class MeshConfig:
+    """Sizes of the logical mesh axes. One axis may be -1: it takes the devices left over.
+
+    `dcn_*` is the part of an axis that crosses slices / hosts (slow links); the rest stays inside a slice or
+    host (ICI / NVLink). Total axis size = in-slice part x dcn part.
+    """
+
+    data: int = -1
+    pipeline: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_pipeline: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+
+    def sizes(self) -> dict[str, int]:
+        return {a: getattr(self, a) for a in MESH_AXES}
+
+    def dcn_sizes(self) -> dict[str, int]:
+        return {a: getattr(self, f"dcn_{a}") for a in MESH_AXES}
+
+
+# Logical axis -> mesh axis (or list of mesh axes, or None = replicated). Parameters and activations get
+# separate tables: FSDP shards parameters over `fsdp` along `embed`, while activations are split over the batch.
+DEFAULT_PARAM_RULES: dict[str, Any] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+    "position": None,
+}
+DEFAULT_ACTIVATION_RULES: dict[str, Any] = {
+    "batch": ["data", "fsdp"],
+    "length": None,
+    "embed": None,
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+
+
+@dataclass
+class ShardingConfig:
+    params: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PARAM_RULES))
+    activations: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ACTIVATION_RULES))
+
+
+@dataclass
+class OptimizerConfig:
+    learning_rate: float = 6e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio at the last step
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # global norm; 0 disables clipping
+    decay_embeddings: bool = False  # norms and biases never decay; embeddings only if this is true
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global, in sequences
+    microbatches: int = 1  # gradient accumulation: the global batch is split into this many sequential pieces
+    seed: int = 0
+    remat: str = "none"  # none | dots | full
+    param_dtype: str = "float32"
+    compute_dtype: str = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU
+    log_every: int = 10
+    eval_every: int = 200  # 0 disables evaluation
+    eval_batches: int = 4
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    run_dir: str = ""  # empty: runs/<name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def find_yaml(name_or_path: str, folder: str) -> Path:
+    """A path to a YAML file, or a preset name looked up in `folder` (cwd first, then the jaxscale checkout)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"{folder[:-1]} file {path} does not exist")
+        return path
+    candidates = [Path.cwd() / folder / f"{name_or_path}.yaml", REPO_ROOT / folder / f"{name_or_path}.yaml"]
+    for c in candidates:
+        if c.exists():
+            return c
+    known = sorted({p.stem for d in {Path.cwd() / folder, REPO_ROOT / folder} if d.is_dir() for p in d.glob("*.yaml")})
+    raise ConfigError(f"no {folder[:-1]} named {name_or_path!r}; known: {', '.join(known) or 'none'} "
+                      f"(or give a path to a .yaml file)")
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """`a.b.c=value` sets raw['a']['b']['c'] = yaml-parsed value."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like KEY=VALUE, e.g. train.steps=100")
+    key, _, text = assignment.partition("=")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {assignment!r}: cannot parse value {text!r}: {e}") from e
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {p} is a value, not a section")
+    node[leaf] = value
+
+
+def load_config(experiment: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Experiment name (in experiments/) or YAML path, then overrides, into a checked Config."""
+    raw: dict = read_yaml(find_yaml(experiment or "default", "experiments"))
+    raw.setdefault("name", Path(experiment or "default").stem)
+    if any(o.split("=", 1)[0].strip() == "model.preset" for o in overrides):
+        raw["model"] = {}  # a preset chosen on the command line replaces the experiment's model section
+    for o in overrides:
+        apply_override(raw, o)
+    model = raw.get("model")
+    if isinstance(model, dict) and "preset" in model:  # preset values first, the experiment's own keys win
+        raw["model"] = {**preset_values(model.pop("preset")), **model}
+    mesh = raw.get("mesh")
+    if isinstance(mesh, str):  # a mesh preset name; `--set mesh=gpu-8` works too
+        raw["mesh"] = read_yaml(find_yaml(mesh, "meshes"))
+    elif isinstance(mesh, dict) and "preset" in mesh:
+        raw["mesh"] = {**read_yaml(find_yaml(mesh.pop("preset"), "meshes")), **mesh}
+    config = from_dict(Config, raw, "")
+    config.model = config.model.resolved()
+    return config
+
+
+def from_dict(cls, raw: dict, prefix: str):
+    """Build dataclass `cls` from `raw`, rejecting unknown keys and wrong types with the dotted key named."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+        kwargs[key] = coerce(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+def coerce(tp, value, key: str):
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(a, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if tp is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return list(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 6e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key} must be {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})")
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks that need the device count
+
+
+def resolve_mesh_sizes(mesh: MeshConfig, n_devices: int) -> dict[str, int]:
+    """Axis sizes with the one -1 filled in; their product must equal the device count."""
+    sizes = mesh.sizes()
+    bad = {a: s for a, s in sizes.items() if s == 0 or s < -1}
+    if bad:
+        raise ConfigError(f"mesh sizes must be positive or -1 (fill), got {bad}")
+    fill = [a for a, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        raise ConfigError(f"only one mesh axis may be -1, got mesh.{' and mesh.'.join(fill)}")
+    fixed = 1
+    for a, s in sizes.items():
+        if s != -1:
+            fixed *= s
+    if fill:
+        if n_devices % fixed:
+            raise ConfigError(f"mesh.{fill[0]}=-1 cannot fill {n_devices} devices: the other axes multiply to "
+                              f"{fixed}, which does not divide {n_devices}")
+        sizes[fill[0]] = n_devices // fixed
+    elif fixed != n_devices:
+        raise ConfigError(f"mesh {sizes} has {fixed} devices but {n_devices} are present; make the product "
+                          f"{n_devices} or set one axis to -1, e.g. --set mesh.data=-1")
+    for a, dcn in mesh.dcn_sizes().items():
+        if dcn < 1 or sizes[a] % dcn:
+            raise ConfigError(f"mesh.dcn_{a}={dcn} must be >= 1 and divide mesh.{a}={sizes[a]}")
+    return sizes
+
+
+def validate(config: Config, n_devices: int) -> dict[str, int]:
+    """Everything that can be wrong before compiling; returns the resolved mesh sizes."""
+    sizes = resolve_mesh_sizes(config.mesh, n_devices)
+    m, t = config.model, config.train
+    if sizes["pipeline"] != 1:
+        raise ConfigError("mesh.pipeline > 1 is not supported yet; set mesh.pipeline=1")
+    for name, count in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads)):
+        if count % sizes["tensor"]:
+            raise ConfigError(f"{name}={count} is not divisible by mesh.tensor={sizes['tensor']}; "
+                              f"choose a tensor size that divides it")
+    if m.d_ff % sizes["tensor"]:
+        raise ConfigError(f"model.d_ff={m.d_ff} is not divisible by mesh.tensor={sizes['tensor']}")
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    if t.microbatches < 1:
+        raise ConfigError(f"train.microbatches must be >= 1, got {t.microbatches}")
+    if t.batch_size % (batch_shards * t.microbatches):
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by mesh.data x mesh.fsdp x "
+                          f"train.microbatches = {sizes['data']} x {sizes['fsdp']} x {t.microbatches}; "
+                          f"try train.batch_size={batch_shards * t.microbatches * max(1, t.batch_size // (batch_shards * t.microbatches))}")
+    if t.remat not in ("none", "dots", "full"):
+        raise ConfigError(f"train.remat={t.remat!r}; choose none, dots or full")
+    for key in ("param_dtype", "compute_dtype"):
+        if getattr(t, key) not in ("auto", "float32", "bfloat16", "float16") or (key == "param_dtype" and t.param_dtype == "auto"):
+            raise ConfigError(f"train.{key}={getattr(t, key)!r}; choose float32, bfloat16"
+                              + (" or auto" if key == "compute_dtype" else ""))
+    if t.steps < 1 or t.log_every < 1:
+        raise ConfigError("train.steps and train.log_every must be >= 1")
+    for table_name, table in (("sharding.params", config.sharding.params),
+                              ("sharding.activations", config.sharding.activations)):
+        for logical, target in table.items():
+            targets = target if isinstance(target, list) else [target]
+            for ax in targets:
+                if ax is not None and ax not in MESH_AXES:
+                    raise ConfigError(f"{table_name}.{logical}={target!r}: {ax!r} is not a mesh axis; "
+                                      f"use one of {', '.join(MESH_AXES)} or null")
+    return sizes

@@ -1,0 +1,98 @@
+"""Model hyperparameters, the size presets, and the FLOP count used for MFU."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+from jaxscale.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    style: str = "gpt2"  # gpt2: learned positions, LayerNorm, GELU, tied head | llama: RoPE, RMSNorm, SwiGLU, GQA
+    vocab_size: int = 256  # tokenizer's vocabulary; padded up to a multiple of 128 for the embedding
+    seq_len: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (no grouping)
+    d_ff: int | None = None  # None: 4 x d_model (gpt2) or the SwiGLU size 8/3 x d_model rounded to 256 (llama)
+    tie_embeddings: bool | None = None  # None: True for gpt2, False for llama
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    attention: str = "auto"  # auto (cuDNN flash attention on GPU, XLA elsewhere) | cudnn | xla
+
+    def resolved(self) -> "ModelConfig":
+        """Fill the None defaults, check the combination."""
+        cfg = self
+        if cfg.style not in ("gpt2", "llama"):
+            raise ConfigError(f"model.style={cfg.style!r}; choose gpt2 or llama")
+        if cfg.attention not in ("auto", "cudnn", "xla"):
+            raise ConfigError(f"model.attention={cfg.attention!r}; choose auto, cudnn or xla")
+        n_kv = cfg.n_kv_heads or cfg.n_heads
+        if cfg.d_model % cfg.n_heads:
+            raise ConfigError(f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}")
+        if cfg.n_heads % n_kv:
+            raise ConfigError(f"model.n_heads={cfg.n_heads} must be a multiple of model.n_kv_heads={n_kv}")
+        if cfg.style == "llama" and (cfg.d_model // cfg.n_heads) % 2:
+            raise ConfigError("RoPE needs an even head size: d_model / n_heads must be even")
+        d_ff = cfg.d_ff or (4 * cfg.d_model if cfg.style == "gpt2" else 256 * -(-8 * cfg.d_model // 3 // 256))
+        tie = cfg.tie_embeddings if cfg.tie_embeddings is not None else cfg.style == "gpt2"
+        return dataclasses.replace(cfg, n_kv_heads=n_kv, d_ff=d_ff, tie_embeddings=tie)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        return cls(**{**preset_values(name), **overrides}).resolved()
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // 128) * 128
+
+    def matmul_params(self) -> int:
+        """N in FLOPs/token = 6N + 12 L d T: the weights of every matmul, the output head included."""
+        d, hd = self.d_model, self.head_dim
+        attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2  # q, o and k, v
+        mlp = (3 if self.style == "llama" else 2) * d * self.d_ff
+        return self.n_layers * (attn + mlp) + self.padded_vocab * d
+
+    def total_params(self) -> int:
+        d = self.d_model
+        norms_per_layer = 2 * d * (2 if self.style == "gpt2" else 1)
+        biases_per_layer = (self.n_heads * self.head_dim + 2 * self.n_kv_heads * self.head_dim + d + self.d_ff + d
+                            if self.style == "gpt2" else 0)
+        positions = self.seq_len * d if self.style == "gpt2" else 0
+        embed = 0 if self.tie_embeddings else self.padded_vocab * d  # untied: the input table is extra
+        final_norm = d * (2 if self.style == "gpt2" else 1)
+        return (self.matmul_params() + embed + positions + final_norm
+                + self.n_layers * (norms_per_layer + biases_per_layer))
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6N for the matmuls (forward + backward) + 12 L d T for attention scores."""
+        return 6 * self.matmul_params() + 12 * self.n_layers * self.d_model * self.seq_len
+
+
+_GPT2 = dict(style="gpt2", vocab_size=50257, seq_len=1024)
+_LLAMA = dict(style="llama", vocab_size=128256, seq_len=2048, rope_theta=500000.0)
+PRESETS: dict[str, dict] = {
+    "tiny": dict(style="gpt2", vocab_size=256, seq_len=128, d_model=64, n_layers=2, n_heads=4),
+    "tiny-llama": dict(style="llama", vocab_size=256, seq_len=128, d_model=64, n_layers=2, n_heads=4,
+                       n_kv_heads=2, d_ff=128),
+    "gpt2-124m": dict(_GPT2, d_model=768, n_layers=12, n_heads=12),
+    "gpt2-350m": dict(_GPT2, d_model=1024, n_layers=24, n_heads=16),
+    "gpt2-774m": dict(_GPT2, d_model=1280, n_layers=36, n_heads=20),
+    "gpt2-1.5b": dict(_GPT2, d_model=1600, n_layers=48, n_heads=25),
+    "llama-1b": dict(_LLAMA, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192),
+    "llama-8b": dict(_LLAMA, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336),
+}
+
+
+def preset_values(name: str) -> dict:
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset={name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    return dict(PRESETS[name])

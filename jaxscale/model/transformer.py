@@ -1,0 +1,175 @@
+"""A decoder-only transformer in Flax NNX: GPT-2 style or Llama style, chosen by `ModelConfig.style`.
+
+The layers' weights are stacked along a leading `layers` axis and the forward pass scans over them, so the
+compiled program (and the compile time) is the same size for 2 layers or 96. Every parameter carries the
+logical names of its dimensions (`logical_axes`); `jaxscale.sharding` maps those onto the mesh.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxscale.model.config import ModelConfig
+from jaxscale.sharding import constrain
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float | None,
+          dtype=jnp.float32) -> nnx.Param:
+    """std=None: ones (norm scales); std=0: zeros (biases); else a normal draw."""
+    if std is None:
+        value = jnp.ones(shape, dtype)
+    elif std == 0:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class Blocks(nnx.Module):
+    """All transformer layers, each weight stacked over `layers` (dimension 0)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype=jnp.float32):
+        L, d, H, K, hd, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+        std = cfg.init_std
+        out_std = std / math.sqrt(2 * L)  # residual projections shrink with depth (GPT-2)
+        gpt2 = cfg.style == "gpt2"
+
+        def p(shape, axes, s):
+            return param(rngs, (L, *shape), ("layers", *axes), s, dtype)
+
+        self.attn_norm = p((d,), ("norm",), None)
+        self.wq = p((d, H, hd), ("embed", "heads", "head_dim"), std)
+        self.wk = p((d, K, hd), ("embed", "kv_heads", "head_dim"), std)
+        self.wv = p((d, K, hd), ("embed", "kv_heads", "head_dim"), std)
+        self.wo = p((H, hd, d), ("heads", "head_dim", "embed"), out_std)
+        self.mlp_norm = p((d,), ("norm",), None)
+        if gpt2:
+            self.attn_norm_bias = p((d,), ("norm",), 0)
+            self.mlp_norm_bias = p((d,), ("norm",), 0)
+            self.bq = p((H, hd), ("heads", "head_dim"), 0)
+            self.bk = p((K, hd), ("kv_heads", "head_dim"), 0)
+            self.bv = p((K, hd), ("kv_heads", "head_dim"), 0)
+            self.bo = p((d,), ("norm",), 0)
+            self.w_in = p((d, F), ("embed", "mlp"), std)
+            self.b_in = p((F,), ("mlp",), 0)
+            self.w_out = p((F, d), ("mlp", "embed"), out_std)
+            self.b_out = p((d,), ("norm",), 0)
+        else:
+            self.w_gate = p((d, F), ("embed", "mlp"), std)
+            self.w_up = p((d, F), ("embed", "mlp"), std)
+            self.w_down = p((F, d), ("mlp", "embed"), out_std)
+
+    def stacked(self) -> dict[str, jax.Array]:
+        return {name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+def norm(x, scale, bias, eps):
+    """LayerNorm (with bias, GPT-2) or RMSNorm (bias None, Llama), computed in float32."""
+    x32 = x.astype(jnp.float32)
+    if bias is not None:
+        x32 = x32 - x32.mean(-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + eps) * scale
+    if bias is not None:
+        y = y + bias
+    return y.astype(x.dtype)
+
+
+def rope(x, positions, theta):
+    """Rotary position embedding over the last (head) dimension, halves rotated as in Llama."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # (batch, length, half)
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_impl(cfg: ModelConfig, has_mask: bool) -> str | None:
+    if cfg.attention != "auto":
+        return cfg.attention
+    if jax.default_backend() == "gpu" and not has_mask:
+        return "cudnn"  # flash attention; needs bf16/fp16 inputs, which the compute dtype gives on GPU
+    return "xla"
+
+
+def layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, segment_ids, dtype) -> jax.Array:
+    """One transformer layer; `p` holds this layer's slice of every stacked weight."""
+    gpt2 = cfg.style == "gpt2"
+    w = {k: v.astype(dtype) for k, v in p.items() if not k.endswith("norm") and not k.endswith("norm_bias")}
+    bias = (lambda name: w[name]) if gpt2 else (lambda name: 0)
+
+    h = norm(x, p["attn_norm"], p.get("attn_norm_bias"), cfg.norm_eps)
+    q = jnp.einsum("btd,dnh->btnh", h, w["wq"]) + bias("bq")
+    k = jnp.einsum("btd,dnh->btnh", h, w["wk"]) + bias("bk")
+    v = jnp.einsum("btd,dnh->btnh", h, w["wv"]) + bias("bv")
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    if not gpt2:
+        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    mask = None
+    if segment_ids is not None:  # attend only within the same document
+        mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                     implementation=attention_impl(cfg, mask is not None))
+    y = constrain(y, ("batch", "length", "heads", "head_dim"))
+    x = x + jnp.einsum("btnh,nhd->btd", y, w["wo"]) + bias("bo")
+    x = constrain(x, ("batch", "length", "embed"))
+
+    h = norm(x, p["mlp_norm"], p.get("mlp_norm_bias"), cfg.norm_eps)
+    if gpt2:
+        hidden = jax.nn.gelu(jnp.einsum("btd,df->btf", h, w["w_in"]) + w["b_in"])
+    else:
+        hidden = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["w_gate"])) * jnp.einsum("btd,df->btf", h, w["w_up"])
+    hidden = constrain(hidden, ("batch", "length", "mlp"))
+    x = x + jnp.einsum("btf,fd->btd", hidden, w["w_out" if gpt2 else "w_down"]) + bias("b_out")
+    return constrain(x, ("batch", "length", "embed"))
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, redo the rest
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+}
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.cfg = cfg
+        d, V = cfg.d_model, cfg.padded_vocab
+        self.embed = param(rngs, (V, d), ("vocab", "embed"), cfg.init_std, param_dtype)
+        if cfg.style == "gpt2":
+            self.positions = param(rngs, (cfg.seq_len, d), ("position", "embed"), cfg.init_std / 2, param_dtype)
+        self.blocks = Blocks(cfg, rngs, param_dtype)
+        self.final_norm = param(rngs, (d,), ("norm",), None, param_dtype)
+        if cfg.style == "gpt2":
+            self.final_norm_bias = param(rngs, (d,), ("norm",), 0, param_dtype)
+        if not cfg.tie_embeddings:
+            self.head = param(rngs, (d, V), ("embed", "vocab"), cfg.init_std, param_dtype)
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
+                 compute_dtype=jnp.float32, remat: str = "none") -> jax.Array:
+        """tokens (batch, length) int -> logits (batch, length, padded vocab) in `compute_dtype`."""
+        cfg = self.cfg
+        b, t = tokens.shape
+        x = self.embed[...].astype(compute_dtype)[tokens]
+        if cfg.style == "gpt2":
+            x = x + self.positions[...][:t].astype(compute_dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+
+        def body(x, layer_params):
+            return layer(cfg, layer_params, x, positions, segment_ids, compute_dtype), None
+
+        if remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, self.blocks.stacked())
+
+        final_bias = self.final_norm_bias[...] if cfg.style == "gpt2" else None
+        x = norm(x, self.final_norm[...], final_bias, cfg.norm_eps)
+        head = self.embed[...].T if cfg.tie_embeddings else self.head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(compute_dtype))
+        return constrain(logits, ("batch", "length", "vocab"))

@@ -1,0 +1,82 @@
+"""Logical axis names -> mesh axes.
+
+The model names every parameter and large activation dimension (batch, length, embed, heads, mlp, vocab, ...).
+Two rule tables in the config map those names onto mesh axes: one for parameters, one for activations. FSDP,
+tensor parallelism and their mixes are nothing but entries in these tables, so the model never changes for a
+layout.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Iterator, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxscale.errors import ConfigError
+
+Rules = dict[str, Any]  # logical name -> mesh axis | [mesh axes] | None
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None = None) -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions carry `names`.
+
+    A mesh axis is used at most once per array (the first dimension that asks for it gets it), and axes of
+    size 1 are dropped so specs print the layout that is really in effect.
+    """
+    used: set[str] = set()
+    spec = []
+    for name in names:
+        target = rules.get(name) if name is not None else None
+        axes = [target] if isinstance(target, str) else list(target or [])
+        axes = [a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1)]
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return PartitionSpec(*spec)
+
+
+def param_shardings(logical_axes: Any, shapes: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedSharding for each parameter; a dimension a rule splits must divide evenly over its mesh axes."""
+
+    def one(path, names, shape):
+        spec = logical_to_spec(names, rules, mesh)
+        for dim, (size, axes) in enumerate(zip(shape.shape, spec)):
+            ways = 1
+            for a in [axes] if isinstance(axes, str) else (axes or ()):
+                ways *= mesh.shape[a]
+            if size % ways:
+                raise ConfigError(
+                    f"parameter {jax.tree_util.keystr(path)} dimension {dim} ({names[dim]}={size}) cannot be split "
+                    f"{ways} ways over mesh axes {axes}; change sharding.params.{names[dim]} or the mesh sizes")
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, logical_axes, shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+# Activation annotations: the train step installs the mesh and rules while it is traced, and the model calls
+# `constrain(x, names)` at the points where the layout must be pinned. Outside that context it is a no-op,
+# which is what a plain single-device forward pass wants.
+_ACTIVATION_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "jaxscale_activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    token = _ACTIVATION_CONTEXT.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_CONTEXT.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    context = _ACTIVATION_CONTEXT.get()
+    if context is None:
+        return x
+    mesh, rules = context
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules, mesh)))
+
+
+def activation_sharding(names: Sequence[str | None], mesh: Mesh, rules: Rules) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh))

@@ -1,0 +1,82 @@
+"""Step metrics: fetched from the device one step late (so the next step is already queued), written as JSON
+lines to <run_dir>/metrics.jsonl and shown on a progress bar."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm.auto import tqdm
+
+
+def device_peak_flops() -> float | None:
+    """Dense bf16 peak of one local device from the hardware catalog; None where unknown (the CPU)."""
+    from jaxscale.cost.catalog import peak_flops_for_device_kind
+
+    return peak_flops_for_device_kind(jax.local_devices()[0].device_kind)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, log_every: int, tokens_per_step: int,
+                 flops_per_token: float, n_devices: int, show_progress: bool, is_main_process: bool):
+        self.log_every = log_every
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        peak = device_peak_flops()
+        self.cluster_peak = peak * n_devices if peak else None
+        self.is_main = is_main_process
+        self.file = (run_dir / "metrics.jsonl").open("a") if is_main_process else None
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not (show_progress and is_main_process),
+                        unit="step", dynamic_ncols=True)
+        self.pending: tuple[int, dict] | None = None
+        self.window_start: tuple[int, float] | None = None  # (step, time) the current timing window began
+        self.data_wait = 0.0
+        self.history: list[dict] = []
+
+    def push(self, step: int, metrics: dict[str, jax.Array], data_wait_s: float = 0.0) -> None:
+        """Called right after step `step` was dispatched; the previous step's metrics are read now."""
+        self.data_wait += data_wait_s
+        if self.pending is not None:
+            self._complete(*self.pending)
+        self.pending = (step, metrics)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self._complete(*self.pending)
+            self.pending = None
+
+    def _complete(self, step: int, metrics: dict) -> None:
+        self.bar.update(1)
+        if self.window_start is None:  # the first step carries the compile time: time from its end on
+            jax.block_until_ready(metrics)
+            self.window_start = (step, time.perf_counter())
+            self.data_wait = 0.0
+            return
+        if (step + 1) % self.log_every and step + 1 != self.total_steps:
+            return
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        steps = step - self.window_start[0]
+        step_time = (now - self.window_start[1]) / steps
+        tokens_per_s = self.tokens_per_step / step_time
+        row = {"step": step + 1, **values, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
+               "mfu": tokens_per_s * self.flops_per_token / self.cluster_peak if self.cluster_peak else None,
+               "data_wait_s": self.data_wait / steps}
+        self.window_start, self.data_wait = (step, now), 0.0
+        self.write(row)
+        self.bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self.bar.close()
+        if self.file:
+            self.file.close()

@@ -1,0 +1,126 @@
+"""The training state, its shardings, and the jitted train / eval steps."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxscale.config import Config
+from jaxscale.model import Model
+from jaxscale.sharding import activation_rules, activation_sharding, constrain, param_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: Any
+
+
+def state_shardings(model: Model, tx: optax.GradientTransformation, mesh: Mesh, param_rules: dict) -> TrainState:
+    """Parameters follow the rules; optimizer moments follow their parameter (ZeRO: sharded like it);
+    scalars (step, counts) are replicated."""
+    params = param_shardings(model.logical_axes, model.shapes, mesh, param_rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, model.shapes)
+    opt = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, params,
+                                transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=params, opt_state=opt)
+
+
+def init_state(model: Model, tx: optax.GradientTransformation, shardings: TrainState, seed: int) -> TrainState:
+    """Initialize directly into the sharded layout: no device ever holds the whole model."""
+
+    def init(key):
+        params = model.init(key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def batch_sharding(mesh: Mesh, activation_rules_table: dict) -> NamedSharding:
+    return activation_sharding(("batch", "length"), mesh, activation_rules_table)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token loss; float32 math fused into the reductions, vocab may be sharded."""
+    logits = logits.astype(jnp.float32)
+    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
+    return jnp.mean(log_normalizer - target_logit)
+
+
+def make_loss_fn(model: Model, config: Config, compute_dtype) -> Callable:
+    use_segments = config.data.document_masking
+
+    def loss_fn(params, batch):
+        tokens = batch["tokens"]
+        segments = batch["segment_ids"][:, :-1] if use_segments else None
+        logits = model.apply(params, tokens[:, :-1], segments, compute_dtype=compute_dtype,
+                             remat=config.train.remat)
+        return cross_entropy(logits, tokens[:, 1:])
+
+    return loss_fn
+
+
+def split_microbatches(batch: dict, count: int) -> dict:
+    """(B, ...) -> (count, B / count, ...), microbatch m = rows m, m + count, ... so that every microbatch
+    is spread over all batch shards (each device's contiguous rows hold all microbatches equally)."""
+
+    def split(x):
+        x = x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+        return constrain(x, (None, "batch", "length"))
+
+    return jax.tree.map(split, batch)
+
+
+def global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_train_step(model: Model, tx: optax.GradientTransformation, schedule: optax.Schedule, config: Config,
+                    mesh: Mesh, shardings: TrainState, compute_dtype) -> Callable:
+    loss_fn = make_loss_fn(model, config, compute_dtype)
+    grad_fn = jax.value_and_grad(loss_fn)
+    count = config.train.microbatches
+    rules = config.sharding.activations
+
+    def accumulated_grads(params, batch):
+        if count == 1:
+            return grad_fn(params, batch)
+
+        def one(carry, microbatch):
+            loss_sum, grad_sum = carry
+            loss, grads = grad_fn(params, microbatch)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss, grads), _ = jax.lax.scan(one, (jnp.zeros((), jnp.float32), zeros), split_microbatches(batch, count))
+        return loss / count, jax.tree.map(lambda g: g / count, grads)
+
+    def train_step(state: TrainState, batch: dict):
+        with activation_rules(mesh, rules):
+            loss, grads = accumulated_grads(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": schedule(state.step)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    data_sharding = batch_sharding(mesh, rules)
+    return jax.jit(train_step, in_shardings=(shardings, data_sharding), out_shardings=(shardings, None),
+                   donate_argnums=0)
+
+
+def make_eval_step(model: Model, config: Config, mesh: Mesh, shardings: TrainState, compute_dtype) -> Callable:
+    loss_fn = make_loss_fn(model, config, compute_dtype)
+    rules = config.sharding.activations
+
+    def eval_step(params, batch):
+        with activation_rules(mesh, rules):
+            return loss_fn(params, batch)
+
+    return jax.jit(eval_step, in_shardings=(shardings.params, batch_sharding(mesh, rules)))
