@@ -1,0 +1,85 @@
+"""Background batch loading, so the accelerator does not wait on disk reads and packing."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Self
+
+import numpy as np
+
+from jaxscale.data.dataset import Dataset
+
+Batch = dict[str, np.ndarray]
+
+
+class Prefetcher:
+    """Yields (step, batch, wait_seconds) for step = start_step, start_step + 1, ... without end.
+
+    A daemon thread keeps up to `depth` batches ready; wait_seconds is how long the consumer blocked for
+    the batch (data-wait time). With depth 0 batches load in the consumer's thread and wait_seconds is the
+    load time. An exception in the loader thread is re-raised by next(). Use as a context manager or call
+    close().
+    """
+
+    def __init__(self, ds: Dataset, start_step: int, batch_size: int, process_index: int = 0,
+                 process_count: int = 1, depth: int = 2, *, split: str = "train"):
+        self._load = lambda step: ds.batch(step, batch_size, split=split, process_index=process_index,
+                                           process_count=process_count)
+        self._next_step = start_step
+        self._stop = threading.Event()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        if depth > 0:
+            self._queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._fill, args=(start_step,), name="jaxscale-prefetch",
+                                            daemon=True)
+            self._thread.start()
+
+    def _fill(self, step: int) -> None:
+        while not self._stop.is_set():
+            try:
+                item: tuple[int, Batch] | Exception = (step, self._load(step))
+            except Exception as e:  # noqa: BLE001 -- handed to the consumer, which re-raises it
+                item = e
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, Exception):
+                return
+            step += 1
+
+    def __iter__(self) -> Iterator[tuple[int, Batch, float]]:
+        return self
+
+    def __next__(self) -> tuple[int, Batch, float]:
+        if self._stop.is_set():
+            raise StopIteration
+        start = time.perf_counter()
+        if self._queue is None:
+            step, batch = self._next_step, self._load(self._next_step)
+            self._next_step += 1
+        else:
+            item = self._queue.get()
+            if isinstance(item, Exception):
+                self.close()
+                raise item
+            step, batch = item
+        return step, batch, time.perf_counter() - start
+
+    def close(self) -> None:
+        """Stop the loader thread and wait for it; idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
