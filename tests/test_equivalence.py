@@ -1,24 +1,23 @@
 """The core promise: a parallel layout changes where numbers live, not what they are.
 
 For the same seed and batches, every mesh layout gives the loss and updated parameters of a single device.
-Tolerance (float32 compute, 3 AdamW steps at learning rate 1e-3, so no parameter can move more than 3e-3):
-losses within 1e-6 relative; parameters within 3e-5 absolute, 1% of that largest possible move. The
+Tolerance (float32 compute, 3 AdamW steps at learning rate 1e-3, so no parameter moves more than 3e-3):
+losses and gradient norms within 1e-5 relative; parameters within 1e-4 absolute, a tenth of one step. The
 differences come only from the order of floating-point sums in sharded matmuls and all-reduces, which AdamW's
-m / sqrt(v) amplifies where a gradient is close to zero (measured: at most 1.4e-5). A wrong layout (a missing
-all-reduce, a shard used twice) moves parameters by a whole step, 1e-3.
+m / sqrt(v) amplifies where a gradient is close to zero (measured: at most 3.2e-5, in one element of 24576).
+AdamW does not see a gradient's scale, so the gradient norm is compared too: a layout that loses or doubles
+a reduction changes it by a factor, far outside 1e-5.
 """
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
 
 from jaxscale.config import Config, MeshConfig, OptimizerConfig, TrainConfig
 from jaxscale.model import ModelConfig
-from jaxscale.train import build_trainer
+from jaxscale.training import build_trainer
 
-LOSS_RTOL = 1e-6
-PARAM_ATOL = 3e-5
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 1e-4
 STEPS = 3
 
 
@@ -32,20 +31,24 @@ def make_config(style: str, mesh: dict, microbatches: int = 1) -> Config:
     )
 
 
-def batches(config: Config) -> list[np.ndarray]:
+def batches(config: Config) -> list[dict[str, np.ndarray]]:
+    """Random tokens, each row packed from a few documents (attention stays inside each: document masking)."""
     rng = np.random.default_rng(0)
     shape = (config.train.batch_size, config.model.seq_len + 1)
-    return [rng.integers(0, config.model.vocab_size, shape, dtype=np.int32) for _ in range(STEPS)]
+    return [{"tokens": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
+             "segment_ids": 1 + np.cumsum(rng.random(shape) < 0.05, axis=1, dtype=np.int32)}
+            for _ in range(STEPS)]
 
 
-def run(config: Config, devices) -> tuple[list[float], dict]:
+def run(config: Config, devices) -> tuple[list[tuple[float, float]], dict]:
+    """(loss, gradient norm) of each step, and the final parameters."""
     trainer = build_trainer(config, devices)
     state = trainer.init_state()
     losses = []
-    for tokens in batches(config):
-        batch = {"tokens": jax.device_put(tokens, trainer.data_sharding)}
+    for batch in batches(config):
+        batch = jax.device_put(batch, trainer.data_sharding)
         state, metrics = trainer.train_step(state, batch)
-        losses.append(float(metrics["loss"]))
+        losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
     return losses, jax.device_get(state.params)
 
 
@@ -95,12 +98,9 @@ def test_accumulation_on_a_sharded_mesh():
     assert_same(run(config, jax.devices()[:4]), reference("gpt2"))
 
 
-def test_loss_falls_and_layouts_disagree_when_broken():
-    """Guards the tolerance: a real change (another seed) is far outside it, so passing means something."""
-    losses, params = reference("gpt2")
-    assert losses[-1] < losses[0]
-    other = make_config("gpt2", {})
-    other = dataclasses.replace(other, train=dataclasses.replace(other.train, seed=1))
-    other_losses, other_params = run(other, jax.devices()[:1])
-    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(other_params), jax.tree.leaves(params)))
-    assert diff > 100 * PARAM_ATOL
+def test_tolerance_is_small_against_what_training_moves():
+    """Guards the tolerance: three steps move the parameters far more than it allows, so passing means something."""
+    _, params = reference("gpt2")
+    initial = jax.device_get(build_trainer(make_config("gpt2", {}), jax.devices()[:1]).init_state().params)
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, initial)
+    assert min(jax.tree.leaves(moved)) > 10 * PARAM_ATOL

@@ -40,18 +40,17 @@ class Blocks(nnx.Module):
         def p(shape, axes, s):
             return param(rngs, (L, *shape), ("layers", *axes), s, dtype)
 
+        # One fused q/k/v matmul. Heads are grouped by the KV head they share: per KV head, H/K query heads then
+        # its key and value. Splitting `kv_heads` over the tensor axis keeps every group on one device.
+        qkv = (K, H // K + 2, hd)
         self.attn_norm = p((d,), ("norm",), None)
-        self.wq = p((d, H, hd), ("embed", "heads", "head_dim"), std)
-        self.wk = p((d, K, hd), ("embed", "kv_heads", "head_dim"), std)
-        self.wv = p((d, K, hd), ("embed", "kv_heads", "head_dim"), std)
+        self.wqkv = p((d, *qkv), ("embed", "kv_heads", None, "head_dim"), std)
         self.wo = p((H, hd, d), ("heads", "head_dim", "embed"), out_std)
         self.mlp_norm = p((d,), ("norm",), None)
         if gpt2:
             self.attn_norm_bias = p((d,), ("norm",), 0)
             self.mlp_norm_bias = p((d,), ("norm",), 0)
-            self.bq = p((H, hd), ("heads", "head_dim"), 0)
-            self.bk = p((K, hd), ("kv_heads", "head_dim"), 0)
-            self.bv = p((K, hd), ("kv_heads", "head_dim"), 0)
+            self.bqkv = p(qkv, ("kv_heads", None, "head_dim"), 0)
             self.bo = p((d,), ("norm",), 0)
             self.w_in = p((d, F), ("embed", "mlp"), std)
             self.b_in = p((F,), ("mlp",), 0)
@@ -102,9 +101,11 @@ def layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, se
     bias = (lambda name: w[name]) if gpt2 else (lambda name: 0)
 
     h = norm(x, p["attn_norm"], p.get("attn_norm_bias"), cfg.norm_eps)
-    q = jnp.einsum("btd,dnh->btnh", h, w["wq"]) + bias("bq")
-    k = jnp.einsum("btd,dnh->btnh", h, w["wk"]) + bias("bk")
-    v = jnp.einsum("btd,dnh->btnh", h, w["wv"]) + bias("bv")
+    qkv = jnp.einsum("btd,dkgh->btkgh", h, w["wqkv"]) + bias("bqkv")
+    qkv = constrain(qkv, ("batch", "length", "kv_heads", None, "head_dim"))
+    b, t, n_kv, groups, hd = qkv.shape
+    q = qkv[:, :, :, :-2].reshape(b, t, n_kv * (groups - 2), hd)  # query head i uses KV head i // (H / K)
+    k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))

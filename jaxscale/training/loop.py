@@ -15,9 +15,9 @@ from jaxscale.config import Config, save_config, validate
 from jaxscale.data import Prefetcher, build_dataset, check_vocab
 from jaxscale.mesh import build_mesh, describe
 from jaxscale.model import Model
-from jaxscale.train.metrics import MetricsLogger
-from jaxscale.train.optimizer import build_optimizer
-from jaxscale.train.step import (TrainState, batch_sharding, init_state, make_eval_step, make_train_step,
+from jaxscale.training.metrics import MetricsLogger
+from jaxscale.training.optimizer import build_optimizer
+from jaxscale.training.step import (TrainState, batch_sharding, init_state, make_eval_step, make_train_step,
                                  state_shardings)
 
 log = logging.getLogger("jaxscale")

@@ -50,24 +50,22 @@ class MetricsLogger:
 
     def _complete(self, step: int, metrics: dict) -> None:
         self.bar.update(1)
-        if self.window_start is None:  # the first step carries the compile time: time from its end on
-            jax.block_until_ready(metrics)
-            self.window_start = (step, time.perf_counter())
-            self.data_wait = 0.0
-            return
-        if (step + 1) % self.log_every and step + 1 != self.total_steps:
+        first = self.window_start is None
+        if not first and (step + 1) % self.log_every and step + 1 != self.total_steps:
             return
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
-        steps = step - self.window_start[0]
-        step_time = (now - self.window_start[1]) / steps
-        tokens_per_s = self.tokens_per_step / step_time
-        row = {"step": step + 1, **values, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
-               "mfu": tokens_per_s * self.flops_per_token / self.cluster_peak if self.cluster_peak else None,
-               "data_wait_s": self.data_wait / steps}
+        row = {"step": step + 1, **values, "step_time_s": None, "tokens_per_s": None, "mfu": None,
+               "data_wait_s": None}
+        if not first:  # the first step carries the compile time, so timing windows start at its end
+            steps = step - self.window_start[0]
+            step_time = (now - self.window_start[1]) / steps
+            tokens_per_s = self.tokens_per_step / step_time
+            row.update(step_time_s=step_time, tokens_per_s=tokens_per_s, data_wait_s=self.data_wait / steps,
+                       mfu=tokens_per_s * self.flops_per_token / self.cluster_peak if self.cluster_peak else None)
+            self.bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         self.window_start, self.data_wait = (step, now), 0.0
         self.write(row)
-        self.bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
 
     def write(self, row: dict[str, Any]) -> None:
         self.history.append(row)
