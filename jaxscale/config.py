@@ -130,17 +130,18 @@ class Config:
 
 def find_yaml(name_or_path: str, folder: str) -> Path:
     """A path to a YAML file, or a preset name looked up in `folder` (cwd first, then the jaxscale checkout)."""
+    kind = {"experiments": "experiment", "meshes": "mesh"}[folder]
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.exists():
-            raise ConfigError(f"{folder[:-1]} file {path} does not exist")
+            raise ConfigError(f"{kind} file {path} does not exist")
         return path
     candidates = [Path.cwd() / folder / f"{name_or_path}.yaml", REPO_ROOT / folder / f"{name_or_path}.yaml"]
     for c in candidates:
         if c.exists():
             return c
     known = sorted({p.stem for d in {Path.cwd() / folder, REPO_ROOT / folder} if d.is_dir() for p in d.glob("*.yaml")})
-    raise ConfigError(f"no {folder[:-1]} named {name_or_path!r}; known: {', '.join(known) or 'none'} "
+    raise ConfigError(f"no {kind} named {name_or_path!r}; known: {', '.join(known) or 'none'} "
                       f"(or give a path to a .yaml file)")
 
 

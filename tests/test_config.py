@@ -1,0 +1,70 @@
+"""Bad configs fail before anything compiles, with a message naming the key, the value and the fix."""
+import pytest
+
+from jaxscale.config import Config, MeshConfig, TrainConfig, load_config, validate
+from jaxscale.errors import ConfigError
+from jaxscale.model import ModelConfig
+
+
+def test_default_experiment_loads_and_overrides_apply():
+    config = load_config(None, ["train.steps=7", "mesh.fsdp=2", "optimizer.learning_rate=1e-4",
+                                "sharding.params.embed=[fsdp, data]"])
+    assert config.train.steps == 7 and config.mesh.fsdp == 2
+    assert config.optimizer.learning_rate == pytest.approx(1e-4)
+    assert config.sharding.params["embed"] == ["fsdp", "data"]
+
+
+def test_model_preset_and_mesh_preset():
+    config = load_config("gpt2-124m", ["model.seq_len=512"])
+    assert (config.model.d_model, config.model.n_layers, config.model.seq_len) == (768, 12, 512)
+    assert config.model.tie_embeddings and config.model.d_ff == 3072
+    assert config.model.matmul_params() == 12 * 12 * 768 * 768 + 50304 * 768
+    config = load_config(None, ["mesh=cpu-8"])
+    assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (2, 2, 2)
+    config = load_config(None, ["model.preset=tiny-llama"])
+    assert config.model.style == "llama" and config.model.n_kv_heads == 2
+
+
+@pytest.mark.parametrize("override,message", [
+    (["train.stepz=3"], r"unknown config key train\.stepz; did you mean train\.steps"),
+    (["train.steps=many"], r"train\.steps must be int, got 'many'"),
+    (["model.style=bert"], r"model\.style='bert'; choose gpt2 or llama"),
+    (["model.n_heads=5"], r"d_model=128 must be divisible by model\.n_heads=5"),
+    (["model.preset=gpt9"], r"model\.preset='gpt9' is unknown; choose one of"),
+    (["mesh=nowhere"], r"no mesh named 'nowhere'; known: .*cpu-8"),
+    (["train.steps"], r"must look like KEY=VALUE"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, override)
+
+
+def test_unknown_experiment_lists_the_known_ones():
+    with pytest.raises(ConfigError, match=r"no experiment named 'nope'; known: .*default"):
+        load_config("nope")
+
+
+def config_with(mesh: dict, batch=16, microbatches=1, **model) -> Config:
+    return Config(model=ModelConfig.from_preset("tiny", **model), mesh=MeshConfig(**mesh),
+                  train=TrainConfig(batch_size=batch, microbatches=microbatches))
+
+
+@pytest.mark.parametrize("config,devices,message", [
+    (config_with(dict(data=2, fsdp=2)), 8, r"has 4 devices but 8 are present.*mesh\.data=-1"),
+    (config_with(dict(data=-1, fsdp=3)), 8, r"mesh\.data=-1 cannot fill 8 devices"),
+    (config_with(dict(data=-1, fsdp=-1)), 8, r"only one mesh axis may be -1"),
+    (config_with(dict(data=1, tensor=8)), 8, r"model\.n_heads=4 is not divisible by mesh\.tensor=8"),
+    (config_with(dict(data=8), batch=12), 8, r"train\.batch_size=12 must be divisible by .* 8 x 1 x 1"),
+    (config_with(dict(data=2, fsdp=2), batch=16, microbatches=8), 4, r"train\.batch_size=16 must be divisible"),
+    (config_with(dict(data=4, dcn_data=3)), 4, r"mesh\.dcn_data=3 must be >= 1 and divide mesh\.data=4"),
+])
+def test_impossible_layouts_fail_before_compiling(config, devices, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(config, devices)
+
+
+def test_unknown_mesh_axis_in_rules():
+    config = config_with(dict(data=1))
+    config.sharding.params["mlp"] = "model"
+    with pytest.raises(ConfigError, match=r"sharding\.params\.mlp='model': 'model' is not a mesh axis"):
+        validate(config, 1)
