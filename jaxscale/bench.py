@@ -54,7 +54,7 @@ def run_bench(config: Config, *, warmup: int = 5, windows: int = 5, steps_per_wi
         window_s.append((time.perf_counter() - start) / steps_per_window)
 
     if profile_dir:
-        with jax.profiler.trace(profile_dir):
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):  # Perfetto opens the .json.gz
             for i in range(3):
                 state, metrics = compiled(state, batches[i])
             jax.block_until_ready(metrics)

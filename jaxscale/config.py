@@ -98,6 +98,7 @@ class TrainConfig:
     microbatches: int = 1  # gradient accumulation: the global batch is split into this many sequential pieces
     seed: int = 0
     remat: str = "none"  # none | dots | full
+    scan_unroll: int = 1  # layers per scan iteration: 1 = compile time flat in depth; n_layers = fastest on GPU
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU
     log_every: int = 10
@@ -303,6 +304,8 @@ def validate(config: Config, n_devices: int) -> dict[str, int]:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by mesh.data x mesh.fsdp x "
                           f"train.microbatches = {sizes['data']} x {sizes['fsdp']} x {t.microbatches}; "
                           f"try train.batch_size={batch_shards * t.microbatches * max(1, t.batch_size // (batch_shards * t.microbatches))}")
+    if t.scan_unroll < 1:
+        raise ConfigError(f"train.scan_unroll={t.scan_unroll} must be >= 1 (1: a rolled loop over layers)")
     if t.remat not in ("none", "dots", "full"):
         raise ConfigError(f"train.remat={t.remat!r}; choose none, dots or full")
     for key in ("param_dtype", "compute_dtype"):
