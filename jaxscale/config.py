@@ -18,6 +18,7 @@ import yaml
 from jaxscale.data import DataConfig
 from jaxscale.errors import ConfigError
 from jaxscale.model.config import ModelConfig, preset_values
+from jaxscale.parallel.plan import PipelineConfig, plan_from_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MESH_AXES = ("data", "pipeline", "fsdp", "tensor")  # outermost (slowest links) to innermost (fastest)
@@ -56,7 +57,7 @@ DEFAULT_PARAM_RULES: dict[str, Any] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
-    "layers": None,
+    "layers": "pipeline",  # the stacked layer weights: each pipeline rank holds its stages' share
     "norm": None,
     "position": None,
 }
@@ -117,6 +118,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
@@ -289,8 +291,6 @@ def validate(config: Config, n_devices: int) -> dict[str, int]:
     """Everything that can be wrong before compiling; returns the resolved mesh sizes."""
     sizes = resolve_mesh_sizes(config.mesh, n_devices)
     m, t = config.model, config.train
-    if sizes["pipeline"] != 1:
-        raise ConfigError("mesh.pipeline > 1 is not supported yet; set mesh.pipeline=1")
     for name, count in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads)):
         if count % sizes["tensor"]:
             raise ConfigError(f"{name}={count} is not divisible by mesh.tensor={sizes['tensor']}; "
@@ -304,6 +304,25 @@ def validate(config: Config, n_devices: int) -> dict[str, int]:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by mesh.data x mesh.fsdp x "
                           f"train.microbatches = {sizes['data']} x {sizes['fsdp']} x {t.microbatches}; "
                           f"try train.batch_size={batch_shards * t.microbatches * max(1, t.batch_size // (batch_shards * t.microbatches))}")
+    if sizes["pipeline"] > 1:
+        stages = sizes["pipeline"]
+        plan = plan_from_config(config.pipeline, m.n_layers, stages)  # microbatches, layers against stages
+        rule = config.sharding.params.get("layers")
+        if m.n_layers % stages and "pipeline" in (rule if isinstance(rule, list) else [rule]):
+            raise ConfigError(f"model.n_layers={m.n_layers} does not split evenly over mesh.pipeline="
+                              f"{stages}, so sharding.params.layers={rule!r} cannot shard the stacked layer "
+                              f"weights; choose n_layers divisible by {stages}, or set "
+                              f"sharding.params.layers=null (every pipeline rank then keeps all layers; the "
+                              f"stages still split the work)")
+        rows = t.batch_size // (batch_shards * t.microbatches)  # per batch shard and accumulation step
+        if rows % plan.microbatches:
+            fits = " or ".join(str(c) for c in range(stages, rows + 1) if rows % c == 0)
+            raise ConfigError(f"pipeline.microbatches={plan.microbatches} must divide the {rows} rows each "
+                              f"batch shard gets per step (train.batch_size={t.batch_size} / mesh.data x "
+                              f"mesh.fsdp x train.microbatches = {sizes['data']} x {sizes['fsdp']} x "
+                              f"{t.microbatches}); "
+                              + (f"pipeline.microbatches={fits} would work" if fits else
+                                 f"try train.batch_size={batch_shards * t.microbatches * plan.microbatches}"))
     if t.scan_unroll < 1:
         raise ConfigError(f"train.scan_unroll={t.scan_unroll} must be >= 1 (1: a rolled loop over layers)")
     if t.remat not in ("none", "dots", "full"):

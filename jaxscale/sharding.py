@@ -70,6 +70,11 @@ def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVATION_CONTEXT.reset(token)
 
 
+def current_activation_rules() -> tuple[Mesh, Rules] | None:
+    """The mesh and rules `activation_rules` installed, or None outside it (a plain single-device call)."""
+    return _ACTIVATION_CONTEXT.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     context = _ACTIVATION_CONTEXT.get()
     if context is None:

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxscale.model.config import PRESETS, ModelConfig
 from jaxscale.model.transformer import Transformer
+from jaxscale.parallel import PipelineConfig
 
 __all__ = ["Model", "ModelConfig", "PRESETS", "Transformer"]
 
@@ -45,10 +46,12 @@ class Model:
         return nnx.to_pure_dict(nnx.state(model))
 
     def apply(self, params: dict, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
-              compute_dtype=jnp.float32, remat: str = "none", scan_unroll: int = 1) -> jax.Array:
+              compute_dtype=jnp.float32, remat: str = "none", scan_unroll: int = 1,
+              pipeline: PipelineConfig | None = None) -> jax.Array:
         state = jax.tree.unflatten(self.state_def, jax.tree.leaves(params))
         model = nnx.merge(self.graphdef, state)
-        return model(tokens, segment_ids, compute_dtype=compute_dtype, remat=remat, scan_unroll=scan_unroll)
+        return model(tokens, segment_ids, compute_dtype=compute_dtype, remat=remat, scan_unroll=scan_unroll,
+                     pipeline=pipeline)
 
     def param_count(self) -> int:
         return sum(x.size for x in jax.tree.leaves(self.shapes))

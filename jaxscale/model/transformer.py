@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxscale.model.config import ModelConfig
+from jaxscale.parallel import PipelineConfig, active_plan, pipelined_layers
 from jaxscale.sharding import constrain
 
 
@@ -177,11 +178,13 @@ class Transformer(nnx.Module):
             self.head = param(rngs, (d, V), ("embed", "vocab"), cfg.init_std, param_dtype)
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
-                 compute_dtype=jnp.float32, remat: str = "none", scan_unroll: int = 1) -> jax.Array:
+                 compute_dtype=jnp.float32, remat: str = "none", scan_unroll: int = 1,
+                 pipeline: PipelineConfig | None = None) -> jax.Array:
         """tokens (batch, length) int -> logits (batch, length, padded vocab) in `compute_dtype`.
 
         `scan_unroll` layers run per scan iteration: 1 keeps compile time flat in depth, n_layers removes the
-        loop's stacking copies (faster on GPUs, longer compiles)."""
+        loop's stacking copies (faster on GPUs, longer compiles). Under a mesh whose `pipeline` axis is > 1
+        the layers run as pipeline stages instead (`jaxscale.parallel`), scheduled by `pipeline`."""
         cfg = self.cfg
         b, t = tokens.shape
         x = embedding_lookup(self.embed[...].astype(compute_dtype), tokens)
@@ -190,12 +193,17 @@ class Transformer(nnx.Module):
         x = constrain(x, ("batch", "length", "embed"))
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
 
-        def body(x, layer_params):
-            return layer(cfg, layer_params, x, positions, segment_ids, compute_dtype), None
+        def apply_layer(x, layer_params, segment_ids):  # x: the whole batch, or one pipeline microbatch
+            return layer(cfg, layer_params, x, positions[:x.shape[0]], segment_ids, compute_dtype)
 
-        if remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, self.blocks.stacked(), unroll=scan_unroll)
+        plan = active_plan(cfg.n_layers, pipeline)  # None unless the mesh has a pipeline axis > 1
+        if plan is not None:  # remat applies to whole pipeline iterations there
+            x = pipelined_layers(apply_layer, self.blocks.stacked(), x, segment_ids, plan, remat)
+        else:
+            if remat != "none":
+                apply_layer = jax.checkpoint(apply_layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+            x, _ = jax.lax.scan(lambda x, p: (apply_layer(x, p, segment_ids), None), x, self.blocks.stacked(),
+                                unroll=scan_unroll)
 
         final_bias = self.final_norm_bias[...] if cfg.style == "gpt2" else None
         x = norm(x, self.final_norm[...], final_bias, cfg.norm_eps)

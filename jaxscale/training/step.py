@@ -67,7 +67,8 @@ def make_loss_fn(model: Model, config: Config, compute_dtype) -> Callable:
         tokens = batch["tokens"]
         segments = batch["segment_ids"][:, :-1] if use_segments else None
         logits = model.apply(params, tokens[:, :-1], segments, compute_dtype=compute_dtype,
-                             remat=config.train.remat, scan_unroll=config.train.scan_unroll)
+                             remat=config.train.remat, scan_unroll=config.train.scan_unroll,
+                             pipeline=config.pipeline)
         return cross_entropy(logits, tokens[:, 1:])
 
     return loss_fn

@@ -1,0 +1,100 @@
+"""Pipeline parallelism on 2 and 4 GPUs: train-step time against pipeline microbatches, both schedules.
+
+Each point is one `jaxscale bench` run (its own process, on the first P GPUs) of a GPT-2-size experiment with
+mesh.pipeline=P, mesh.data=1; the same GPUs running plain data parallelism are the baseline. The table puts
+each step time next to the theoretical bubble fraction (p - 1) / (v m + p - 1) and the step time with that
+bubble taken out, which stays flat across m where the bubble is all that changes.
+
+Usage (on the GPU host, from the repository root):
+    python experiments/pipeline_bench.py [--experiment gpt2-350m] [--gpus 2 4] [--batch 32]
+        [--microbatches-per-stage 1 2 4 8] [--repeats 2] [--out runs/pipeline_bench]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from jaxscale.parallel import bubble_fraction  # noqa: E402 (after the path is set)
+
+
+def bench(experiment: str, gpus: int, overrides: list[str], log: Path, timing: list[str]) -> dict:
+    """One `jaxscale bench` run on the first `gpus` GPUs; its JSON line, or the error it ended with."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus))),
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = [sys.executable, "-m", "jaxscale.cli", "bench", experiment, *timing,
+               *[arg for o in overrides for arg in ("--set", o)]]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    log.write_text(" ".join(command) + "\n\n" + result.stdout + result.stderr)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode or not lines:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": last[:100]}
+    return json.loads(lines[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default="gpt2-350m")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[2, 4], help="pipeline stages (one per GPU)")
+    parser.add_argument("--batch", type=int, default=32, help="train.batch_size, sequences per step")
+    parser.add_argument("--microbatches-per-stage", type=int, nargs="+", default=[1, 2, 4, 8],
+                        help="pipeline.microbatches = this x stages")
+    parser.add_argument("--repeats", type=int, default=2, help="layer chunks per stage, circular schedule")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config overrides for every run, e.g. train.remat=full")
+    parser.add_argument("--timing", default="--warmup 3 --windows 3 --steps-per-window 5",
+                        help="arguments passed on to jaxscale bench")
+    parser.add_argument("--out", default="runs/pipeline_bench", help="folder for each run's log and results")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = [f"train.batch_size={args.batch}", *args.overrides]
+
+    rows = []
+    for gpus in args.gpus:
+        # The whole mesh in one override: the GPT-2 experiments name a mesh preset (mesh: gpu-1), which
+        # dotted keys such as mesh.pipeline cannot reach into.
+        runs = [("data", 1, 1, [f"mesh={{data: {gpus}, pipeline: 1, fsdp: 1, tensor: 1}}"])]
+        for schedule, repeats in (("gpipe", 1), ("circular", args.repeats)):
+            for per_stage in args.microbatches_per_stage:
+                m = per_stage * gpus
+                if args.batch % m:
+                    continue
+                settings = [f"mesh={{data: 1, pipeline: {gpus}, fsdp: 1, tensor: 1}}",
+                            f"pipeline.schedule={schedule}", f"pipeline.microbatches={m}"]
+                if repeats > 1:
+                    settings.append(f"pipeline.repeats={repeats}")
+                runs.append((schedule, repeats, m, settings))
+        for schedule, repeats, m, settings in runs:
+            name = f"p{gpus}-{schedule}-m{m}"
+            print(f"running {name} ...", flush=True)
+            result = bench(args.experiment, gpus, common + settings, out / f"{name}.log", args.timing.split())
+            (out / f"{name}.json").write_text(json.dumps(result) + "\n")
+            bubble = 0.0 if schedule == "data" else bubble_fraction(gpus, m, repeats)
+            rows.append((gpus, schedule, m, bubble, result))
+
+    print(f"\n{args.experiment}, batch {args.batch}; step time without the bubble = step time x (1 - bubble)")
+    print(f"{'gpus':>4} {'schedule':>9} {'m':>4} {'bubble':>7} {'step ms':>9} {'no-bubble ms':>12} "
+          f"{'tokens/s':>10} {'mfu':>6} {'mem GB':>7}")
+    for gpus, schedule, m, bubble, r in rows:
+        if "error" in r:
+            print(f"{gpus:>4} {schedule:>9} {m:>4} {bubble:>7.1%}  failed: {r['error']}")
+            continue
+        step_ms = r["step_s"] * 1e3
+        mem = r.get("peak_memory_gb")
+        print(f"{gpus:>4} {schedule:>9} {m if schedule != 'data' else '-':>4} {bubble:>7.1%} {step_ms:>9.1f} "
+              f"{step_ms * (1 - bubble):>12.1f} {r['tokens_per_s']:>10,.0f} {r['mfu'] or 0:>6.3f} "
+              f"{mem if mem is not None else float('nan'):>7.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

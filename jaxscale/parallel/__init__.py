@@ -1,0 +1,13 @@
+"""Parallelism beyond sharding rules: pipeline stages over the `pipeline` mesh axis."""
+from jaxscale.parallel.pipeline import active_plan, pipelined_layers
+from jaxscale.parallel.plan import (
+    PipelineConfig,
+    PipelinePlan,
+    bubble_fraction,
+    describe_plan,
+    plan_from_config,
+    plan_pipeline,
+)
+
+__all__ = ["PipelineConfig", "PipelinePlan", "active_plan", "bubble_fraction", "describe_plan",
+           "pipelined_layers", "plan_from_config", "plan_pipeline"]

@@ -1,0 +1,180 @@
+"""The pipelined layer stack: one SPMD program in which stages pass microbatches on like an assembly line.
+
+Stage s is pipeline rank s. The stacked layer weights (L, ...) stay in model-depth order and are regrouped
+inside the forward pass as (stages, repeats, layers per chunk, ...), sharded over `pipeline` on the first
+dimension (`jaxscale.parallel.plan` says which layers go where). With GPipe that regrouping is a reshape of
+the `"layers": "pipeline"` sharding and moves nothing. With the circular schedule a stage's chunks are not
+contiguous in depth, so each rank's share of the stack moves to the rank that runs it once per step, and the
+gradients move back.
+
+Each iteration, every stage runs its chunk on the activation buffer `state` (stages, microbatch, length,
+embed): a `vmap` over the stage dimension with `spmd_axis_name="pipeline"`, so each rank computes its own
+stage. The buffer is then rolled by one along the stage dimension, which XLA lowers to a collective-permute
+between neighbouring ranks. The last stage's output rolls round to stage 0. There, a per-stage buffer `stream`
+(stages, microbatches, ...), of which only stage 0's slice is used, holds the inputs at the start, each
+microbatch's output of one trip round the ring until it starts the next (circular), and the results at the
+end.
+
+Schedule: stream position q = repeat x microbatches + microbatch enters stage 0 in iteration q and reaches
+stage s in iteration q + s. A microbatch leaves the last stage in iteration q + stages - 1 and is back at
+stage 0 for its next repeat in iteration q + microbatches, which needs microbatches >= stages. The schedule
+runs repeats x microbatches + stages - 1 iterations; stages with nothing to do compute on stale data whose
+result is never used (SPMD: every rank runs the same program).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxscale.parallel.plan import PipelineConfig, PipelinePlan, plan_from_config
+from jaxscale.sharding import Rules, activation_rules, constrain, current_activation_rules
+
+STATE_AXES = ("stage", "batch", "length", "embed")
+STREAM_AXES = ("stage", None, "batch", "length", "embed")
+
+# apply_layer(x, layer_params, segment_ids) -> x: one layer on one microbatch.
+LayerFn = Callable[[jax.Array, dict, "jax.Array | None"], jax.Array]
+
+
+def active_plan(n_layers: int, settings: PipelineConfig | None) -> PipelinePlan | None:
+    """The plan when the step being traced runs on a mesh whose pipeline axis is > 1; None otherwise."""
+    context = current_activation_rules()
+    stages = context[0].shape.get("pipeline", 1) if context else 1
+    if stages == 1:
+        return None
+    return plan_from_config(settings or PipelineConfig(), n_layers, stages)
+
+
+def stage_rules(rules: Rules) -> Rules:
+    """Activation rules inside the pipeline: the stage dimension owns the `pipeline` axis. (A batch rule that
+    lists `pipeline` spreads the embedding and output head over the pipeline ranks; inside it must not.)"""
+
+    def without_pipeline(target):
+        if isinstance(target, str):
+            return None if target == "pipeline" else target
+        return [a for a in target or () if a != "pipeline"]
+
+    return {**{name: without_pipeline(target) for name, target in rules.items()}, "stage": "pipeline"}
+
+
+def split_microbatches(x: jax.Array, count: int) -> jax.Array:
+    """(B, ...) -> (count, B / count, ...); microbatch m = rows m, m + count, ..., so that every microbatch is
+    spread over all batch shards."""
+    return x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+
+
+def merge_microbatches(x: jax.Array) -> jax.Array:
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def by_stage(w: jax.Array, plan: PipelinePlan, mesh: Mesh | None) -> jax.Array:
+    """A stacked weight (L, ...) in model-depth order -> (stages, repeats, layers per chunk, ...)."""
+    v, p, k = plan.repeats, plan.stages, plan.layers_per_chunk
+    if plan.padded:  # padding slots borrow layer 0's weights; their update is masked out
+        w = w[np.maximum(plan.slot_layers(), 0).reshape(-1)]
+    w = w.reshape(v, p, k, *w.shape[1:]).swapaxes(0, 1)
+    if mesh is None:
+        return w
+    # Only the stage dimension is pinned; fsdp / tensor sharding of the weight's own dimensions carries over.
+    spec = PartitionSpec("pipeline", None, None, *[PartitionSpec.UNCONSTRAINED] * (w.ndim - 3))
+    return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, spec))
+
+
+def per_stage(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x (stages, n, ...), index (stages,) -> (stages, ...): each stage's row, picked on its own rank."""
+    return jax.vmap(lambda row, i: jax.lax.dynamic_index_in_dim(row, i, 0, keepdims=False))(x, index)
+
+
+def weight_matmuls_saveable(prim, *_, **params) -> bool:
+    """Remat policy "dots" for stages: save the outputs of matmuls with weights, not of attention's. Under the
+    `vmap` over stages every matmul has the stage as a batch dimension, so `dots_with_no_batch_dims_saveable`
+    would save nothing; attention's have more batch dimensions (batch, heads)."""
+    return prim is jax.lax.dot_general_p and len(params["dimension_numbers"][1][0]) <= 1
+
+
+def stage_remat_policy(remat: str, repeats: int):
+    """The jax.checkpoint policy for one iteration of all stages (None: no checkpoint), from `train.remat`.
+
+    full: keep only each stage's input per iteration. dots: also the matmul outputs. none: keep everything,
+    except that with several repeats the weights a stage picks differ per iteration and would be kept once per
+    iteration, so only matmul outputs are kept and the elementwise rest is recomputed.
+    """
+    if remat == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if remat == "dots":
+        return weight_matmuls_saveable
+    return jax.checkpoint_policies.dots_saveable if repeats > 1 else None
+
+
+def pipelined_layers(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.Array,
+                     segment_ids: jax.Array | None, plan: PipelinePlan, remat: str = "none") -> jax.Array:
+    """x (batch, length, embed) through every layer of `stack`, pipelined: the same result as scanning them.
+    `remat` (train.remat) applies to each iteration of all stages, see `stage_remat_policy`.
+
+    Outside `activation_rules` (no mesh) the same schedule runs on one device, which is how its arithmetic is
+    tested without a pipeline mesh.
+    """
+    context = current_activation_rules()
+    if context is None:
+        return run_schedule(apply_layer, stack, x, segment_ids, plan, remat, mesh=None)
+    mesh, rules = context
+    with activation_rules(mesh, stage_rules(rules)):
+        y = run_schedule(apply_layer, stack, x, segment_ids, plan, remat, mesh)
+    return constrain(y, ("batch", "length", "embed"))
+
+
+def run_schedule(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.Array,
+                 segment_ids: jax.Array | None, plan: PipelinePlan, remat: str,
+                 mesh: Mesh | None) -> jax.Array:
+    stages, repeats, count = plan.stages, plan.repeats, plan.microbatches
+    if x.shape[0] % count:
+        raise ValueError(f"a batch of {x.shape[0]} rows does not split into {count} pipeline microbatches")
+    stage = jnp.arange(stages)
+    on_stage0 = (stage == 0)[:, None, None, None]
+    weights = {name: by_stage(w, plan, mesh) for name, w in stack.items()}
+    real = jnp.asarray(plan.slot_layers().swapaxes(0, 1) >= 0)  # (stages, repeats, layers per chunk)
+    segments = None if segment_ids is None else split_microbatches(segment_ids, count)
+
+    inputs = split_microbatches(x, count)
+    stream = constrain(jnp.where(on_stage0[:, None], inputs[None], jnp.zeros_like(inputs)[None]), STREAM_AXES)
+    state = constrain(jnp.zeros((stages, *inputs.shape[1:]), x.dtype), STATE_AXES)
+
+    def run_chunk(w, real, x, seg):  # one stage: its chunk's layers in order; padding slots leave x as it was
+        def body(x, slot):
+            p, is_real = slot
+            return jnp.where(is_real, apply_layer(x, p, seg), x), None
+
+        return jax.lax.scan(body, x, (w, real))[0]
+
+    def run_stages(state, repeat, seg):
+        if repeats == 1:
+            w, mask = jax.tree.map(lambda a: a[:, 0], (weights, real))
+        else:  # each stage picks its chunk for the repeat it is in
+            w, mask = jax.tree.map(lambda a: per_stage(a, repeat), (weights, real))
+        each_stage = jax.vmap(run_chunk, spmd_axis_name="pipeline" if mesh is not None else None)
+        return each_stage(w, mask, state, seg)
+
+    policy = stage_remat_policy(remat, repeats)
+    if policy is not None:
+        run_stages = jax.checkpoint(run_stages, policy=policy, prevent_cse=False)
+
+    def iteration(carry, i):
+        state, stream = carry
+        starting = jax.lax.dynamic_index_in_dim(stream, i % count, 1, keepdims=False)
+        state = jnp.where(on_stage0 & (i < repeats * count), starting, state)
+        position = i - stage  # each stage's place in the stream of (repeat, microbatch)
+        seg = None if segments is None else segments[position % count]
+        out = run_stages(constrain(state, STATE_AXES), jnp.clip(position // count, 0, repeats - 1), seg)
+        state = constrain(jnp.roll(out, 1, axis=0), STATE_AXES)  # stage s -> s + 1; the last stage -> stage 0
+        arrived = i + 1 - stages  # stream position of what the last stage just handed to stage 0
+        slot = arrived % count
+        kept = jax.lax.dynamic_index_in_dim(stream, slot, 1, keepdims=False)
+        kept = jnp.where(on_stage0 & (arrived >= 0), state, kept)
+        return (state, jax.lax.dynamic_update_index_in_dim(stream, kept, slot, 1)), None
+
+    (_, stream), _ = jax.lax.scan(iteration, (state, stream), jnp.arange(plan.iterations))
+    return merge_microbatches(stream[0])
