@@ -41,9 +41,14 @@ def run_train(args: argparse.Namespace) -> int:
     initialize_distributed(args)
     from jaxscale.config import load_config
     from jaxscale.training import train
+    from jaxscale.training.preemption import EXIT_PREEMPTED
 
     config = load_config(args.experiment, args.overrides)
     result = train(config)
+    if result.preempted:  # the checkpoint is saved; the scheduler (or the user) reruns the command
+        print(f"stopped by a preemption notice at step {int(result.state.step)}, checkpoint saved; rerun the "
+              f"same command to continue (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
     losses = [row["loss"] for row in result.metrics if "loss" in row]
     evals = [row["eval_loss"] for row in result.metrics if "eval_loss" in row]
     if losses:
@@ -62,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="jaxscale", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a model (default: a small model on built-in text)")
+    train = commands.add_parser(
+        "train", help="train a model (default: a small model on built-in text)",
+        epilog="Rerunning the same command continues from the newest good checkpoint of the run_dir. Exit "
+               "codes: 0 done; 2 a configuration or checkpoint problem (the message says what to do); 75 "
+               "stopped by SIGTERM or SIGINT after saving a checkpoint: rerun to continue.")
     add_config_arguments(train)
     add_distributed_arguments(train)
     train.set_defaults(func=run_train)
@@ -74,15 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxscale.checkpointing import CheckpointError
     from jaxscale.cost.catalog import CatalogError
     from jaxscale.data import DataError
     from jaxscale.errors import ConfigError
+    from jaxscale.training.loop import TrainingDiverged
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # force: importing orbax already configured logging (absl does on its first message)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save at INFO; jaxscale does too
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CatalogError) as e:
+    except (ConfigError, DataError, CatalogError, CheckpointError, TrainingDiverged) as e:
         print(f"jaxscale: error: {e}", file=sys.stderr)
         return 2
 

@@ -106,6 +106,59 @@ class TrainConfig:
     eval_every: int = 200  # 0 disables evaluation
     eval_batches: int = 4
     progress: bool = True
+    elastic: bool = False  # on another device count: refit the mesh; microbatches keep the per-device batch
+
+
+@dataclass
+class CheckpointConfig:
+    """When and where the full training state is saved, and whether a run continues from it."""
+
+    dir: str = ""  # empty: <run_dir>/checkpoints
+    every_steps: int = 1000  # save when the step is a multiple of this; 0: never by step count
+    every_minutes: float = 10.0  # save when this long has passed since the last save; 0: never by time
+    keep_last: int = 3  # the newest checkpoints kept
+    keep_every: int = 0  # also kept for good: checkpoints whose step is a multiple of this; 0: none
+    resume: bool = True  # continue from the newest good checkpoint in dir
+    overwrite: bool = False  # with resume=false: delete the checkpoints already in dir instead of refusing
+    async_save: bool = True  # write in the background; training pauses only to copy the state to host memory
+    time_check_every: int = 10  # several processes agree on time-based saves every this many steps
+
+    def __post_init__(self):
+        for key in ("every_steps", "keep_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"checkpoint.{key}={getattr(self, key)} must be >= 0 (0 turns it off)")
+        if self.every_minutes < 0:
+            raise ConfigError(f"checkpoint.every_minutes={self.every_minutes} must be >= 0 (0 turns it off)")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last={self.keep_last} must be >= 1: the newest checkpoint "
+                              f"is the one a restart continues from")
+        if self.time_check_every < 1:
+            raise ConfigError(f"checkpoint.time_check_every={self.time_check_every} must be >= 1")
+
+
+@dataclass
+class GuardsConfig:
+    """Bad updates: a non-finite loss or gradient norm, or a loss spike, never reach the parameters."""
+
+    # What a bad update (non-finite or spike) triggers. skip: it is dropped inside the step. rollback: also
+    # restore the newest checkpoint and replay from there without the offending batch.
+    on_nonfinite: str = "skip"
+    spike_factor: float = 0.0  # a loss above spike_factor x its running average is a spike; 0: no spike check
+    spike_window: int = 100  # steps in the running (exponential) average; spikes are checked after this many
+    max_rollbacks: int = 3  # stop with an error after this many rollbacks to the same checkpoint
+    # For testing only: the loss and gradients of this step (numbered as in metrics.jsonl) become NaN inside
+    # the jitted step, a real fault through the real path. 0: never.
+    inject_nan_at_step: int = 0
+
+    def __post_init__(self):
+        if self.on_nonfinite not in ("skip", "rollback"):
+            raise ConfigError(f"guards.on_nonfinite={self.on_nonfinite!r}; choose skip or rollback")
+        if self.spike_factor < 0 or 0 < self.spike_factor <= 1:
+            raise ConfigError(f"guards.spike_factor={self.spike_factor} must be > 1 (e.g. 2.0), or 0 to turn "
+                              f"the spike check off")
+        if self.spike_window < 1 or self.max_rollbacks < 1 or self.inject_nan_at_step < 0:
+            raise ConfigError("guards.spike_window and guards.max_rollbacks must be >= 1, and "
+                              "guards.inject_nan_at_step >= 0")
 
 
 @dataclass
@@ -119,6 +172,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxscale.config import Config
 from jaxscale.model import Model
 from jaxscale.sharding import activation_rules, activation_sharding, constrain, param_shardings
+from jaxscale.training.guards import guard_metrics, inject_nan
 
 
 @flax.struct.dataclass
@@ -112,9 +113,13 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, schedule: op
     def train_step(state: TrainState, batch: dict):
         with activation_rules(mesh, rules):
             loss, grads = accumulated_grads(state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        loss, grads = inject_nan(loss, grads, state.step, config.guards.inject_nan_at_step)  # testing only
+        # tx is wrapped by guard_updates: a bad update (non-finite, loss spike) leaves params and opt state as
+        # they were, and says why in the metrics
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": schedule(state.step),
+                   **guard_metrics(opt_state)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     data_sharding = batch_sharding(mesh, rules)

@@ -1,0 +1,214 @@
+"""The checkpoints of one run: Orbax saves (async, every process writing its own shards, one commit), the
+retention policy, and restores that only ever return a checkpoint that was finalized and reads back intact.
+
+Orbax writes each checkpoint to a temporary directory and renames it into place when every process is
+done, so a save cut short never shows up as a step. A finalized checkpoint can still be damaged later
+(truncated, corrupted, half-deleted); restoring checks each one against the fingerprints saved with it, and
+a damaged one is moved to `<dir>/damaged/` (never deleted: it may be worth a look) before the previous one is
+tried. A checkpoint written by a different model or optimizer is not damage: that is an error to fix.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from jaxscale.checkpointing.fingerprint import summarize
+from jaxscale.checkpointing.metadata import CheckpointMetadata, RunInfo, array_layout, layout_differences
+from jaxscale.config import CheckpointConfig
+
+log = logging.getLogger("jaxscale")
+
+DAMAGED_DIR = "damaged"
+
+
+class CheckpointError(Exception):
+    """A checkpoint problem the user has to decide about; the message says what to do."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A finalized checkpoint that does not read back as it was saved."""
+
+
+@dataclass
+class Restored:
+    state: object  # the TrainState, laid out as the abstract target asked
+    metadata: CheckpointMetadata
+    path: Path
+    damaged: list[Path]  # newer checkpoints found damaged and moved aside on the way
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is true on any (the processes must call this together)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def retention_policy(config: CheckpointConfig):
+    policies = [ocp.checkpoint_managers.LatestN(n=config.keep_last)]
+    if config.keep_every:
+        policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=config.keep_every))
+    return ocp.checkpoint_managers.AnyPreservationPolicy(policies)
+
+
+def remove_unfinished(directory: Path) -> None:
+    """Delete the saves a killed run never finished: Orbax writes step s to '<s>.orbax-checkpoint-tmp...' and
+    renames it to '<s>' only when every process is done, so these were never a checkpoint. (Orbax's own
+    cleanup runs in a background thread that a quick exit would cut short; this one is done before any
+    save.)"""
+    if jax.process_index() == 0 and directory.is_dir():
+        for path in directory.glob("*.orbax-checkpoint-tmp*"):
+            log.info("removing %s: a save that never finished", path)
+            shutil.rmtree(path)
+    sync_processes("jaxscale: unfinished checkpoints removed")
+
+
+class CheckpointStore:
+    """The checkpoints in one directory. Every process of a run opens it and calls save / restore with the
+    others."""
+
+    def __init__(self, directory: Path, config: CheckpointConfig):
+        self.directory = directory.absolute()
+        remove_unfinished(self.directory)
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=config.async_save,
+            preservation_policy=retention_policy(config),
+            create=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+    def steps(self) -> list[int]:
+        """Finalized checkpoints, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def path(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def delete_all(self) -> None:
+        for step in self.steps():
+            self.manager.delete(step)
+
+    def save(self, step: int, state, run: RunInfo) -> None:
+        """Start saving `state` (the result of `step` updates). Returns once the state is copied to host
+        memory (the caller may then donate its buffers); the write to disk goes on in the background."""
+        fingerprints, finite = summarize(state)
+        if not finite:
+            newest = self.steps()[-1] if self.steps() else None
+            raise CheckpointError(
+                f"refusing to save step {step}: the training state holds NaN or Inf values. The newest good "
+                f"checkpoint is step {newest} in {self.directory}; rerunning resumes from it (consider "
+                f"guards.on_nonfinite=rollback or a lower learning rate)")
+        arrays = {path: {"shape": list(leaf.shape), "dtype": str(leaf.dtype), "fingerprint": fingerprint}
+                  for (path, fingerprint), leaf in zip(fingerprints.items(), jax.tree.leaves(state))}
+        metadata = CheckpointMetadata(**vars(run), step=step, data_position=step, arrays=arrays,
+                                      saved_at=datetime.datetime.now(datetime.UTC).isoformat())
+        self.manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata.to_json())))
+
+    def wait(self) -> None:
+        """Until every started save is finalized (committed and visible as a step)."""
+        self.manager.wait_until_finished()
+
+    def read_metadata(self, step: int) -> CheckpointMetadata:
+        raw = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        return CheckpointMetadata.from_json(raw)
+
+    def newest_metadata(self) -> CheckpointMetadata | None:
+        """The metadata of the newest checkpoint whose metadata reads back; None if there is none."""
+        for step in reversed(self.steps()):
+            try:
+                return self.read_metadata(step)
+            except Exception as e:  # any failure to read is damage; restore_newest moves it aside
+                log.info("checkpoint %s: metadata unreadable (%s)", self.path(step), first_line(e))
+        return None
+
+    def restore(self, step: int, abstract_state) -> Restored:
+        """Checkpoint `step`, laid out as `abstract_state` (a tree of jax.ShapeDtypeStruct with shardings:
+        each process reads only the pieces its devices hold, so a checkpoint from any mesh restores onto any
+        other without gathering the model anywhere), and checked against the fingerprints saved with it.
+
+        Raises DamagedCheckpoint if it does not read back intact, CheckpointError if it belongs to a
+        different model or optimizer."""
+        try:
+            metadata = self.read_metadata(step)
+        except Exception as e:  # unreadable metadata is damage, whatever the exception
+            raise DamagedCheckpoint(f"metadata unreadable: {type(e).__name__}: {first_line(e)}") from e
+        differences = layout_differences(metadata.arrays, array_layout(abstract_state))
+        if differences:
+            raise CheckpointError(
+                f"checkpoint {self.path(step)} was written by a different model or optimizer "
+                f"configuration:\n  "
+                + "\n  ".join(differences)
+                + "\nUse another run_dir, or start over with --set checkpoint.resume=false "
+                  "--set checkpoint.overwrite=true")
+        try:
+            state = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state))).state
+        except Exception as e:  # missing, truncated or undecodable files all mean damage
+            raise DamagedCheckpoint(f"arrays unreadable: {type(e).__name__}: {first_line(e)}") from e
+        fingerprints, _ = summarize(state)
+        wrong = [path for path, fp in fingerprints.items() if metadata.arrays[path]["fingerprint"] != fp]
+        if wrong:
+            raise DamagedCheckpoint(f"{len(wrong)} arrays differ from what was saved, e.g. {wrong[0]}")
+        return Restored(state, metadata, self.path(step), damaged=[])
+
+    def restore_newest(self, abstract_state) -> Restored | None:
+        """The newest checkpoint that reads back intact (see `restore`). Damaged ones on the way are moved
+        aside with a warning naming them. None if there are no checkpoints; an error if there are some but
+        none is usable."""
+        damaged = []
+        for step in reversed(self.steps()):
+            problem = None
+            try:
+                restored = self.restore(step, abstract_state)
+            except DamagedCheckpoint as e:
+                problem = str(e)
+            if not any_process(problem is not None):  # a checkpoint is good only if every process read it
+                restored.damaged = damaged
+                return restored
+            moved_to = self._move_aside(step)
+            log.warning("checkpoint %s is damaged (%s); moved it to %s and trying the previous one",
+                        self.path(step), problem or "damaged as read by another process", moved_to)
+            damaged.append(moved_to)
+        if damaged:
+            raise CheckpointError(
+                f"no usable checkpoint in {self.directory}: all {len(damaged)} were damaged and are now in "
+                f"{self.directory / DAMAGED_DIR}. To start the run over, add --set checkpoint.resume=false")
+        return None
+
+    def _move_aside(self, step: int) -> Path:
+        target = self.directory / DAMAGED_DIR / str(step)
+        suffix = 1
+        while target.exists():
+            target = self.directory / DAMAGED_DIR / f"{step}-{suffix}"
+            suffix += 1
+        sync_processes(f"jaxscale: moving checkpoint {step} aside")  # every process has chosen the target
+        if jax.process_index() == 0:
+            target.parent.mkdir(exist_ok=True)
+            shutil.move(self.path(step), target)
+        sync_processes(f"jaxscale: moved checkpoint {step} aside")
+        self.manager.reload()
+        return target
+
+    def close(self) -> None:
+        """Waits for saves in flight, then releases the manager."""
+        self.manager.close()
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else ""

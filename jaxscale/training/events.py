@@ -1,0 +1,41 @@
+"""Events of a run (start, resume, save, skipped update, rollback, preemption) as rows of metrics.jsonl and
+lines on the console, and reading metrics.jsonl back across restarts.
+
+A restart continues metrics.jsonl where the run left off. Rows written after the checkpoint it continues
+from (the work a crash lost) come before the restart's "resume" row and are superseded by what follows it;
+`read_metrics` applies that rule, so each step appears once, with the values of the run that kept it (event
+rows are all kept: they are the history of the run).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from jaxscale.training.metrics import MetricsLogger
+
+log = logging.getLogger("jaxscale")
+
+# Events after which the run continues from `step`: rows with a higher step before them were lost work.
+RESTART_EVENTS = ("start", "resume", "rollback")
+
+
+def log_event(logger: MetricsLogger, step: int, event: str, message: str, level: int = logging.INFO,
+              **fields: Any) -> None:
+    """One row {"step", "event", **fields} in metrics.jsonl, and `message` on the console."""
+    logger.flush()  # the step rows so far come first
+    logger.write({"step": step, "event": event, **fields})
+    log.log(level, "step %d: %s", step, message)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl as the surviving run wrote them: where a restart continued from step s,
+    earlier metric rows with a step above s are dropped."""
+    rows: list[dict[str, Any]] = []
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        if row.get("event") in RESTART_EVENTS:  # lost work: metric rows after the step the run went on from
+            rows = [r for r in rows if r["step"] <= row["step"] or "event" in r]
+        rows.append(row)
+    return rows

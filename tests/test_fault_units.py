@@ -1,0 +1,78 @@
+"""The small decisions behind fault tolerance: refitting the mesh, microbatches for a shrunken mesh, when to
+save, and reading metrics.jsonl across restarts."""
+import json
+
+import pytest
+
+from jaxscale.checkpointing.schedule import SaveSchedule
+from jaxscale.config import CheckpointConfig, ConfigError, MeshConfig, load_config
+from jaxscale.training.elastic import adapt_to_devices, fit_mesh, microbatches_for
+from jaxscale.training.events import read_metrics
+
+
+def test_a_mesh_that_fits_is_kept():
+    assert fit_mesh(MeshConfig(data=-1, tensor=2), 4) == MeshConfig(data=-1, tensor=2)
+
+
+@pytest.mark.parametrize("devices, expected", [
+    (4, MeshConfig(data=1, fsdp=2, tensor=2)),  # model-parallel axes kept, the data axis shrinks
+    (2, MeshConfig(data=1, fsdp=1, tensor=2)),
+    (1, MeshConfig(data=1, fsdp=1, tensor=1)),
+    (16, MeshConfig(data=4, fsdp=2, tensor=2)),  # growing too
+])
+def test_the_8_device_mesh_is_refit_from_the_innermost_axis_out(devices, expected):
+    assert fit_mesh(MeshConfig(data=2, fsdp=2, tensor=2), devices) == expected
+
+
+def test_microbatches_keep_the_per_device_batch():
+    assert microbatches_for(batch_size=16, batch_shards=4, target_per_device=4) == 1
+    assert microbatches_for(batch_size=16, batch_shards=2, target_per_device=4) == 2
+    assert microbatches_for(batch_size=16, batch_shards=1, target_per_device=4) == 4
+    assert microbatches_for(batch_size=16, batch_shards=8, target_per_device=4) == 1  # more devices: smaller
+
+
+def test_an_impossible_split_names_the_numbers():
+    with pytest.raises(ConfigError, match="global batch of 16 cannot be split evenly over 3 batch shards"):
+        microbatches_for(batch_size=16, batch_shards=3, target_per_device=4)
+
+
+def test_an_elastic_restart_on_fewer_devices_says_what_changed():
+    config = load_config(None, ["mesh=cpu-8", "train.batch_size=16", "train.elastic=true"])
+    adapted, note = adapt_to_devices(config, 1, target_per_device=4)
+    assert adapted.mesh == MeshConfig(data=1, fsdp=1, tensor=1) and adapted.train.microbatches == 4
+    assert adapted.train.batch_size == 16
+    assert "train.microbatches 1 -> 4" in note and "global batch 16 unchanged" in note
+    assert adapt_to_devices(config, 8, target_per_device=4) == (config, None)
+
+
+class Clock:
+    """Time that moves only when told, so the time rule can be tested without waiting."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_saves_come_every_n_steps_and_every_m_minutes_whichever_is_first():
+    clock = Clock()
+    schedule = SaveSchedule(CheckpointConfig(every_steps=10, every_minutes=1.0), clock)
+    assert [s for s in range(1, 21) if schedule.due(s)] == [10, 20]
+    clock.now = 61.0
+    assert schedule.due(21)
+    schedule.saved()
+    clock.now = 100.0
+    assert not schedule.due(22)
+    assert SaveSchedule(CheckpointConfig(every_steps=0, every_minutes=0), clock).due(10) is False
+
+
+def test_read_metrics_keeps_each_step_once_from_the_run_that_kept_it(tmp_path):
+    rows = [{"step": 0, "event": "start"}, {"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0},
+            {"step": 2, "event": "checkpoint"}, {"step": 3, "loss": 3.5},  # killed after step 3
+            {"step": 2, "event": "resume"}, {"step": 3, "loss": 3.4}, {"step": 4, "loss": 3.0}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = read_metrics(path)
+    assert [(r["step"], r["loss"]) for r in kept if "loss" in r] == [(1, 5.0), (2, 4.0), (3, 3.4), (4, 3.0)]
+    assert [r["event"] for r in kept if "event" in r] == ["start", "checkpoint", "resume"]
