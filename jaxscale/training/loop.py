@@ -20,6 +20,7 @@ from jaxscale.config import Config, resolve_mesh_sizes, save_config, validate
 from jaxscale.data import Prefetcher, build_dataset, check_vocab
 from jaxscale.mesh import build_mesh, describe
 from jaxscale.model import Model
+from jaxscale.parallel import describe_plan, plan_from_config
 from jaxscale.training.elastic import adapt_to_devices, fit_mesh, per_device_batch
 from jaxscale.training.events import log_event
 from jaxscale.training.guards import GuardEvent, GuardMonitor, guard_updates
@@ -207,6 +208,9 @@ def train_with(config: Config, store: CheckpointStore, watcher: PreemptionWatche
              trainer.model.param_count() / 1e6)
     if elastic_note:
         log.info(elastic_note)
+    if trainer.mesh.shape["pipeline"] > 1:
+        log.info("%s", describe_plan(plan_from_config(config.pipeline, config.model.n_layers,
+                                                      trainer.mesh.shape["pipeline"])))
 
     restored: Restored | None = store.restore_newest(trainer.abstract_state()) if resume else None
     state = restored.state if restored else trainer.init_state()
