@@ -1,0 +1,129 @@
+"""`jaxscale scaling sweep` (train a grid of sizes x token budgets) and `jaxscale scaling fit` (fit L(N, D))."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jaxscale.scaling.points import N_DEFINITION
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `scaling` with its `sweep` and `fit` subcommands; handlers are `args.func(args) -> exit code`."""
+    from jaxscale.scaling.sweep import PRESETS
+
+    p = subparsers.add_parser("scaling", help="scaling-law sweeps and fits (Chinchilla approach 3)",
+                              description=__doc__)
+    commands = p.add_subparsers(dest="scaling_command", required=True)
+
+    sweep = commands.add_parser(
+        "sweep", help="train a grid of model sizes x token budgets, one run directory each",
+        description="Train every size x token budget, each run with its own LR schedule, and write "
+                    "<run_dir>/scaling.json (N, D, final eval loss). Finished runs are skipped, so an "
+                    "interrupted sweep resumes. Presets: "
+                    + "; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()))
+    sweep.add_argument("experiment", nargs="?", default=None, help="experiment name or YAML path (default: default)")
+    sweep.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="grid and run settings (default cpu)")
+    sweep.add_argument("--sizes", metavar="DxL,...", help="model sizes as d_model x layers, e.g. 32x1,64x2 "
+                                                         "(default: the preset's)")
+    sweep.add_argument("--tokens", metavar="T,...", help="token budgets, e.g. 2.5e5,1e6 (default: the preset's)")
+    sweep.add_argument("--out", metavar="DIR", help="parent of the run directories (default: runs/scaling-PRESET)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="config override for every run (repeatable)")
+    sweep.add_argument("--dry-run", action="store_true", help="print the planned runs and stop")
+    sweep.set_defaults(func=run_sweep_command)
+
+    fit = commands.add_parser(
+        "fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta to sweep runs",
+        description="Fit the Chinchilla approach-3 law (Huber loss on log-loss, delta 1e-3, L-BFGS from a grid "
+                    f"of starts) to the runs' scaling.json. N: {N_DEFINITION}; D: tokens trained.")
+    fit.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                     help="run directories with scaling.json, or a sweep's --out directory")
+    fit.add_argument("--holdout", action="store_true",
+                     help="leave out the largest-compute run, fit the rest, and compare prediction with it")
+    fit.add_argument("--budget", type=float, metavar="FLOPS",
+                     help="compute budget for the optimal N and D (default: the largest run's 6ND)")
+    fit.add_argument("--bootstrap", type=int, default=200, metavar="K",
+                     help="bootstrap resamples for uncertainties (default 200; 0: none)")
+    fit.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    fit.add_argument("--png", metavar="PATH", default="scaling_fit.png", help="figure (default scaling_fit.png)")
+    fit.set_defaults(func=run_fit_command)
+    return p
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from jaxscale.scaling.sweep import PRESETS, ModelShape, plan_sweep, run_sweep
+
+    preset = PRESETS[args.preset]
+    try:
+        shapes = [ModelShape.parse(s, preset.head_dim) for s in (args.sizes.split(",") if args.sizes
+                                                                 else preset.shapes)]
+        budgets = [float(t) for t in args.tokens.split(",")] if args.tokens else list(preset.tokens)
+    except ValueError as e:
+        print(f"jaxscale scaling sweep: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"runs/scaling-{args.preset}")
+    runs = plan_sweep(args.experiment, preset, shapes, budgets, out, args.overrides)
+    print(f"{len(runs)} runs in {out} (N = {N_DEFINITION}):")
+    for r in runs:
+        print(f"  {r.run_dir.name:24s} N={r.n:12,.0f}  D={r.d:14,.0f}  steps={r.steps:6d}  C=6ND={6 * r.n * r.d:.3g}")
+    if args.dry_run:
+        return 0
+    run_sweep(runs)
+    print(f"done; fit with: jaxscale scaling fit {out} --holdout")
+    return 0
+
+
+def run_fit_command(args: argparse.Namespace) -> int:
+    from jaxscale.scaling.fit import bootstrap, fit_loss_law, holdout_largest
+    from jaxscale.scaling.plot import plot_scaling
+    from jaxscale.scaling.points import find_points
+
+    try:
+        points = find_points(args.run_dirs)
+        n = np.array([p.N for p in points])
+        d = np.array([p.D for p in points])
+        loss = np.array([p.loss for p in points])
+        fit = fit_loss_law(n, d, loss)
+        holdout = holdout_largest(n, d, loss) if args.holdout else None
+        if args.bootstrap:
+            print(f"bootstrap: refitting {args.bootstrap} resamples of the {len(points)} runs...", flush=True)
+        boot = bootstrap(n, d, loss, resamples=args.bootstrap, seed=args.seed, full_fit=fit) if args.bootstrap else None
+    except (FileNotFoundError, ValueError) as e:
+        print(f"jaxscale scaling fit: error: {e}", file=sys.stderr)
+        return 2
+    kinds = sorted({p.loss_kind for p in points})
+    budget = args.budget or float(max(6 * n * d))
+    law = fit.law
+    print(f"fitted on {len(points)} runs; N = {N_DEFINITION}; D = tokens trained; loss = final {'/'.join(kinds)} loss")
+    if "train" in kinds:
+        print("  note: some runs logged no eval loss; their final training loss was used")
+    print(f"L(N, D) = E + A/N^alpha + B/D^beta   (sum of Huber losses {fit.objective:.3g})")
+    values = {"E": law.E, "A": law.A, "B": law.B, "alpha": law.alpha, "beta": law.beta, "a": law.n_exponent}
+    for key, value in values.items():
+        label = "a = beta/(alpha+beta)" if key == "a" else key
+        line = f"  {label:22s} {value:10.4g}"
+        if boot:
+            c = boot.constants[key]
+            line += (f"   ± {c.std:.3g} (bootstrap std), {100 * boot.confidence:.0f}% interval "
+                     f"[{c.low:.4g}, {c.high:.4g}] over {len(boot.samples)} resamples")
+        print(line)
+    n_opt, d_opt = law.compute_optimal(budget)
+    print(f"compute-optimal at C = {budget:.3g} FLOPs{'' if args.budget else ' (the largest run; set --budget)'}: "
+          f"N = {n_opt:.4g}, D = {d_opt:.4g} ({d_opt / n_opt:.3g} tokens per parameter), "
+          f"predicted loss {float(law.loss(n_opt, d_opt)):.4f}")
+    if boot:
+        n_low, n_high = boot.interval_of([b.compute_optimal(budget)[0] for b in boot.laws()])
+        print(f"  N_opt {100 * boot.confidence:.0f}% bootstrap interval [{n_low:.4g}, {n_high:.4g}]; "
+              f"D_opt [{budget / 6 / n_high:.4g}, {budget / 6 / n_low:.4g}]")
+    if holdout:
+        print(f"holdout: fitted without the largest-compute run (N={holdout.n:.4g}, D={holdout.d:.4g}); "
+              f"predicted loss {holdout.predicted:.4f}, actual {holdout.actual:.4f}, "
+              f"relative error {100 * holdout.relative_error:+.2f}%")
+    png = plot_scaling(n, d, loss, law, args.png, budget=budget,
+                       holdout=(holdout.n, holdout.d, holdout.actual, holdout.predicted) if holdout else None,
+                       title=f"Scaling law fit, {len(points)} runs (Chinchilla approach 3)")
+    print(f"figure: {png}")
+    return 0

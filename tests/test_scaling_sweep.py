@@ -1,0 +1,106 @@
+"""Sweeps (planning, one real run, resuming), scaling.json points, and the `jaxscale scaling` commands."""
+import json
+
+import numpy as np
+import pytest
+
+from jaxscale.cli import main
+from jaxscale.scaling.fit import fit_loss_law
+from jaxscale.scaling.law import LossLaw
+from jaxscale.scaling.points import ScalingPoint, final_loss, find_points, write_point
+from jaxscale.scaling.sweep import PRESETS, ModelShape, plan_sweep, run_sweep
+
+
+def test_model_shapes_parse_and_reject_bad_sizes():
+    shape = ModelShape.parse("64x2", head_dim=32)
+    assert (shape.d_model, shape.n_layers, shape.n_heads, shape.name) == (64, 2, 2, "d64-l2")
+    assert ModelShape.parse("16x1", head_dim=32).n_heads == 1  # narrower than one head: a single head
+    for bad in ("64", "64x", "x2", "48x2"):  # 48 is not a multiple of the head size 32
+        with pytest.raises(ValueError, match="model size"):
+            ModelShape.parse(bad, head_dim=32)
+
+
+def test_final_loss_prefers_the_last_eval_loss():
+    rows = [{"step": 10, "loss": 3.0}, {"step": 10, "eval_loss": 3.1}, {"step": 20, "loss": 2.5},
+            {"step": 20, "eval_loss": 2.6}]
+    assert final_loss(rows) == (2.6, "eval")
+    train_only = [{"step": s, "loss": float(s)} for s in range(1, 8)]
+    assert final_loss(train_only) == (pytest.approx(5.0), "train")  # mean of the last five: 3..7
+    with pytest.raises(ValueError, match="neither eval_loss nor loss"):
+        final_loss([{"step": 1}])
+
+
+def test_plan_uses_the_experiment_and_gives_each_run_its_own_schedule(tmp_path):
+    runs = plan_sweep("default", PRESETS["cpu"], [ModelShape.parse("32x1", 32), ModelShape.parse("64x2", 32)],
+                      [1e5, 4e5], tmp_path, ["optimizer.learning_rate=1e-3"])
+    assert [r.run_dir.name for r in runs] == ["d32-l1-t100K", "d32-l1-t400K", "d64-l2-t100K", "d64-l2-t400K"]
+    tokens_per_step = 16 * 128  # the cpu preset: batch 16 x 128 tokens
+    for run in runs:
+        c = run.config
+        assert (c.model.d_model, c.model.n_layers) == (run.shape.d_model, run.shape.n_layers)
+        assert run.steps == round(run.tokens / tokens_per_step)
+        assert c.train.steps == run.steps and c.train.eval_every == run.steps  # one evaluation, at the end
+        assert run.d == run.steps * tokens_per_step
+        assert run.n == c.model.matmul_params()
+        assert c.optimizer.learning_rate == 1e-3  # the user's --set reaches every run
+        assert c.resolved_run_dir() == run.run_dir
+    assert not any(r.run_dir.exists() for r in runs)  # planning trains nothing
+
+
+def test_sweep_trains_records_and_resumes(tmp_path):
+    (run,) = plan_sweep("default", PRESETS["cpu"], [ModelShape.parse("32x1", 32)], [20 * 2048], tmp_path, [])
+    (point,) = run_sweep([run])
+    saved = json.loads((run.run_dir / "scaling.json").read_text())
+    assert saved["N"] == point.N == run.config.model.matmul_params()
+    assert saved["D"] == point.D == 20 * 2048
+    assert saved["loss_kind"] == "eval" and 0 < saved["loss"] < np.log(257) + 0.5  # better than chance-ish
+    metrics_lines = (run.run_dir / "metrics.jsonl").read_text().count("\n")
+    (again,) = run_sweep([run])  # finished runs are skipped, not retrained
+    assert again == point
+    assert (run.run_dir / "metrics.jsonl").read_text().count("\n") == metrics_lines
+
+
+def test_sweep_dry_run_prints_the_plan(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["scaling", "sweep", "default", "--sizes", "32x1,64x2", "--tokens", "1e5,2e5", "--out", str(out),
+                 "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("4 runs in")
+    assert "d64-l2-t200K" in text and "steps=    98" in text
+    assert not out.exists()
+
+
+def write_synthetic_sweep(root, law: LossLaw) -> list[ScalingPoint]:
+    points = []
+    rng = np.random.default_rng(0)
+    for n in np.logspace(4.5, 6, 5):
+        for d in np.logspace(5, 6.5, 5):
+            loss = float(law.loss(n, d) * np.exp(rng.normal(0, 0.002)))
+            run_dir = root / f"n{n:.0f}-d{d:.0f}"
+            points.append(ScalingPoint(N=n, D=d, loss=loss, loss_kind="eval", total_params=int(n),
+                                       flops_per_token=6 * n, run_dir=str(run_dir)))
+            write_point(points[-1])
+    return points
+
+
+def test_fit_command_reports_constants_allocation_holdout_and_draws_the_figure(tmp_path, capsys):
+    law = LossLaw(E=1.5, A=40.0, B=300.0, alpha=0.35, beta=0.4)  # tiny-model-like losses, 2-3.5 nats
+    points = write_synthetic_sweep(tmp_path / "sweep", law)
+    assert len(find_points([str(tmp_path / "sweep")])) == 25  # a sweep's parent directory finds its runs
+    png = tmp_path / "fit.png"
+    code = main(["scaling", "fit", str(tmp_path / "sweep"), "--holdout", "--bootstrap", "6", "--budget", "1e14",
+                 "--png", str(png)])
+    out = capsys.readouterr().out
+    assert code == 0
+    fit = fit_loss_law([p.N for p in points], [p.D for p in points], [p.loss for p in points]).law
+    n_opt, d_opt = fit.compute_optimal(1e14)
+    assert f"N = {n_opt:.4g}, D = {d_opt:.4g}" in out
+    assert f"alpha                  {fit.alpha:10.4g}" in out
+    assert "95% interval" in out and "over 6 resamples" in out
+    assert "holdout: fitted without the largest-compute run" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_fit_command_errors_on_missing_runs(tmp_path, capsys):
+    assert main(["scaling", "fit", str(tmp_path / "nothing-here")]) == 2
+    assert "has no scaling.json" in capsys.readouterr().err
