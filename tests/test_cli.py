@@ -25,9 +25,11 @@ def test_train_on_a_mixed_mesh_writes_metrics_and_the_loss_falls(tmp_path):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 5, 10, 15, 20, 25, 30]
     assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 1.0
-    for key in ("lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu", "data_wait_s"):
+    for key in ("lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu", "data_wait_s", "tokens", "elapsed_s",
+                "energy_j", "j_per_token", "avg_power_w"):
         assert key in train_rows[-1]
     assert train_rows[-1]["tokens_per_s"] > 0 and train_rows[-1]["mfu"] is None  # no peak FLOP/s for a CPU
+    assert train_rows[-1]["energy_j"] is None and train_rows[-1]["tokens"] == 30 * 16 * 64  # no NVML here
     assert [r["step"] for r in rows if "eval_loss" in r] == [15, 30]
     assert (run_dir / "config.yaml").exists()
     assert "trained 30 steps: loss" in result.stdout

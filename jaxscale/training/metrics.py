@@ -1,5 +1,6 @@
 """Step metrics: fetched from the device one step late (so the next step is already queued), written as JSON
-lines to <run_dir>/metrics.jsonl and shown on a progress bar."""
+lines to <run_dir>/metrics.jsonl and shown on a progress bar. Energy comes from the GPUs' own counters (NVML)
+where there are any, summed over all processes; elsewhere its fields are null."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
+
+from jaxscale.cost.energy import EnergyMeter
 
 
 def device_peak_flops() -> float | None:
@@ -35,6 +40,9 @@ class MetricsLogger:
         self.window_start: tuple[int, float] | None = None  # (step, time) the current timing window began
         self.data_wait = 0.0
         self.history: list[dict] = []
+        self.start_step = start_step
+        self.started = time.perf_counter()
+        self.energy = EnergyMeter()
 
     def push(self, step: int, metrics: dict[str, jax.Array], data_wait_s: float = 0.0) -> None:
         """Called right after step `step` was dispatched; the previous step's metrics are read now."""
@@ -55,17 +63,30 @@ class MetricsLogger:
             return
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
+        joules = self._cluster_joules()
         row = {"step": step + 1, **values, "step_time_s": None, "tokens_per_s": None, "mfu": None,
-               "data_wait_s": None}
+               "data_wait_s": None, "tokens": (step + 1 - self.start_step) * self.tokens_per_step,
+               "elapsed_s": now - self.started, "energy_j": joules, "j_per_token": None, "avg_power_w": None}
         if not first:  # the first step carries the compile time, so timing windows start at its end
             steps = step - self.window_start[0]
             step_time = (now - self.window_start[1]) / steps
             tokens_per_s = self.tokens_per_step / step_time
             row.update(step_time_s=step_time, tokens_per_s=tokens_per_s, data_wait_s=self.data_wait / steps,
                        mfu=tokens_per_s * self.flops_per_token / self.cluster_peak if self.cluster_peak else None)
+            if joules is not None:
+                row.update(j_per_token=joules / (steps * self.tokens_per_step),
+                           avg_power_w=joules / (now - self.window_start[1]))
             self.bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         self.window_start, self.data_wait = (step, now), 0.0
         self.write(row)
+
+    def _cluster_joules(self) -> float | None:
+        """Joules since the last read on every process's GPUs; None unless every process can measure."""
+        joules = self.energy.read()
+        if jax.process_count() > 1:  # all processes log at the same steps, so this gather lines up
+            gathered = multihost_utils.process_allgather(np.array(np.nan if joules is None else joules))
+            return None if np.isnan(gathered).any() else float(gathered.sum())
+        return joules
 
     def write(self, row: dict[str, Any]) -> None:
         self.history.append(row)
@@ -76,5 +97,6 @@ class MetricsLogger:
     def close(self) -> None:
         self.flush()
         self.bar.close()
+        self.energy.close()
         if self.file:
             self.file.close()
