@@ -238,6 +238,8 @@ def load_config(experiment: str | None = None, overrides: list[str] | tuple[str,
     if any(o.split("=", 1)[0].strip() == "model.preset" for o in overrides):
         raw["model"] = {}  # a preset chosen on the command line replaces the experiment's model section
     for o in overrides:
+        if o.startswith("mesh.") and isinstance(raw.get("mesh"), str):  # a key inside a preset: expand it first
+            raw["mesh"] = read_yaml(find_yaml(raw["mesh"], "meshes"))
         apply_override(raw, o)
     model = raw.get("model")
     if isinstance(model, dict) and "preset" in model:  # preset values first, the experiment's own keys win

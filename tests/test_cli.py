@@ -32,6 +32,8 @@ def test_train_on_a_mixed_mesh_writes_metrics_and_the_loss_falls(tmp_path):
     assert train_rows[-1]["energy_j"] is None and train_rows[-1]["tokens"] == 30 * 16 * 64  # no NVML here
     assert [r["step"] for r in rows if "eval_loss" in r] == [15, 30]
     assert (run_dir / "config.yaml").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tokens"] == 30 * 16 * 64 and summary["wall_s"] > 0 and summary["energy_j"] is None
     assert "trained 30 steps: loss" in result.stdout
 
 

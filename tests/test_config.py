@@ -21,6 +21,8 @@ def test_model_preset_and_mesh_preset():
     assert config.model.matmul_params() == 12 * 12 * 768 * 768 + 50304 * 768
     config = load_config(None, ["mesh=cpu-8"])
     assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (2, 2, 2)
+    config = load_config("gpt2-124m", ["mesh.data=-1"])  # a key inside the experiment's mesh preset
+    assert (config.mesh.data, config.mesh.fsdp) == (-1, 1)
     config = load_config(None, ["model.preset=tiny-llama"])
     assert config.model.style == "llama" and config.model.n_kv_heads == 2
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from jax.sharding import Mesh, NamedSharding
 from jaxscale.checkpointing import CheckpointError, CheckpointStore, Restored, RunInfo
 from jaxscale.checkpointing.schedule import SaveSchedule
 from jaxscale.config import Config, resolve_mesh_sizes, save_config, validate
+from jaxscale.cost.catalog import accelerator_for_device_kind
+from jaxscale.cost.energy import run_summary
 from jaxscale.data import Prefetcher, build_dataset, check_vocab
 from jaxscale.mesh import build_mesh, describe
 from jaxscale.model import Model
@@ -40,6 +43,7 @@ class TrainResult:
     config: Config
     events: list[dict] = field(default_factory=list)  # the event rows written to metrics.jsonl (start, ...)
     preempted: bool = False  # stopped early by SIGTERM / SIGINT after saving; rerun the command to continue
+    summary: dict = field(default_factory=dict)  # tokens, time, energy, cost (also <run_dir>/summary.json)
 
 
 def compute_dtype_for(config: Config):
@@ -308,5 +312,18 @@ def train_with(config: Config, store: CheckpointStore, watcher: PreemptionWatche
                     break
     store.wait()
     close_logger(logger)
-    return TrainResult(state, [row for row in history if "event" not in row], config,
-                       [row for row in history if "event" in row], preempted)
+    rows = [row for row in history if "event" not in row]
+    summary = write_run_summary(rows, run_dir)
+    return TrainResult(state, rows, config, [row for row in history if "event" in row], preempted, summary)
+
+
+def write_run_summary(rows: list[dict], run_dir: Path) -> dict:
+    """Tokens, time, measured energy and the cost at the catalog's price for this session of the run."""
+    accelerator = accelerator_for_device_kind(jax.devices()[0].device_kind)
+    summary = run_summary([r for r in rows if "loss" in r], accelerator, chips=jax.device_count())
+    if jax.process_index() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    known = {k: v for k, v in summary.items() if v is not None}
+    log.info("run summary: %s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in known.items()))
+    return summary
