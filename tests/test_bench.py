@@ -1,0 +1,40 @@
+"""`jaxscale bench` on the CPU, and the MFU arithmetic against a hand count."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxscale.cost.catalog import peak_flops_for_device_kind
+from jaxscale.model import ModelConfig
+
+
+def test_gpt2_124m_flops_per_token_by_hand():
+    cfg = ModelConfig.from_preset("gpt2-124m")
+    d, layers, seq, vocab = 768, 12, 1024, 50304  # vocab padded from 50257 to a multiple of 128
+    per_layer = 4 * d * d + 2 * d * (4 * d)  # q, k, v, o and the two MLP matrices
+    n = layers * per_layer + vocab * d  # the tied embedding is the output head's matmul
+    assert cfg.matmul_params() == n == 123_568_128
+    assert cfg.flops_per_token() == 6 * n + 12 * layers * d * seq == 854_654_976
+    # 415,846 tokens/s on one H100 (BENCHMARKS.md) is 35.9% of its 989 TFLOP/s dense bf16 peak.
+    peak = peak_flops_for_device_kind("NVIDIA H100 80GB HBM3")
+    assert peak == 989e12
+    assert 415_846 * cfg.flops_per_token() / peak == pytest.approx(0.3594, abs=1e-4)
+
+
+def test_bench_runs_on_cpu_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "JAXSCALE_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxscale.cli", "bench", "--set", "model.n_layers=1", "--set", "model.seq_len=32",
+         "--set", "mesh.data=2", "--warmup", "1", "--windows", "2", "--steps-per-window", "2", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert row == json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["devices"] == 2 and row["mesh"]["data"] == 2 and len(row["step_s_windows"]) == 2
+    assert row["tokens_per_s"] == pytest.approx(16 * 32 / row["step_s"])
+    assert row["mfu"] is None and row["peak_memory_gb"] is None  # a CPU has neither
+    assert row["compile_s"] > 0 and row["final_loss"] > 0
