@@ -6,7 +6,6 @@ import logging
 import sys
 
 
-
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", nargs="?", default=None,
                         help="experiment name in experiments/ or a YAML path (default: default)")

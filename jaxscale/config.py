@@ -327,7 +327,7 @@ def resolve_mesh_sizes(mesh: MeshConfig, n_devices: int) -> dict[str, int]:
     if len(fill) > 1:
         raise ConfigError(f"only one mesh axis may be -1, got mesh.{' and mesh.'.join(fill)}")
     fixed = 1
-    for a, s in sizes.items():
+    for s in sizes.values():
         if s != -1:
             fixed *= s
     if fill:

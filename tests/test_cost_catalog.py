@@ -3,8 +3,14 @@ import textwrap
 
 import pytest
 
-from jaxscale.cost.catalog import (NUMBER_FIELDS, CatalogError, accelerator_for_device_kind, get_accelerator,
-                                   load_catalog, peak_flops_for_device_kind)
+from jaxscale.cost.catalog import (
+    NUMBER_FIELDS,
+    CatalogError,
+    accelerator_for_device_kind,
+    get_accelerator,
+    load_catalog,
+    peak_flops_for_device_kind,
+)
 
 
 def write(tmp_path, text, name="hw.yaml"):

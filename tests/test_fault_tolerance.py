@@ -21,9 +21,19 @@ import time
 
 import numpy as np
 import pytest
+from fault_helpers import (
+    checkpoint_is_finite,
+    checkpoint_steps,
+    free_port,
+    host_arrays,
+    logged_steps,
+    overrides,
+    restore_newest,
+    run_train,
+    start_train,
+    wait_for,
+)
 
-from fault_helpers import (checkpoint_is_finite, checkpoint_steps, free_port, host_arrays, logged_steps,
-                           overrides, restore_newest, run_train, start_train, wait_for)
 from jaxscale.training.events import read_metrics
 from jaxscale.training.preemption import EXIT_PREEMPTED
 

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_equivalence import assert_same, batches, run
+from test_equivalence import make_config as equivalence_config
 
 from jaxscale.config import Config, MeshConfig, TrainConfig, load_config, validate
 from jaxscale.errors import ConfigError
@@ -27,8 +29,6 @@ from jaxscale.model import Model, ModelConfig
 from jaxscale.model.transformer import layer
 from jaxscale.parallel import PipelineConfig, bubble_fraction, describe_plan, pipelined_layers, plan_pipeline
 from jaxscale.training import build_trainer
-from test_equivalence import assert_same, batches, run
-from test_equivalence import make_config as equivalence_config
 
 # ----------------------------------------------------------------------------------------------------------
 # Which layers each stage runs

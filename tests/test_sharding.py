@@ -3,13 +3,13 @@ import jax
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jaxscale.config import DEFAULT_PARAM_RULES, Config, MeshConfig
 from jaxscale.errors import ConfigError
 from jaxscale.model import ModelConfig
 from jaxscale.sharding import logical_to_spec
 from jaxscale.training import build_trainer
-from jax.sharding import PartitionSpec as P
 
 
 def trainer_for(mesh: dict, model="tiny"):

@@ -159,7 +159,7 @@ def _build(key: str, raw: dict, path: Path, from_user_file: bool) -> Accelerator
         try:
             re.compile(p)
         except re.error as e:
-            raise CatalogError(f"{where}, field 'device_kinds': {p!r} is not a valid regular expression: {e}")
+            raise CatalogError(f"{where}, field 'device_kinds': {p!r} is not a valid regular expression: {e}") from e
     price_date = raw["price_date"]
     if price_date is not None and not isinstance(price_date, str):
         price_date = str(price_date)  # YAML reads 2025-06-01 as a date

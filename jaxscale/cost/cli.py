@@ -7,10 +7,23 @@ import json
 import sys
 
 from jaxscale.cost.catalog import Accelerator, CatalogError, get_accelerator, load_catalog
-from jaxscale.cost.estimate import (DEFAULT_GRID_GCO2_PER_KWH, DEFAULT_MFU, DEFAULT_PUE, EstimateError,
-                                    TrainingEstimate, cheapest, estimate_training, fastest)
-from jaxscale.cost.memory import (STATE_BYTES_PER_PARAM, MemoryEstimate, activation_bytes_per_chip,
-                                  state_shard_count, training_memory)
+from jaxscale.cost.estimate import (
+    DEFAULT_GRID_GCO2_PER_KWH,
+    DEFAULT_MFU,
+    DEFAULT_PUE,
+    EstimateError,
+    TrainingEstimate,
+    cheapest,
+    estimate_training,
+    fastest,
+)
+from jaxscale.cost.memory import (
+    STATE_BYTES_PER_PARAM,
+    MemoryEstimate,
+    activation_bytes_per_chip,
+    state_shard_count,
+    training_memory,
+)
 from jaxscale.cost.metrics import measured_mfu
 
 

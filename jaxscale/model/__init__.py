@@ -34,7 +34,7 @@ class Model:
     shapes: dict  # same tree: jax.ShapeDtypeStruct per parameter
 
     @classmethod
-    def build(cls, cfg: ModelConfig, param_dtype=jnp.float32) -> "Model":
+    def build(cls, cfg: ModelConfig, param_dtype=jnp.float32) -> Model:
         abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
         graphdef, state = nnx.split(abstract)
         axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.logical_axes, state, is_leaf=_is_param))

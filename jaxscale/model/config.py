@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-
 from jaxscale.errors import ConfigError
 
 
@@ -24,7 +23,7 @@ class ModelConfig:
     init_std: float = 0.02
     attention: str = "auto"  # auto (cuDNN flash attention on GPU, XLA elsewhere) | cudnn | xla
 
-    def resolved(self) -> "ModelConfig":
+    def resolved(self) -> ModelConfig:
         """Fill the None defaults, check the combination."""
         cfg = self
         if cfg.style not in ("gpt2", "llama"):
@@ -43,7 +42,7 @@ class ModelConfig:
         return dataclasses.replace(cfg, n_kv_heads=n_kv, d_ff=d_ff, tie_embeddings=tie)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
         return cls(**{**preset_values(name), **overrides}).resolved()
 
     @property

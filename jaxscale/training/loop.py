@@ -5,9 +5,9 @@ import dataclasses
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +30,14 @@ from jaxscale.training.guards import GuardEvent, GuardMonitor, guard_updates
 from jaxscale.training.metrics import MetricsLogger
 from jaxscale.training.optimizer import build_optimizer
 from jaxscale.training.preemption import EXIT_PREEMPTED, PreemptionWatcher
-from jaxscale.training.step import (TrainState, batch_sharding, init_state, make_eval_step, make_train_step,
-                                 state_shardings)
+from jaxscale.training.step import (
+    TrainState,
+    batch_sharding,
+    init_state,
+    make_eval_step,
+    make_train_step,
+    state_shardings,
+)
 
 log = logging.getLogger("jaxscale")
 

@@ -1,7 +1,8 @@
 """The training state, its shardings, and the jitted train / eval steps."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
