@@ -1,30 +1,10 @@
-"""Reading a run's metrics.jsonl (one JSON object per log step: step, loss, mfu, tokens_per_s, ...)."""
+"""Figures from a run's metrics.jsonl (read across restarts by `jaxscale.training.events.read_metrics`)."""
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
-METRICS_FILE = "metrics.jsonl"
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """All rows of <run_dir>/metrics.jsonl, in order. Blank lines are skipped; a bad line is an error."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a training run directory?")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number} is not JSON: {e}") from e
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number} must be a JSON object, got {line[:60]!r}")
-        rows.append(row)
-    return rows
+from jaxscale.training.events import read_metrics
 
 
 def median_of(rows: list[dict], key: str) -> float | None:

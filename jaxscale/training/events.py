@@ -29,12 +29,24 @@ def log_event(logger: MetricsLogger, step: int, event: str, message: str, level:
     log.log(level, "step %d: %s", step, message)
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of metrics.jsonl as the surviving run wrote them: where a restart continued from step s,
-    earlier metric rows with a step above s are dropped."""
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl (given the file or its run directory) as the surviving run wrote them: where
+    a restart continued from step s, earlier metric rows with a step above s are dropped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {path.parent} a training run directory?")
     rows: list[dict[str, Any]] = []
-    for line in Path(path).read_text().splitlines():
-        row = json.loads(line)
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number} is not JSON: {e}") from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number} must be a JSON object, got {line[:60]!r}")
         if row.get("event") in RESTART_EVENTS:  # lost work: metric rows after the step the run went on from
             rows = [r for r in rows if r["step"] <= row["step"] or "event" in r]
         rows.append(row)
