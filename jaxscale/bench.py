@@ -15,9 +15,8 @@ from pathlib import Path
 import jax
 
 from jaxscale.config import Config
-from jaxscale.data import build_dataset, check_vocab
 from jaxscale.training import build_trainer
-from jaxscale.training.loop import to_global
+from jaxscale.training.loop import host_rank, open_dataset, to_global
 from jaxscale.training.metrics import device_peak_flops
 
 
@@ -30,9 +29,7 @@ def run_bench(config: Config, *, warmup: int = 5, windows: int = 5, steps_per_wi
               profile_dir: str | None = None) -> dict:
     trainer = build_trainer(config)
     t = config.train
-    dataset = build_dataset(config.data, config.model.seq_len)
-    check_vocab(dataset, config.model.vocab_size)
-    rank = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    dataset, rank = open_dataset(config), host_rank()
     step_count = warmup + windows * steps_per_window
     # Batches are read before timing: the loader's own speed is measured by the data benchmark.
     batches = [to_global(dataset.batch(i, t.batch_size, **rank), trainer.data_sharding) for i in range(step_count)]

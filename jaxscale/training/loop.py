@@ -20,7 +20,7 @@ from jaxscale.checkpointing.schedule import SaveSchedule
 from jaxscale.config import Config, resolve_mesh_sizes, save_config, validate
 from jaxscale.cost.catalog import accelerator_for_device_kind
 from jaxscale.cost.energy import run_summary
-from jaxscale.data import Prefetcher, build_dataset, check_vocab
+from jaxscale.data import Dataset, Prefetcher, build_dataset, check_vocab
 from jaxscale.mesh import build_mesh, describe
 from jaxscale.model import Model
 from jaxscale.parallel import describe_plan, plan_from_config
@@ -57,6 +57,18 @@ def compute_dtype_for(config: Config):
     if name == "auto":
         name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return jnp.dtype(name)
+
+
+def open_dataset(config: Config) -> Dataset:
+    """The run's data (tokenized once into the cache), checked against the model's vocabulary."""
+    dataset = build_dataset(config.data, config.model.seq_len)
+    check_vocab(dataset, config.model.vocab_size)
+    return dataset
+
+
+def host_rank() -> dict[str, int]:
+    """Which rows of each global batch this process reads: `Dataset.batch` / `Prefetcher` keyword arguments."""
+    return dict(process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -229,9 +241,8 @@ def train_with(config: Config, store: CheckpointStore, watcher: PreemptionWatche
                           set(restored.metadata.skipped_batches) if restored else set())
 
     # Data: a pure function of the step; each process reads only its own rows of the global batch.
-    dataset = build_dataset(config.data, config.model.seq_len)
-    check_vocab(dataset, config.model.vocab_size)
-    rank = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    dataset = open_dataset(config)
+    rank = host_rank()
     history: list[dict] = []  # the rows written to metrics.jsonl, across rollbacks
 
     def open_logger(start_step: int) -> MetricsLogger:

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxscale.config import Config
 from jaxscale.model import Model
 from jaxscale.sharding import activation_rules, activation_sharding, constrain, param_shardings
-from jaxscale.training.guards import guard_metrics, inject_nan
+from jaxscale.training.guards import guard_metrics, inject_nan, squared_norm
 
 
 @flax.struct.dataclass
@@ -88,7 +88,7 @@ def split_microbatches(batch: dict, count: int) -> dict:
 
 
 def global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+    return jnp.sqrt(squared_norm(tree))
 
 
 def make_train_step(model: Model, tx: optax.GradientTransformation, schedule: optax.Schedule, config: Config,
