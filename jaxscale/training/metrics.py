@@ -32,7 +32,6 @@ class MetricsLogger:
         self.flops_per_token = flops_per_token
         peak = device_peak_flops()
         self.cluster_peak = peak * n_devices if peak else None
-        self.is_main = is_main_process
         self.file = (run_dir / "metrics.jsonl").open("a") if is_main_process else None
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not (show_progress and is_main_process),
                         unit="step", dynamic_ncols=True)
