@@ -198,7 +198,7 @@ class Transformer(nnx.Module):
 
         plan = active_plan(cfg.n_layers, pipeline)  # None unless the mesh has a pipeline axis > 1
         if plan is not None:  # remat applies to whole pipeline iterations there
-            x = pipelined_layers(apply_layer, self.blocks.stacked(), x, segment_ids, plan, remat)
+            x = pipelined_layers(apply_layer, self.blocks.stacked(), x, segment_ids, plan, remat, scan_unroll)
         else:
             if remat != "none":
                 apply_layer = jax.checkpoint(apply_layer, policy=REMAT_POLICIES[remat], prevent_cse=False)

@@ -61,6 +61,19 @@ def stage_rules(rules: Rules) -> Rules:
     return {**{name: without_pipeline(target) for name, target in rules.items()}, "stage": "pipeline"}
 
 
+def outer_rules(rules: Rules, mesh: Mesh, rows: int) -> Rules:
+    """Activation rules for the work outside the stages (embedding, output head, loss). With a pipeline axis
+    > 1 their batch is split over the pipeline ranks as well, which would otherwise each repeat the whole
+    batch's head and embedding gradient; the stage buffer gathers the rows into stage 0 and the result goes back
+    out. `rows` is what each batch shard holds; left as it is where they do not split evenly over the ranks."""
+    stages = mesh.shape.get("pipeline", 1)
+    target = rules.get("batch")
+    axes = [target] if isinstance(target, str) else list(target or [])
+    if stages == 1 or "pipeline" in axes or rows % stages:
+        return rules
+    return {**rules, "batch": [*axes, "pipeline"]}
+
+
 def split_microbatches(x: jax.Array, count: int) -> jax.Array:
     """(B, ...) -> (count, B / count, ...); microbatch m = rows m, m + count, ..., so that every microbatch is
     spread over all batch shards."""
@@ -111,24 +124,26 @@ def stage_remat_policy(remat: str, repeats: int):
 
 
 def pipelined_layers(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.Array,
-                     segment_ids: jax.Array | None, plan: PipelinePlan, remat: str = "none") -> jax.Array:
+                     segment_ids: jax.Array | None, plan: PipelinePlan, remat: str = "none",
+                     unroll: int = 1) -> jax.Array:
     """x (batch, length, embed) through every layer of `stack`, pipelined: the same result as scanning them.
-    `remat` (train.remat) applies to each iteration of all stages, see `stage_remat_policy`.
+    `remat` (train.remat) applies to each iteration of all stages, see `stage_remat_policy`; `unroll`
+    (train.scan_unroll) is how many of a chunk's layers each step of its loop runs.
 
     Outside `activation_rules` (no mesh) the same schedule runs on one device, which is how its arithmetic is
     tested without a pipeline mesh.
     """
     context = current_activation_rules()
     if context is None:
-        return run_schedule(apply_layer, stack, x, segment_ids, plan, remat, mesh=None)
+        return run_schedule(apply_layer, stack, x, segment_ids, plan, remat, unroll, mesh=None)
     mesh, rules = context
     with activation_rules(mesh, stage_rules(rules)):
-        y = run_schedule(apply_layer, stack, x, segment_ids, plan, remat, mesh)
+        y = run_schedule(apply_layer, stack, x, segment_ids, plan, remat, unroll, mesh)
     return constrain(y, ("batch", "length", "embed"))
 
 
 def run_schedule(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.Array,
-                 segment_ids: jax.Array | None, plan: PipelinePlan, remat: str,
+                 segment_ids: jax.Array | None, plan: PipelinePlan, remat: str, unroll: int,
                  mesh: Mesh | None) -> jax.Array:
     stages, repeats, count = plan.stages, plan.repeats, plan.microbatches
     if x.shape[0] % count:
@@ -148,7 +163,7 @@ def run_schedule(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.Array
             p, is_real = slot
             return jnp.where(is_real, apply_layer(x, p, seg), x), None
 
-        return jax.lax.scan(body, x, (w, real))[0]
+        return jax.lax.scan(body, x, (w, real), unroll=unroll)[0]
 
     def run_stages(state, repeat, seg):
         if repeats == 1:
@@ -177,4 +192,6 @@ def run_schedule(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.Array
         return (state, jax.lax.dynamic_update_index_in_dim(stream, kept, slot, 1)), None
 
     (_, stream), _ = jax.lax.scan(iteration, (state, stream), jnp.arange(plan.iterations))
-    return merge_microbatches(stream[0])
+    # Stage 0's results, taken as a sum over stages of which all but stage 0's are zeroed: a reduce-scatter
+    # that can leave each rank its own rows, where indexing stage 0 would gather the whole buffer first.
+    return merge_microbatches(jnp.sum(jnp.where(on_stage0[:, None], stream, 0), axis=0, dtype=stream.dtype))

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.config import Config
 from jaxscale.model import Model
+from jaxscale.parallel import outer_rules
 from jaxscale.sharding import activation_rules, activation_sharding, constrain, param_shardings
 from jaxscale.training.guards import guard_metrics, inject_nan, squared_norm
 
@@ -91,12 +92,22 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(squared_norm(tree))
 
 
+def traced_rules(config: Config, mesh: Mesh) -> dict:
+    """The activation rules the model is traced under: the configured ones, with the batch outside pipeline
+    stages also split over the pipeline ranks (see `outer_rules`). The loaded batch keeps the configured
+    layout."""
+    t, sizes = config.train, mesh.shape
+    rows = t.batch_size // (sizes["data"] * sizes["fsdp"] * t.microbatches)
+    return outer_rules(config.sharding.activations, mesh, rows)
+
+
 def make_train_step(model: Model, tx: optax.GradientTransformation, schedule: optax.Schedule, config: Config,
                     mesh: Mesh, shardings: TrainState, compute_dtype) -> Callable:
     loss_fn = make_loss_fn(model, config, compute_dtype)
     grad_fn = jax.value_and_grad(loss_fn)
     count = config.train.microbatches
     rules = config.sharding.activations
+    model_rules = traced_rules(config, mesh)
 
     def accumulated_grads(params, batch):
         if count == 1:
@@ -112,7 +123,7 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, schedule: op
         return loss / count, jax.tree.map(lambda g: g / count, grads)
 
     def train_step(state: TrainState, batch: dict):
-        with activation_rules(mesh, rules):
+        with activation_rules(mesh, model_rules):
             loss, grads = accumulated_grads(state.params, batch)
         loss, grads = inject_nan(loss, grads, state.step, config.guards.inject_nan_at_step)  # testing only
         # tx is wrapped by guard_updates: a bad update (non-finite, loss spike) leaves params and opt state as
@@ -130,10 +141,10 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, schedule: op
 
 def make_eval_step(model: Model, config: Config, mesh: Mesh, shardings: TrainState, compute_dtype) -> Callable:
     loss_fn = make_loss_fn(model, config, compute_dtype)
-    rules = config.sharding.activations
+    model_rules = traced_rules(config, mesh)
 
     def eval_step(params, batch):
-        with activation_rules(mesh, rules):
+        with activation_rules(mesh, model_rules):
             return loss_fn(params, batch)
 
-    return jax.jit(eval_step, in_shardings=(shardings.params, batch_sharding(mesh, rules)))
+    return jax.jit(eval_step, in_shardings=(shardings.params, batch_sharding(mesh, config.sharding.activations)))
