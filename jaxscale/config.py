@@ -102,6 +102,10 @@ class TrainConfig:
     scan_unroll: int = 1  # layers per scan iteration: 1 = compile time flat in depth; n_layers = fastest on GPU
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU
+    # What gradients are summed across devices in: "float32", or "compute" (the compute dtype), which halves the
+    # gradient all-reduce / reduce-scatter and FSDP's weight gathers under bf16 compute at the cost of rounding
+    # the cross-device sum; the optimizer still works in float32.
+    grad_reduce_dtype: str = "float32"
     log_every: int = 10
     eval_every: int = 200  # 0 disables evaluation
     eval_batches: int = 4
@@ -382,6 +386,8 @@ def validate(config: Config, n_devices: int) -> dict[str, int]:
                                  f"try train.batch_size={batch_shards * t.microbatches * plan.microbatches}"))
     if t.scan_unroll < 1:
         raise ConfigError(f"train.scan_unroll={t.scan_unroll} must be >= 1 (1: a rolled loop over layers)")
+    if t.grad_reduce_dtype not in ("float32", "compute"):
+        raise ConfigError(f"train.grad_reduce_dtype={t.grad_reduce_dtype!r}; choose float32 or compute")
     if t.remat not in ("none", "dots", "full"):
         raise ConfigError(f"train.remat={t.remat!r}; choose none, dots or full")
     for key in ("param_dtype", "compute_dtype"):

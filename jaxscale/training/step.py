@@ -92,6 +92,20 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(squared_norm(tree))
 
 
+def in_compute_dtype(grad_fn: Callable, compute_dtype) -> Callable:
+    """`grad_fn` differentiated with respect to a compute-dtype copy of the parameters: the gradient sums that
+    cross devices (data parallel all-reduce, FSDP reduce-scatter) and FSDP's weight gathers then move that dtype.
+    Gradients come back in the parameters' own dtype."""
+
+    def lowered(params, batch):
+        low = jax.tree.map(lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                           params)
+        loss, grads = grad_fn(low, batch)
+        return loss, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+    return lowered
+
+
 def traced_rules(config: Config, mesh: Mesh) -> dict:
     """The activation rules the model is traced under: the configured ones, with the batch outside pipeline
     stages also split over the pipeline ranks (see `outer_rules`). The loaded batch keeps the configured
@@ -105,6 +119,8 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, schedule: op
                     mesh: Mesh, shardings: TrainState, compute_dtype) -> Callable:
     loss_fn = make_loss_fn(model, config, compute_dtype)
     grad_fn = jax.value_and_grad(loss_fn)
+    if config.train.grad_reduce_dtype == "compute":
+        grad_fn = in_compute_dtype(grad_fn, compute_dtype)
     count = config.train.microbatches
     rules = config.sharding.activations
     model_rules = traced_rules(config, mesh)
