@@ -109,18 +109,20 @@ def weight_matmuls_saveable(prim, *_, **params) -> bool:
     return prim is jax.lax.dot_general_p and len(params["dimension_numbers"][1][0]) <= 1
 
 
-def stage_remat_policy(remat: str, repeats: int):
-    """The jax.checkpoint policy for one iteration of all stages (None: no checkpoint), from `train.remat`.
+def stage_remat_policy(remat: str):
+    """The jax.checkpoint policy for one iteration of all stages, from `train.remat`.
 
-    full: keep only each stage's input per iteration. dots: also the matmul outputs. none: keep everything,
-    except that with several repeats the weights a stage picks differ per iteration and would be kept once per
-    iteration, so only matmul outputs are kept and the elementwise rest is recomputed.
+    full: keep only each stage's input per iteration. dots: also the matmul outputs. none: all matmul outputs
+    are kept and the elementwise rest is recomputed, which is faster than keeping everything: each iteration's
+    residuals are stacked into per-iteration buffers by the loop, and copying them all cost more than the
+    recompute (gpt2-350m, 2 stages, 8 microbatches on 2 x H200: 209 ms per step keeping everything; see
+    BENCHMARKS.md). With several repeats, keeping everything would also keep each iteration's picked weights.
     """
     if remat == "full":
         return jax.checkpoint_policies.nothing_saveable
     if remat == "dots":
         return weight_matmuls_saveable
-    return jax.checkpoint_policies.dots_saveable if repeats > 1 else None
+    return jax.checkpoint_policies.dots_saveable
 
 
 def pipelined_layers(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.Array,
@@ -173,9 +175,7 @@ def run_schedule(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.Array
         each_stage = jax.vmap(run_chunk, spmd_axis_name="pipeline" if mesh is not None else None)
         return each_stage(w, mask, state, seg)
 
-    policy = stage_remat_policy(remat, repeats)
-    if policy is not None:
-        run_stages = jax.checkpoint(run_stages, policy=policy, prevent_cse=False)
+    run_stages = jax.checkpoint(run_stages, policy=stage_remat_policy(remat), prevent_cse=False)
 
     def iteration(carry, i):
         state, stream = carry
