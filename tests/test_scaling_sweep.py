@@ -1,14 +1,21 @@
-"""Sweeps (planning, one real run, resuming), scaling.json points, and the `jaxscale scaling` commands."""
+"""Sweeps (planning, one real run, resuming, parallel workers), scaling.json points, the `jaxscale scaling`
+commands, and the code corpus the GPU sweep trains on."""
+import importlib.util
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+import jaxscale
 from jaxscale.cli import main
 from jaxscale.scaling.fit import fit_loss_law
 from jaxscale.scaling.law import LossLaw
-from jaxscale.scaling.points import ScalingPoint, final_loss, find_points, write_point
-from jaxscale.scaling.sweep import PRESETS, ModelShape, plan_sweep, run_sweep
+from jaxscale.scaling.points import ScalingPoint, final_loss, find_points, read_point, write_point
+from jaxscale.scaling.sweep import PRESETS, ModelShape, SweepStopped, plan_sweep, run_sweep, worker_devices
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_model_shapes_parse_and_reject_bad_sizes():
@@ -60,6 +67,15 @@ def test_sweep_trains_records_and_resumes(tmp_path):
     assert (run.run_dir / "metrics.jsonl").read_text().count("\n") == metrics_lines
 
 
+def test_a_run_stopped_by_a_signal_is_not_recorded(tmp_path, monkeypatch):
+    (run,) = plan_sweep("default", PRESETS["cpu"], [ModelShape.parse("32x1", 32)], [20 * 2048], tmp_path, [])
+    stopped = SimpleNamespace(preempted=True, state=SimpleNamespace(step=7), metrics=[{"step": 5, "loss": 3.0}])
+    monkeypatch.setattr(jaxscale, "train", lambda config: stopped)  # as train returns after SIGTERM at step 7
+    with pytest.raises(SweepStopped, match="stopped at step 7 of 20"):
+        run_sweep([run])
+    assert not (run.run_dir / "scaling.json").exists()  # a rerun continues it instead of skipping it
+
+
 def test_sweep_dry_run_prints_the_plan(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(["scaling", "sweep", "default", "--sizes", "32x1,64x2", "--tokens", "1e5,2e5", "--out", str(out),
@@ -68,6 +84,67 @@ def test_sweep_dry_run_prints_the_plan(tmp_path, capsys):
     assert text.startswith("4 runs in")
     assert "d64-l2-t200K" in text and "steps=    98" in text
     assert not out.exists()
+
+
+def test_parallel_sweep_matches_the_sequential_one_and_names_a_failed_run(tmp_path, capsys):
+    # Child processes inherit conftest's 8 CPU devices, as this process has them: the same mesh, the same losses.
+    steps = [5, 10]
+    sequential = run_sweep(plan_sweep("default", PRESETS["cpu"], [ModelShape.parse("32x1", 32)],
+                                      [s * 2048 for s in steps], tmp_path / "sequential", []))
+    out = tmp_path / "parallel"
+    broken = out / "d32-l1-t30.72K"  # a third run that fails in its child: config.yaml cannot be written
+    (broken / "config.yaml").mkdir(parents=True)
+    code = main(["scaling", "sweep", "default", "--sizes", "32x1", "--tokens", "10240,20480,30720", "--out",
+                 str(out), "--workers", "2"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"1 of 3 runs failed: d32-l1-t30.72K (exit code 1; log: {broken / 'sweep.log'})" in err
+    assert "IsADirectoryError" in (broken / "sweep.log").read_text()  # the child's output is in its log
+    assert not (broken / "scaling.json").exists()
+    for expected in sequential:  # the runs that succeeded are recorded, with the sequential sweep's losses
+        run_dir = out / Path(expected.run_dir).name
+        point = read_point(run_dir / "scaling.json")
+        assert (point.N, point.D) == (expected.N, expected.D)
+        assert point.loss == pytest.approx(expected.loss, abs=1e-6)
+        assert "scaling sweep default --preset=cpu --sizes=32x1" in (run_dir / "sweep.log").read_text()
+
+
+def test_sweep_workers_must_be_positive_and_fit_the_visible_gpus(monkeypatch, capsys):
+    assert main(["scaling", "sweep", "--workers", "0", "--dry-run"]) == 2
+    assert "--workers must be >= 1" in capsys.readouterr().err
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert worker_devices(3) == ["0", "1", "2"]  # worker slot i: GPU i
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")  # a scheduler gave this job GPUs 4, 6 and 7
+    assert worker_devices(2) == ["4", "6"]
+    with pytest.raises(ValueError, match="lists 3 GPUs; use at most 3 workers"):
+        worker_devices(4)
+
+
+def load_code_corpus():
+    spec = importlib.util.spec_from_file_location("code_corpus", REPO / "experiments" / "code_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_code_corpus_writes_each_good_file_once(tmp_path, capsys):
+    src = tmp_path / "src"
+    (src / "pkg" / "__pycache__").mkdir(parents=True)
+    (src / "a.py").write_text("print('a')\n")
+    (src / "pkg" / "b.py").write_text("x = 'é'\n")
+    (src / "pkg" / "copy_of_a.py").write_text("print('a')\n")  # same content as a.py: written once
+    (src / "empty.py").write_text("  \n")
+    (src / "latin1.py").write_bytes("y = 'é'\n".encode("latin-1"))  # not UTF-8
+    (src / "notes.txt").write_text("not python\n")
+    (src / "pkg" / "__pycache__" / "c.py").write_text("z = 1\n")
+    out = tmp_path / "corpus.jsonl"
+    assert load_code_corpus().main([str(out), str(src), "--no-python-paths"]) == 0
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert records == [{"text": "print('a')\n"}, {"text": "x = 'é'\n"}]  # sorted by path: a.py, pkg/b.py
+    assert "2 files (5 found" in capsys.readouterr().out
+    capped = tmp_path / "capped.jsonl"
+    assert load_code_corpus().main([str(capped), str(src), "--no-python-paths", "--max-bytes", "15"]) == 0
+    assert capped.read_text().count("\n") == 1  # the second file would pass 15 bytes of text
 
 
 def write_synthetic_sweep(root, law: LossLaw) -> list[ScalingPoint]:

@@ -4,10 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from jaxscale.scaling.points import N_DEFINITION
+
+if TYPE_CHECKING:
+    from jaxscale.scaling.sweep import SweepRun
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,6 +36,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sweep.add_argument("--out", metavar="DIR", help="parent of the run directories (default: runs/scaling-PRESET)")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="config override for every run (repeatable)")
+    sweep.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="train up to N runs at once, each in its own process on one GPU (CUDA_VISIBLE_DEVICES "
+                            "= its worker slot), largest runs first, output in <run_dir>/sweep.log; use the GPU "
+                            "count (default 1: one run after another in this process)")
     sweep.add_argument("--dry-run", action="store_true", help="print the planned runs and stop")
     sweep.set_defaults(func=run_sweep_command)
 
@@ -54,10 +62,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    from jaxscale.scaling.sweep import PRESETS, ModelShape, plan_sweep, run_sweep
+    from jaxscale.scaling.sweep import (
+        PRESETS,
+        ModelShape,
+        SweepFailed,
+        SweepStopped,
+        plan_sweep,
+        run_sweep,
+        run_sweep_parallel,
+        worker_devices,
+    )
+    from jaxscale.training.preemption import EXIT_PREEMPTED
 
     preset = PRESETS[args.preset]
     try:
+        devices = worker_devices(args.workers)  # checked before planning: a bad count fails at once
         shapes = [ModelShape.parse(s, preset.head_dim) for s in (args.sizes.split(",") if args.sizes
                                                                  else preset.shapes)]
         budgets = [float(t) for t in args.tokens.split(",")] if args.tokens else list(preset.tokens)
@@ -71,9 +90,34 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         print(f"  {r.run_dir.name:24s} N={r.n:12,.0f}  D={r.d:14,.0f}  steps={r.steps:6d}  C=6ND={6 * r.n * r.d:.3g}")
     if args.dry_run:
         return 0
-    run_sweep(runs)
+    try:
+        if args.workers == 1:
+            run_sweep(runs)
+        else:
+            run_sweep_parallel(runs, devices, lambda run: child_command(args, run))
+    except SweepFailed as e:
+        print(f"jaxscale scaling sweep: error: {e}", file=sys.stderr)
+        return 1
+    except (SweepStopped, KeyboardInterrupt) as e:  # a signal; the runs in progress saved a checkpoint
+        print(f"jaxscale scaling sweep: stopped{f' ({e})' if isinstance(e, SweepStopped) else ''}; rerun the same "
+              f"command to continue (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
     print(f"done; fit with: jaxscale scaling fit {out} --holdout")
     return 0
+
+
+def child_command(args: argparse.Namespace, run: SweepRun) -> list[str]:
+    """The command that trains exactly `run` (a SweepRun) of this sweep in a process of its own: this command
+    for its one size and budget, with the same experiment, preset, --out and --set, so it plans the same run
+    directory and config as the sequential sweep."""
+    out = args.out or f"runs/scaling-{args.preset}"
+    command = [sys.executable, "-m", "jaxscale.cli", "scaling", "sweep"]
+    if args.experiment is not None:
+        command.append(args.experiment)
+    # KEY=VALUE forms: a value starting with '-' is not read as an option
+    command += [f"--preset={args.preset}", f"--sizes={run.shape.d_model}x{run.shape.n_layers}",
+                f"--tokens={run.tokens!r}", f"--out={out}", "--workers=1"]
+    return command + [f"--set={override}" for override in args.overrides]
 
 
 def run_fit_command(args: argparse.Namespace) -> int:

@@ -4,15 +4,24 @@ run's (N, D, final loss) in <run_dir>/scaling.json for `jaxscale scaling fit`.
 Every run has its own learning-rate schedule (warmup, then cosine decay to the run's own last step), as the
 Chinchilla fits require: a run cut short of its schedule's end would look worse than it is. Each run keeps only
 its newest checkpoint (enough to resume an interrupted run, and a bounded use of disk).
+
+Runs go one after another in this process (`run_sweep`), or several at once (`run_sweep_parallel`), each in a
+child process of its own pinned to one GPU, its output in <run_dir>/sweep.log.
 """
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shlex
+import signal
+import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from jaxscale.scaling.points import SCALING_FILE, ScalingPoint, final_loss, read_point, write_point
 
@@ -66,14 +75,19 @@ PRESETS: dict[str, SweepPreset] = {
         overrides=("model.seq_len=128", "train.batch_size=16", "train.eval_batches=16", "train.log_every=10",
                    "train.progress=false", "checkpoint.keep_last=1"),
         about="tiny models for a CPU: d_model 32-128, 1-4 layers, 0.25M-2M tokens"),
-    # 5 sizes x 4 budgets, 16M-253M matmul parameters with a 50k vocabulary, 50M-400M tokens: 2.4e18 training
-    # FLOPs, 1.7 h on one H100 at MFU 0.4 (the small models will reach less). Use it with an experiment whose data
-    # has at least 400M tokens: repeated data bends the law.
+    # 5 sizes x 3 budgets = 15 runs of 763-3052 steps at 32,768 byte tokens per step: 3M-85M matmul parameters,
+    # 25M-100M tokens, 2.3e17 training FLOPs in all (6N + 12LdT per token). An estimate, not yet a measurement:
+    # about 6-8 minutes on 4 H100s with --workers 4 (one run per GPU, largest first), taking MFU 0.15-0.35 (the
+    # small models reach less) and ~30 s of start-up and compilation per run. Byte tokens need no tokenizer file; the
+    # data must hold at least 100M tokens (bytes) of training text, or the largest runs repeat data and bend the
+    # law: experiments/scaling_gpu.sh builds such a corpus from the machine's Python sources.
     "gpu": SweepPreset(
-        shapes=("256x4", "384x6", "512x8", "768x12", "1024x16"), tokens=(50e6, 100e6, 200e6, 400e6), head_dim=64,
-        overrides=("model.seq_len=1024", "train.batch_size=64", "train.eval_batches=32", "train.log_every=50",
-                   "train.progress=false", "checkpoint.keep_last=1"),
-        about="GPT-2-like sizes for one GPU: d_model 256-1024, 4-16 layers, 50M-400M tokens"),
+        shapes=("256x4", "384x6", "512x8", "640x10", "768x12"), tokens=(25e6, 50e6, 100e6), head_dim=64,
+        overrides=("data.tokenizer=bytes", "model.vocab_size=257", "model.seq_len=1024", "train.batch_size=32",
+                   "optimizer.learning_rate=1e-3", "data.document_masking=false",  # cuDNN flash attention
+                   "train.eval_batches=16", "train.log_every=50", "train.progress=false",
+                   "checkpoint.keep_last=1"),
+        about="byte-level models for 1-4 GPUs: d_model 256-768, 4-12 layers, 25M-100M tokens"),
 }
 
 
@@ -117,6 +131,10 @@ def plan_sweep(experiment: str | None, preset: SweepPreset, shapes: list[ModelSh
     return runs
 
 
+class SweepStopped(Exception):
+    """A run was stopped by SIGTERM / SIGINT after saving a checkpoint; rerunning the sweep continues it."""
+
+
 def run_sweep(runs: list[SweepRun]) -> list[ScalingPoint]:
     """Train each run not already done (a run directory with scaling.json is kept as it is) and record it."""
     from jaxscale import train
@@ -130,12 +148,171 @@ def run_sweep(runs: list[SweepRun]) -> list[ScalingPoint]:
             continue
         started = time.perf_counter()
         result = train(run.config)
+        if result.preempted:  # stopped part way by SIGTERM / SIGINT: its loss is not the run's, so no point
+            raise SweepStopped(f"{run.run_dir} stopped at step {int(result.state.step)} of {run.steps} by a "
+                               "signal, after saving a checkpoint")
         point = point_from_run(run.config, result.metrics)
         write_point(point)
         log.info("[%d/%d] %s: N=%d D=%d loss=%.4f (%s) in %.0f s", i, len(runs), run.run_dir, point.N, point.D,
                  point.loss, point.loss_kind, time.perf_counter() - started)
         points.append(point)
     return points
+
+
+SWEEP_LOG = "sweep.log"  # a parallel sweep's child writes its stdout and stderr here, in its run directory
+POLL_S = 0.5  # how often the parent looks for finished children; runs take seconds to minutes
+
+
+class SweepFailed(Exception):
+    """Runs of a parallel sweep failed; the message names them and their logs. The other runs are recorded."""
+
+
+@dataclass
+class _Child:
+    run: SweepRun
+    slot: int  # worker slot, 0..workers-1
+    process: subprocess.Popen
+    log_path: Path
+    started: float
+
+
+def run_sweep_parallel(runs: list[SweepRun], devices: list[str],
+                       child_command: Callable[[SweepRun], list[str]]) -> list[ScalingPoint]:
+    """Train the runs not already done, one per worker at once, each by `child_command(run)` (a command that
+    trains exactly that run, as `run_sweep` would) in its own process with CUDA_VISIBLE_DEVICES=devices[worker]
+    (see `worker_devices`). The largest-compute runs start first, so the workers finish at about the same time.
+    Raises SweepFailed, once every run has ended, if any child failed; the runs that succeeded are recorded."""
+    if not devices:
+        raise ValueError("a parallel sweep needs at least one worker device")
+    workers = len(devices)
+    points: dict[Path, ScalingPoint] = {}
+    pending = []
+    for run in runs:
+        done = run.run_dir / SCALING_FILE
+        if done.is_file():
+            log.info("%s: done already (%s), skipped", run.run_dir, done)
+            points[run.run_dir] = read_point(done)
+        else:
+            pending.append(run)
+    if pending:
+        prepare_data(pending)
+    queue = sorted(pending, key=lambda r: 6 * r.n * r.d, reverse=True)  # longest first: the workers end together
+    free = list(range(workers))
+    running: list[_Child] = []
+    failed: list[str] = []
+    finished = len(runs) - len(pending)
+    log.info("%d runs to train, %d at once (%d done already)", len(pending), workers, finished)
+    previous_handler = _interrupt_on_sigterm()
+    try:
+        while queue or running:
+            while queue and free:
+                slot = free.pop(0)
+                running.append(_start_child(queue.pop(0), child_command, slot, devices[slot]))
+            child = _wait_for_one(running)
+            running.remove(child)
+            free.append(child.slot)
+            finished += 1
+            seconds = time.perf_counter() - child.started
+            point_file = child.run.run_dir / SCALING_FILE
+            code = child.process.returncode
+            if code == 0 and point_file.is_file():
+                point = points[child.run.run_dir] = read_point(point_file)
+                log.info("[%d/%d] %s: loss=%.4f (%s) in %.0f s (worker %d)", finished, len(runs),
+                         child.run.run_dir.name, point.loss, point.loss_kind, seconds, child.slot)
+            else:
+                why = f"exit code {code}" if code else f"exit code 0 but no {SCALING_FILE}"
+                failed.append(f"{child.run.run_dir.name} ({why}; log: {child.log_path})")
+                log.error("[%d/%d] %s: FAILED (%s) after %.0f s; log: %s", finished, len(runs),
+                          child.run.run_dir.name, why, seconds, child.log_path)
+    finally:
+        _stop_children(running)
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    if failed:
+        raise SweepFailed(f"{len(failed)} of {len(pending)} runs failed: {'; '.join(failed)}. The other runs are "
+                          "recorded; see the logs, then rerun the same command to retry only the failed runs")
+    return [points[run.run_dir] for run in runs]
+
+
+def worker_devices(workers: int) -> list[str]:
+    """Each worker slot's CUDA_VISIBLE_DEVICES: the slot index, or where this process already has a
+    CUDA_VISIBLE_DEVICES (a scheduler's allocation, e.g. SLURM's) the slot-th GPU of that list."""
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1 (runs trained at once, e.g. the GPU count), got {workers}")
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible:
+        return [str(slot) for slot in range(workers)]
+    if workers > len(visible):
+        raise ValueError(f"--workers {workers}, but CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} "
+                         f"lists {len(visible)} GPUs; use at most {len(visible)} workers (one GPU each)")
+    return visible[:workers]
+
+
+def prepare_data(runs: list[SweepRun]) -> None:
+    """Tokenize the runs' data into the cache here, once, before any worker starts; otherwise every worker
+    would tokenize the same source at the same time (the cache stays correct, but that is N-1 wasted builds)."""
+    from jaxscale.data import build_dataset
+
+    seen = set()
+    for run in runs:  # the grid changes only the model and schedule, so this is one build in practice
+        key = (repr(run.config.data), run.config.model.seq_len)
+        if key not in seen:
+            seen.add(key)
+            log.info("preparing the data (tokenized once into the cache) before starting the workers")
+            build_dataset(run.config.data, run.config.model.seq_len)
+
+
+def _start_child(run: SweepRun, child_command: Callable[[SweepRun], list[str]], slot: int,
+                 device: str) -> _Child:
+    command = child_command(run)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run.run_dir / SWEEP_LOG
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": device, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("a") as log_file:  # appended: a retried run keeps the log of its failed attempt
+        _write_header(log_file, f"CUDA_VISIBLE_DEVICES={device} {shlex.join(command)}")
+        # A session of its own: a Ctrl-C at the terminal reaches only this process, which then sends each child
+        # one SIGTERM (save a checkpoint and exit). A second signal would stop a child without saving.
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                   env=env, start_new_session=True)
+    log.info("started %s on worker %d (CUDA_VISIBLE_DEVICES=%s); log: %s", run.run_dir.name, slot, device,
+             log_path)
+    return _Child(run, slot, process, log_path, time.perf_counter())
+
+
+def _write_header(log_file: IO[str], command: str) -> None:
+    log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: {command}\n")
+    log_file.flush()  # before the child writes to the same file
+
+
+def _wait_for_one(running: list[_Child]) -> _Child:
+    while True:
+        for child in running:
+            if child.process.poll() is not None:
+                return child
+        time.sleep(POLL_S)
+
+
+def _interrupt_on_sigterm() -> Any:
+    """Make SIGTERM stop this process as Ctrl-C does (children asked to save and stop, then waited for), not
+    leave them running orphaned. Returns the previous handler, or None where signals cannot be handled here."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _stop_children(running: list[_Child]) -> None:
+    """After an error or Ctrl-C in this process: ask the children still running to save and stop, and wait."""
+    for child in running:
+        if child.process.poll() is None:
+            log.warning("stopping %s (SIGTERM: it saves a checkpoint; rerun the sweep to continue it)",
+                        child.run.run_dir.name)
+            child.process.send_signal(signal.SIGTERM)
+    for child in running:
+        child.process.wait()
 
 
 def point_from_run(config, metrics_rows: list[dict]) -> ScalingPoint:
