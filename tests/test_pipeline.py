@@ -27,7 +27,14 @@ from jaxscale.config import Config, MeshConfig, TrainConfig, load_config, valida
 from jaxscale.errors import ConfigError
 from jaxscale.model import Model, ModelConfig
 from jaxscale.model.transformer import layer
-from jaxscale.parallel import PipelineConfig, bubble_fraction, describe_plan, pipelined_layers, plan_pipeline
+from jaxscale.parallel import (
+    PipelineConfig,
+    bubble_fraction,
+    describe_plan,
+    outer_rules,
+    pipelined_layers,
+    plan_pipeline,
+)
 from jaxscale.training import build_trainer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,9 +220,24 @@ def test_four_stages_hold_their_layers_pass_activations_by_collective_permute_an
     assert_same((losses, jax.device_get(state.params)), reference("gpt2", 8))
 
 
+def test_work_outside_the_stages_is_split_over_the_pipeline_ranks():
+    """The embedding, head and loss take the pipeline ranks as extra batch shards where the rows divide."""
+    from jaxscale.mesh import build_mesh
+
+    mesh = build_mesh(MeshConfig(data=2, pipeline=4), jax.devices()[:8])
+    rules = {"batch": ["data", "fsdp"], "embed": None}
+    assert outer_rules(rules, mesh, rows=8)["batch"] == ["data", "fsdp", "pipeline"]
+    assert outer_rules(rules, mesh, rows=6) is rules  # 6 rows per batch shard do not split 4 ways
+    assert outer_rules({"batch": "data"}, mesh, rows=8)["batch"] == ["data", "pipeline"]
+    listed = {"batch": ["pipeline", "data"]}
+    assert outer_rules(listed, mesh, rows=8) is listed  # the user's own order is kept
+    flat = build_mesh(MeshConfig(data=8), jax.devices()[:8])
+    assert outer_rules(rules, flat, rows=8) is rules
+
+
 @pytest.mark.slow
 def test_batch_over_the_pipeline_axis_outside_the_stages():
-    """A batch rule listing `pipeline` runs the embedding and head data-parallel over the pipeline ranks."""
+    """A batch rule that lists `pipeline` itself, in an order of the user's, gives the same result."""
     config = make_config("gpt2", 8, dict(pipeline=4), PipelineConfig(microbatches=4))
     config.sharding.activations["batch"] = ["data", "pipeline", "fsdp"]
     assert_same(run(config, devices_for(dict(pipeline=4))), reference("gpt2", 8))
