@@ -1,9 +1,9 @@
 """Pipeline parallelism on 2 and 4 GPUs: train-step time against pipeline microbatches, both schedules.
 
 Each point is one `jaxscale bench` run (its own process, on the first P GPUs) of a GPT-2-size experiment with
-mesh.pipeline=P, mesh.data=1; the same GPUs running plain data parallelism are the baseline. The table puts
-each step time next to the theoretical bubble fraction (p - 1) / (v m + p - 1) and the step time with that
-bubble taken out, which stays flat across m where the bubble is all that changes.
+mesh.pipeline=P, mesh.data=1. The baseline is the same model and batch on one GPU: split perfectly over P
+stages it would take single / P, and with the bubble fraction (p - 1) / (v m + p - 1) idle, theory = single / P
+/ (1 - bubble). The table puts each measured step time next to that theory.
 
 Usage (on the GPU host, from the repository root):
     python experiments/pipeline_bench.py [--experiment gpt2-350m] [--gpus 2 4] [--batch 32]
@@ -58,11 +58,11 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     common = [f"train.batch_size={args.batch}", *args.overrides]
 
+    single = bench(args.experiment, 1, common + ["mesh={data: 1, pipeline: 1, fsdp: 1, tensor: 1}"],
+                   out / "single.log", args.timing.split())
+    (out / "single.json").write_text(json.dumps(single) + "\n")
     rows = []
     for gpus in args.gpus:
-        # The whole mesh in one override: the GPT-2 experiments name a mesh preset (mesh: gpu-1), which
-        # dotted keys such as mesh.pipeline cannot reach into.
-        runs = [("data", 1, 1, [f"mesh={{data: {gpus}, pipeline: 1, fsdp: 1, tensor: 1}}"])]
         for schedule, repeats in (("gpipe", 1), ("circular", args.repeats)):
             for per_stage in args.microbatches_per_stage:
                 m = per_stage * gpus
@@ -72,27 +72,27 @@ def main() -> int:
                             f"pipeline.schedule={schedule}", f"pipeline.microbatches={m}"]
                 if repeats > 1:
                     settings.append(f"pipeline.repeats={repeats}")
-                runs.append((schedule, repeats, m, settings))
-        for schedule, repeats, m, settings in runs:
-            name = f"p{gpus}-{schedule}-m{m}"
-            print(f"running {name} ...", flush=True)
-            result = bench(args.experiment, gpus, common + settings, out / f"{name}.log", args.timing.split())
-            (out / f"{name}.json").write_text(json.dumps(result) + "\n")
-            bubble = 0.0 if schedule == "data" else bubble_fraction(gpus, m, repeats)
-            rows.append((gpus, schedule, m, bubble, result))
+                name = f"p{gpus}-{schedule}-m{m}"
+                print(f"running {name} ...", flush=True)
+                result = bench(args.experiment, gpus, common + settings, out / f"{name}.log", args.timing.split())
+                (out / f"{name}.json").write_text(json.dumps(result) + "\n")
+                rows.append((gpus, schedule, m, repeats, bubble_fraction(gpus, m, repeats), result))
 
-    print(f"\n{args.experiment}, batch {args.batch}; step time without the bubble = step time x (1 - bubble)")
-    print(f"{'gpus':>4} {'schedule':>9} {'m':>4} {'bubble':>7} {'step ms':>9} {'no-bubble ms':>12} "
-          f"{'tokens/s':>10} {'mfu':>6} {'mem GB':>7}")
-    for gpus, schedule, m, bubble, r in rows:
+    if "error" in single:
+        print(f"the single-GPU baseline failed: {single['error']}")
+        return 1
+    single_ms = single["step_s"] * 1e3
+    print(f"\n{args.experiment}, batch {args.batch}; one GPU: {single_ms:.1f} ms; "
+          "theory = one GPU / P / (1 - bubble)")
+    print(f"{'P':>2} {'schedule':>9} {'m':>3} {'v':>2} {'bubble':>7} {'theory ms':>9} {'step ms':>8} "
+          f"{'ratio':>6} {'mem GB':>7}")
+    for gpus, schedule, m, repeats, bubble, r in rows:
         if "error" in r:
-            print(f"{gpus:>4} {schedule:>9} {m:>4} {bubble:>7.1%}  failed: {r['error']}")
+            print(f"{gpus:>2} {schedule:>9} {m:>3} {repeats:>2} {bubble:>7.1%}  failed: {r['error']}")
             continue
-        step_ms = r["step_s"] * 1e3
-        mem = r.get("peak_memory_gb")
-        print(f"{gpus:>4} {schedule:>9} {m if schedule != 'data' else '-':>4} {bubble:>7.1%} {step_ms:>9.1f} "
-              f"{step_ms * (1 - bubble):>12.1f} {r['tokens_per_s']:>10,.0f} {r['mfu'] or 0:>6.3f} "
-              f"{mem if mem is not None else float('nan'):>7.1f}")
+        theory, step_ms, mem = single_ms / gpus / (1 - bubble), r["step_s"] * 1e3, r.get("peak_memory_gb")
+        print(f"{gpus:>2} {schedule:>9} {m:>3} {repeats:>2} {bubble:>7.1%} {theory:>9.1f} {step_ms:>8.1f} "
+              f"{step_ms / theory:>6.2f} {mem if mem is not None else float('nan'):>7.1f}")
     return 0
 
 
