@@ -76,9 +76,8 @@ PRESETS: dict[str, SweepPreset] = {
                    "train.progress=false", "checkpoint.keep_last=1"),
         about="tiny models for a CPU: d_model 32-128, 1-4 layers, 0.25M-2M tokens"),
     # 5 sizes x 3 budgets = 15 runs of 763-3052 steps at 32,768 byte tokens per step: 3M-85M matmul parameters,
-    # 25M-100M tokens, 2.3e17 training FLOPs in all (6N + 12LdT per token). An estimate, not yet a measurement:
-    # about 6-8 minutes on 4 H100s with --workers 4 (one run per GPU, largest first), taking MFU 0.15-0.35 (the
-    # small models reach less) and ~30 s of start-up and compilation per run. Byte tokens need no tokenizer file; the
+    # 25M-100M tokens, 2.3e17 training FLOPs in all (6N + 12LdT per token). Measured: 11 minutes on 2 H200s with
+    # --workers 2, the largest run 226 s (BENCHMARKS.md). Byte tokens need no tokenizer file; the
     # data must hold at least 100M tokens (bytes) of training text, or the largest runs repeat data and bend the
     # law: experiments/scaling_gpu.sh builds such a corpus from the machine's Python sources.
     "gpu": SweepPreset(
