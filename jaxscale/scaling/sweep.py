@@ -130,6 +130,15 @@ def plan_sweep(experiment: str | None, preset: SweepPreset, shapes: list[ModelSh
     return runs
 
 
+def recorded_point(run: SweepRun) -> ScalingPoint | None:
+    """The point of a run finished earlier (its scaling.json), which a sweep keeps as it is; None if not done."""
+    done = run.run_dir / SCALING_FILE
+    if not done.is_file():
+        return None
+    log.info("%s: done already (%s), skipped", run.run_dir, done)
+    return read_point(done)
+
+
 class SweepStopped(Exception):
     """A run was stopped by SIGTERM / SIGINT after saving a checkpoint; rerunning the sweep continues it."""
 
@@ -140,10 +149,9 @@ def run_sweep(runs: list[SweepRun]) -> list[ScalingPoint]:
 
     points = []
     for i, run in enumerate(runs, start=1):
-        done = run.run_dir / SCALING_FILE
-        if done.is_file():
-            log.info("[%d/%d] %s: done already (%s), skipped", i, len(runs), run.run_dir, done)
-            points.append(read_point(done))
+        recorded = recorded_point(run)
+        if recorded is not None:
+            points.append(recorded)
             continue
         started = time.perf_counter()
         result = train(run.config)
@@ -187,10 +195,9 @@ def run_sweep_parallel(runs: list[SweepRun], devices: list[str],
     points: dict[Path, ScalingPoint] = {}
     pending = []
     for run in runs:
-        done = run.run_dir / SCALING_FILE
-        if done.is_file():
-            log.info("%s: done already (%s), skipped", run.run_dir, done)
-            points[run.run_dir] = read_point(done)
+        recorded = recorded_point(run)
+        if recorded is not None:
+            points[run.run_dir] = recorded
         else:
             pending.append(run)
     if pending:

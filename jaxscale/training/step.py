@@ -14,6 +14,7 @@ from jaxscale.config import Config
 from jaxscale.model import Model
 from jaxscale.parallel import outer_rules
 from jaxscale.sharding import activation_rules, activation_sharding, constrain, param_shardings
+from jaxscale.training.elastic import per_device_batch
 from jaxscale.training.guards import guard_metrics, inject_nan, squared_norm
 
 
@@ -110,9 +111,7 @@ def traced_rules(config: Config, mesh: Mesh) -> dict:
     """The activation rules the model is traced under: the configured ones, with the batch outside pipeline
     stages also split over the pipeline ranks (see `outer_rules`). The loaded batch keeps the configured
     layout."""
-    t, sizes = config.train, mesh.shape
-    rows = t.batch_size // (sizes["data"] * sizes["fsdp"] * t.microbatches)
-    return outer_rules(config.sharding.activations, mesh, rows)
+    return outer_rules(config.sharding.activations, mesh, per_device_batch(config, dict(mesh.shape)))
 
 
 def make_train_step(model: Model, tx: optax.GradientTransformation, schedule: optax.Schedule, config: Config,
