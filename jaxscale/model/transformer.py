@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxscale import remat as remat_policies
 from jaxscale.model.config import ModelConfig
 from jaxscale.parallel import PipelineConfig, active_plan, pipelined_layers
 from jaxscale.sharding import constrain
@@ -156,13 +157,6 @@ def _lookup_backward(residuals, grad):
 embedding_lookup.defvjp(_lookup_forward, _lookup_backward)
 
 
-REMAT_POLICIES = {
-    "none": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, redo the rest
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
-}
-
-
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         self.cfg = cfg
@@ -201,7 +195,7 @@ class Transformer(nnx.Module):
             x = pipelined_layers(apply_layer, self.blocks.stacked(), x, segment_ids, plan, remat, scan_unroll)
         else:
             if remat != "none":
-                apply_layer = jax.checkpoint(apply_layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+                apply_layer = jax.checkpoint(apply_layer, policy=remat_policies.POLICIES[remat], prevent_cse=False)
             x, _ = jax.lax.scan(lambda x, p: (apply_layer(x, p, segment_ids), None), x, self.blocks.stacked(),
                                 unroll=scan_unroll)
 
