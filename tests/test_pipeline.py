@@ -103,20 +103,22 @@ def value_and_grad(forward, stack):
     return jax.jit(jax.value_and_grad(lambda s: jnp.sum(jnp.sin(forward(s)))))(stack)
 
 
-SCHEDULES = [  # on 6 layers: layers, stages, microbatches, repeats, remat
-    (6, 3, 4, 1, "none"),
-    (6, 4, 8, 1, "dots"),  # padding: stages of 2, 2, 1, 1 layers
-    (6, 2, 2, 2, "none"),  # circular with padding, each microbatch straight back to stage 0
-    (6, 2, 8, 2, "full"),  # circular with padding; microbatches wait at stage 0 between repeats
+SCHEDULES = [  # on 6 layers: layers, stages, microbatches, repeats, remat, iterations unrolled
+    (6, 3, 4, 1, "none", False),
+    (6, 4, 8, 1, "dots", False),  # padding: stages of 2, 2, 1, 1 layers
+    (6, 2, 2, 2, "none", False),  # circular with padding, each microbatch straight back to stage 0
+    (6, 2, 8, 2, "full", False),  # circular with padding; microbatches wait at stage 0 between repeats
+    (6, 3, 4, 1, "none", True),
+    (6, 2, 8, 2, "none", True),
 ]
-SLOW_SCHEDULES = [(6, 2, 4, 3, "dots"), (6, 3, 8, 1, "full")]
+SLOW_SCHEDULES = [(6, 2, 4, 3, "dots", False), (6, 3, 8, 1, "full", False), (6, 3, 4, 2, "dots", True)]
 
 
-@pytest.mark.parametrize("n_layers,stages,microbatches,repeats,remat",
+@pytest.mark.parametrize("n_layers,stages,microbatches,repeats,remat,unrolled",
                          SCHEDULES + [pytest.param(*case, marks=pytest.mark.slow) for case in SLOW_SCHEDULES])
-def test_schedule_matches_a_plain_scan(n_layers, stages, microbatches, repeats, remat):
+def test_schedule_matches_a_plain_scan(n_layers, stages, microbatches, repeats, remat, unrolled):
     apply_layer, stack, x, segments, expected_out, (expected_value, expected) = layer_stack(n_layers)
-    plan = plan_pipeline(n_layers, stages, microbatches, repeats)
+    plan = plan_pipeline(n_layers, stages, microbatches, repeats, unrolled)
 
     def pipelined(stack):
         return pipelined_layers(apply_layer, stack, x, segments, plan, remat)
@@ -127,6 +129,20 @@ def test_schedule_matches_a_plain_scan(n_layers, stages, microbatches, repeats, 
     for name in expected:
         scale = float(jnp.max(jnp.abs(expected[name])))
         np.testing.assert_allclose(grads[name], expected[name], atol=1e-5 * scale, err_msg=name)
+
+
+def test_unrolled_schedule_compiles_without_loops():
+    """pipeline.unroll writes the iterations out (with the chunk's layers unrolled too, no loop is left), so
+    nothing is stacked per iteration; the looped schedule keeps its loop."""
+    apply_layer, stack, x, segments, _, _ = layer_stack(6)
+
+    def hlo(unrolled: bool) -> str:
+        plan = plan_pipeline(6, 3, 4, 1, unrolled)
+        return jax.jit(jax.grad(lambda s: jnp.sum(pipelined_layers(apply_layer, s, x, segments, plan, "none",
+                                                                   unroll=2)))).lower(stack).as_text()
+
+    assert "stablehlo.while" not in hlo(True)
+    assert "stablehlo.while" in hlo(False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,6 +185,8 @@ CASES = {
     "data2-tensor2-p2-circular-uneven": ("llama", 6, dict(data=2, tensor=2, pipeline=2), circular(4), {}),
     "fsdp2-p4-remat-full": ("gpt2", 8, dict(fsdp=2, pipeline=4), PipelineConfig(microbatches=4),
                             dict(remat="full")),
+    "circular-p2-unrolled": ("gpt2", 8, dict(pipeline=2),
+                             PipelineConfig(schedule="circular", microbatches=4, unroll=True), {}),
 }
 SLOW_CASES = {
     "uneven-6-layers-on-4-stages": ("llama", 6, dict(pipeline=4), PipelineConfig(microbatches=4),
@@ -183,6 +201,8 @@ SLOW_CASES = {
                             dict(remat="dots")),
     "fsdp2-tensor2-p2-circular-remat-full": ("llama", 6, dict(fsdp=2, tensor=2, pipeline=2), circular(4),
                                              dict(remat="full")),
+    "data2-p4-gpipe-unrolled-accumulation": ("gpt2", 8, dict(data=2, pipeline=4),
+                                             PipelineConfig(microbatches=4, unroll=True), dict(microbatches=2)),
 }
 
 

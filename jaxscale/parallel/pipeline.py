@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.parallel.plan import PipelineConfig, PipelinePlan, plan_from_config
+from jaxscale.remat import POLICIES, dots_and_attention_saveable
 from jaxscale.sharding import Rules, activation_rules, constrain, current_activation_rules
 
 STATE_AXES = ("stage", "batch", "length", "embed")
@@ -102,27 +103,19 @@ def per_stage(x: jax.Array, index: jax.Array) -> jax.Array:
     return jax.vmap(lambda row, i: jax.lax.dynamic_index_in_dim(row, i, 0, keepdims=False))(x, index)
 
 
-def weight_matmuls_saveable(prim, *_, **params) -> bool:
-    """Remat policy "dots" for stages: save the outputs of matmuls with weights, not of attention's. Under the
-    `vmap` over stages every matmul has the stage as a batch dimension, so `dots_with_no_batch_dims_saveable`
-    would save nothing; attention's have more batch dimensions (batch, heads)."""
-    return prim is jax.lax.dot_general_p and len(params["dimension_numbers"][1][0]) <= 1
+def stage_remat_policy(remat: str, unrolled: bool):
+    """The jax.checkpoint policy for one iteration of all stages, from `train.remat`; None: keep everything.
 
-
-def stage_remat_policy(remat: str):
-    """The jax.checkpoint policy for one iteration of all stages, from `train.remat`.
-
-    full: keep only each stage's input per iteration. dots: also the matmul outputs. none: all matmul outputs
-    are kept and the elementwise rest is recomputed, which is faster than keeping everything: each iteration's
-    residuals are stacked into per-iteration buffers by the loop, and copying them all cost more than the
-    recompute (gpt2-350m, 2 stages, 8 microbatches on 2 x H200: 209 ms per step keeping everything; see
-    BENCHMARKS.md). With several repeats, keeping everything would also keep each iteration's picked weights.
+    full and dots: as everywhere (`jaxscale.remat`). none, unrolled: keep every residual. none, looped: every
+    matmul's and fused attention's outputs are kept and the elementwise rest is recomputed, which is faster
+    than keeping everything there: the loop stacks each iteration's residuals into per-iteration buffers, and
+    copying them all cost more than the recompute (gpt2-350m, 2 stages, 8 microbatches on 2 x H200: 209 ms per
+    step keeping everything; see BENCHMARKS.md). With several repeats, keeping everything would also keep each
+    iteration's picked weights.
     """
-    if remat == "full":
-        return jax.checkpoint_policies.nothing_saveable
-    if remat == "dots":
-        return weight_matmuls_saveable
-    return jax.checkpoint_policies.dots_saveable
+    if remat != "none" or unrolled:
+        return POLICIES[remat]
+    return dots_and_attention_saveable
 
 
 def pipelined_layers(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.Array,
@@ -163,7 +156,8 @@ def run_schedule(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.Array
     def run_chunk(w, real, x, seg):  # one stage: its chunk's layers in order; padding slots leave x as it was
         def body(x, slot):
             p, is_real = slot
-            return jnp.where(is_real, apply_layer(x, p, seg), x), None
+            y = apply_layer(x, p, seg)
+            return (jnp.where(is_real, y, x) if plan.padded else y), None
 
         return jax.lax.scan(body, x, (w, real), unroll=unroll)[0]
 
@@ -175,9 +169,11 @@ def run_schedule(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.Array
         each_stage = jax.vmap(run_chunk, spmd_axis_name="pipeline" if mesh is not None else None)
         return each_stage(w, mask, state, seg)
 
-    run_stages = jax.checkpoint(run_stages, policy=stage_remat_policy(remat), prevent_cse=False)
+    policy = stage_remat_policy(remat, plan.unrolled)
+    if policy is not None:
+        run_stages = jax.checkpoint(run_stages, policy=policy, prevent_cse=False)
 
-    def iteration(carry, i):
+    def iteration(carry, i):  # i: a traced loop counter, or a Python int when unrolled
         state, stream = carry
         starting = jax.lax.dynamic_index_in_dim(stream, i % count, 1, keepdims=False)
         state = jnp.where(on_stage0 & (i < repeats * count), starting, state)
@@ -191,7 +187,13 @@ def run_schedule(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.Array
         kept = jnp.where(on_stage0 & (arrived >= 0), state, kept)
         return (state, jax.lax.dynamic_update_index_in_dim(stream, kept, slot, 1)), None
 
-    (_, stream), _ = jax.lax.scan(iteration, (state, stream), jnp.arange(plan.iterations))
+    carry = (state, stream)
+    if plan.unrolled:  # straight-line code: no loop buffers, and the index arithmetic is static
+        for i in range(plan.iterations):
+            carry, _ = iteration(carry, i)
+    else:
+        carry, _ = jax.lax.scan(iteration, carry, jnp.arange(plan.iterations))
+    stream = carry[1]
     # Stage 0's results, taken as a sum over stages of which all but stage 0's are zeroed: a reduce-scatter
     # that can leave each rank its own rows, where indexing stage 0 would gather the whole buffer first.
     return merge_microbatches(jnp.sum(jnp.where(on_stage0[:, None], stream, 0), axis=0, dtype=stream.dtype))

@@ -29,6 +29,9 @@ class PipelineConfig:
     # Pieces each batch (each gradient-accumulation microbatch) is cut into; None: one per stage.
     microbatches: int | None = None
     repeats: int = 2  # circular only: layer chunks (virtual stages) per stage; the bubble shrinks by this
+    # Unroll the schedule's iterations into straight-line code: no loop buffers, and with train.remat=none
+    # nothing is recomputed. Faster on GPUs; compile time grows with iterations x layers per stage.
+    unroll: bool = False
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -52,6 +55,7 @@ class PipelinePlan:
     repeats: int
     microbatches: int
     chunk_layers: tuple[int, ...]  # real layers in each chunk, chunks in model-depth order
+    unrolled: bool = False  # the iterations run as straight-line code instead of a loop
 
     @property
     def n_layers(self) -> int:
@@ -84,7 +88,8 @@ class PipelinePlan:
         return slots.reshape(self.repeats, self.stages, self.layers_per_chunk)
 
 
-def plan_pipeline(n_layers: int, stages: int, microbatches: int, repeats: int = 1) -> PipelinePlan:
+def plan_pipeline(n_layers: int, stages: int, microbatches: int, repeats: int = 1,
+                  unrolled: bool = False) -> PipelinePlan:
     chunks = stages * repeats
     if microbatches < stages:
         raise ConfigError(f"pipeline.microbatches={microbatches} is fewer than the {stages} pipeline stages "
@@ -95,13 +100,13 @@ def plan_pipeline(n_layers: int, stages: int, microbatches: int, repeats: int = 
                           f"{repeats} = {chunks} layer chunks; use fewer stages"
                           + (" or fewer pipeline.repeats" if repeats > 1 else ""))
     base, extra = divmod(n_layers, chunks)
-    return PipelinePlan(stages, repeats, microbatches, tuple(base + (c < extra) for c in range(chunks)))
+    return PipelinePlan(stages, repeats, microbatches, tuple(base + (c < extra) for c in range(chunks)), unrolled)
 
 
 def plan_from_config(settings: PipelineConfig, n_layers: int, stages: int) -> PipelinePlan:
     repeats = settings.repeats if settings.schedule == "circular" else 1
     microbatches = stages if settings.microbatches is None else settings.microbatches
-    return plan_pipeline(n_layers, stages, microbatches, repeats)
+    return plan_pipeline(n_layers, stages, microbatches, repeats, settings.unroll)
 
 
 def describe_plan(plan: PipelinePlan) -> str:
@@ -109,7 +114,7 @@ def describe_plan(plan: PipelinePlan) -> str:
     slots = plan.slot_layers()
     schedule = "gpipe" if plan.repeats == 1 else f"circular, {plan.repeats} repeats"
     lines = [(f"pipeline: {plan.stages} stages ({schedule}), {plan.microbatches} microbatches, "
-              f"{plan.iterations} iterations, bubble {plan.bubble:.1%}"),
+              f"{plan.iterations} iterations{' (unrolled)' if plan.unrolled else ''}, bubble {plan.bubble:.1%}"),
              f"{'stage':>5}  {'layers':>6}  {'padding':>7}  layers it runs (model depth), a range per repeat"]
     for stage in range(plan.stages):
         chunks = [slots[r, stage][slots[r, stage] >= 0] for r in range(plan.repeats)]
