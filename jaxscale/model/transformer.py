@@ -181,11 +181,14 @@ class Transformer(nnx.Module):
         the layers run as pipeline stages instead (`jaxscale.parallel`), scheduled by `pipeline`."""
         cfg = self.cfg
         b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         x = embedding_lookup(self.embed[...].astype(compute_dtype), tokens)
         if cfg.style == "gpt2":
-            x = x + self.positions[...][:t].astype(compute_dtype)
+            # A lookup rather than a broadcast add: the add's gradient is a sum over the batch, for which XLA on
+            # GPUs lays the whole residual stream out batch-minor, a transpose in every residual add and norm
+            # (gpt2-124m on an H100: 79.3 -> 74.0 ms per step with the lookup).
+            x = x + embedding_lookup(self.positions[...].astype(compute_dtype), positions)
         x = constrain(x, ("batch", "length", "embed"))
-        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
 
         def apply_layer(x, layer_params, segment_ids):  # x: the whole batch, or one pipeline microbatch
             return layer(cfg, layer_params, x, positions[:x.shape[0]], segment_ids, compute_dtype)
