@@ -1,5 +1,5 @@
 """Parallelism beyond sharding rules: pipeline stages over the `pipeline` mesh axis."""
-from jaxscale.parallel.pipeline import active_plan, outer_rules, pipelined_layers
+from jaxscale.parallel.pipeline import active_plan, outer_rules, pipelined_layers, split_microbatches
 from jaxscale.parallel.plan import (
     PipelineConfig,
     PipelinePlan,
@@ -10,4 +10,4 @@ from jaxscale.parallel.plan import (
 )
 
 __all__ = ["PipelineConfig", "PipelinePlan", "active_plan", "bubble_fraction", "describe_plan",
-           "outer_rules", "pipelined_layers", "plan_from_config", "plan_pipeline"]
+           "outer_rules", "pipelined_layers", "plan_from_config", "plan_pipeline", "split_microbatches"]

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.config import Config
 from jaxscale.model import Model
-from jaxscale.parallel import outer_rules
+from jaxscale.parallel import outer_rules, split_microbatches
 from jaxscale.sharding import activation_rules, activation_sharding, constrain, param_shardings
 from jaxscale.training.elastic import per_device_batch
 from jaxscale.training.guards import guard_metrics, inject_nan, squared_norm
@@ -78,17 +78,6 @@ def make_loss_fn(model: Model, config: Config, compute_dtype) -> Callable:
     return loss_fn
 
 
-def split_microbatches(batch: dict, count: int) -> dict:
-    """(B, ...) -> (count, B / count, ...), microbatch m = rows m, m + count, ... so that every microbatch
-    is spread over all batch shards (each device's contiguous rows hold all microbatches equally)."""
-
-    def split(x):
-        x = x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
-        return constrain(x, (None, "batch", "length"))
-
-    return jax.tree.map(split, batch)
-
-
 def global_norm(tree) -> jax.Array:
     return jnp.sqrt(squared_norm(tree))
 
@@ -134,7 +123,9 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, schedule: op
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (loss, grads), _ = jax.lax.scan(one, (jnp.zeros((), jnp.float32), zeros), split_microbatches(batch, count))
+        microbatches = jax.tree.map(lambda x: constrain(split_microbatches(x, count), (None, "batch", "length")),
+                                    batch)
+        (loss, grads), _ = jax.lax.scan(one, (jnp.zeros((), jnp.float32), zeros), microbatches)
         return loss / count, jax.tree.map(lambda g: g / count, grads)
 
     def train_step(state: TrainState, batch: dict):
