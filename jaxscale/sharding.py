@@ -37,15 +37,21 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None
     return PartitionSpec(*spec)
 
 
+def split_count(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+    """Into how many parts one PartitionSpec entry splits its dimension."""
+    count = 1
+    for axis in [axes] if isinstance(axes, str) else (axes or ()):
+        count *= mesh.shape[axis]
+    return count
+
+
 def param_shardings(logical_axes: Any, shapes: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedSharding for each parameter; a dimension a rule splits must divide evenly over its mesh axes."""
 
     def one(path, names, shape):
         spec = logical_to_spec(names, rules, mesh)
         for dim, (size, axes) in enumerate(zip(shape.shape, spec)):
-            ways = 1
-            for a in [axes] if isinstance(axes, str) else (axes or ()):
-                ways *= mesh.shape[a]
+            ways = split_count(mesh, axes)
             if size % ways:
                 raise ConfigError(
                     f"parameter {jax.tree_util.keystr(path)} dimension {dim} ({names[dim]}={size}) cannot be split "
@@ -82,6 +88,15 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = context
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules, mesh)))
+
+
+def activation_split(name: str) -> int:
+    """How many parts the active activation rules split the logical dimension `name` into (1 outside them)."""
+    context = _ACTIVATION_CONTEXT.get()
+    if context is None:
+        return 1
+    mesh, rules = context
+    return split_count(mesh, logical_to_spec((name,), rules, mesh)[0])
 
 
 def activation_sharding(names: Sequence[str | None], mesh: Mesh, rules: Rules) -> NamedSharding:
