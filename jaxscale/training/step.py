@@ -16,6 +16,7 @@ from jaxscale.parallel import outer_rules, split_microbatches
 from jaxscale.sharding import activation_rules, activation_sharding, constrain, param_shardings
 from jaxscale.training.elastic import per_device_batch
 from jaxscale.training.guards import guard_metrics, inject_nan, squared_norm
+from jaxscale.training.loss import cross_entropy
 
 
 @flax.struct.dataclass
@@ -48,20 +49,6 @@ def init_state(model: Model, tx: optax.GradientTransformation, shardings: TrainS
 
 def batch_sharding(mesh: Mesh, activation_rules_table: dict) -> NamedSharding:
     return activation_sharding(("batch", "length"), mesh, activation_rules_table)
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean next-token loss. The float32 upcast is fused into the reductions, never stored for the batch.
-
-    The target logit is picked by comparing against a vocabulary iota rather than by indexing: indexing's
-    gradient is a scatter into a (batch, length, vocab) buffer, which XLA runs slowly on GPUs, while this
-    select fuses with the softmax and works unchanged when the vocabulary is sharded.
-    """
-    logits = logits.astype(jnp.float32)
-    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
-    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    target_logit = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
-    return jnp.mean(log_normalizer - target_logit)
 
 
 def make_loss_fn(model: Model, config: Config, compute_dtype) -> Callable:
