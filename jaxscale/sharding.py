@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,6 +21,11 @@ from jaxscale.errors import ConfigError
 Rules = dict[str, Any]  # logical name -> mesh axis | [mesh axes] | None
 
 
+def rule_axes(target: str | Sequence[str] | None) -> list[str]:
+    """The mesh axes a rule (or a PartitionSpec entry) names: one axis, several, or none."""
+    return [target] if isinstance(target, str) else list(target or ())
+
+
 def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None = None) -> PartitionSpec:
     """PartitionSpec for an array whose dimensions carry `names`.
 
@@ -29,8 +35,7 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None
     used: set[str] = set()
     spec = []
     for name in names:
-        target = rules.get(name) if name is not None else None
-        axes = [target] if isinstance(target, str) else list(target or [])
+        axes = rule_axes(rules.get(name) if name is not None else None)
         axes = [a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1)]
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
@@ -39,10 +44,7 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None
 
 def split_count(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
     """Into how many parts one PartitionSpec entry splits its dimension."""
-    count = 1
-    for axis in [axes] if isinstance(axes, str) else (axes or ()):
-        count *= mesh.shape[axis]
-    return count
+    return math.prod(mesh.shape[axis] for axis in rule_axes(axes))
 
 
 def param_shardings(logical_axes: Any, shapes: Any, mesh: Mesh, rules: Rules) -> Any:

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.parallel.plan import PipelineConfig, PipelinePlan, plan_from_config
 from jaxscale.remat import POLICIES, dots_and_attention_saveable
-from jaxscale.sharding import Rules, activation_rules, constrain, current_activation_rules
+from jaxscale.sharding import Rules, activation_rules, constrain, current_activation_rules, rule_axes
 
 STATE_AXES = ("stage", "batch", "length", "embed")
 STREAM_AXES = ("stage", None, "batch", "length", "embed")
@@ -55,9 +55,7 @@ def stage_rules(rules: Rules) -> Rules:
     lists `pipeline` spreads the embedding and output head over the pipeline ranks; inside it must not.)"""
 
     def without_pipeline(target):
-        if isinstance(target, str):
-            return None if target == "pipeline" else target
-        return [a for a in target or () if a != "pipeline"]
+        return [a for a in rule_axes(target) if a != "pipeline"]
 
     return {**{name: without_pipeline(target) for name, target in rules.items()}, "stage": "pipeline"}
 
@@ -68,8 +66,7 @@ def outer_rules(rules: Rules, mesh: Mesh, rows: int) -> Rules:
     batch's head and embedding gradient; the stage buffer gathers the rows into stage 0 and the result goes back
     out. `rows` is what each batch shard holds; left as it is where they do not split evenly over the ranks."""
     stages = mesh.shape.get("pipeline", 1)
-    target = rules.get("batch")
-    axes = [target] if isinstance(target, str) else list(target or [])
+    axes = rule_axes(rules.get("batch"))
     if stages == 1 or "pipeline" in axes or rows % stages:
         return rules
     return {**rules, "batch": [*axes, "pipeline"]}
