@@ -12,6 +12,12 @@ import jax
 import jax.numpy as jnp
 
 
+def _is_target(logits, targets):
+    """True where the vocabulary index is the target; a compare against an iota, which fuses where indexing
+    (and its scatter gradient) would not."""
+    return jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
+
+
 def _max_and_target(a, b):
     return jnp.maximum(a[0], b[0]), a[1] + b[1]
 
@@ -19,8 +25,7 @@ def _max_and_target(a, b):
 def _normalizer_and_target(logits, targets):
     """logits (..., vocab), targets (...) -> (log of the softmax normalizer, target logit), both float32."""
     x = logits.astype(jnp.float32)
-    is_target = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == targets[..., None]
-    top, target = jax.lax.reduce((x, jnp.where(is_target, x, 0.0)), (-jnp.inf, 0.0), _max_and_target,
+    top, target = jax.lax.reduce((x, jnp.where(_is_target(x, targets), x, 0.0)), (-jnp.inf, 0.0), _max_and_target,
                                  (x.ndim - 1,))
     total = jnp.sum(jnp.exp(x - top[..., None]), axis=-1)
     return top + jnp.log(total), target
@@ -29,8 +34,7 @@ def _normalizer_and_target(logits, targets):
 @jax.custom_vjp
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean over all positions of -log softmax(logits)[target]; logits (..., vocab), targets (...) int."""
-    log_normalizer, target = _normalizer_and_target(logits, targets)
-    return jnp.mean(log_normalizer - target)
+    return _forward(logits, targets)[0]
 
 
 def _forward(logits, targets):
@@ -41,10 +45,9 @@ def _forward(logits, targets):
 def _backward(residuals, grad):
     logits, targets, log_normalizer = residuals
     # softmax minus the one-hot target, computed and written in one pass, in the logits' dtype
-    is_target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
     probs = jnp.exp(logits.astype(jnp.float32) - log_normalizer[..., None])
     scale = grad / log_normalizer.size
-    return ((probs - is_target) * scale).astype(logits.dtype), None
+    return ((probs - _is_target(logits, targets)) * scale).astype(logits.dtype), None
 
 
 cross_entropy.defvjp(_forward, _backward)
