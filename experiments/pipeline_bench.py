@@ -12,7 +12,7 @@ gets a baseline with gradient accumulation, `--single-microbatches N` (the same 
 
 Usage (on the GPU host, from the repository root):
     python experiments/pipeline_bench.py [--experiment gpt2-350m] [--gpus 2 4] [--batch 32]
-        [--microbatches-per-stage 1 2 4 8] [--repeats 2] [--single-microbatches 1] [--out runs/pipeline_bench]
+        [--microbatches-per-stage 1 2 4 8] [--schedules gpipe circular] [--repeats 2] [--single-microbatches 1] [--out runs/pipeline_bench]
 """
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32, help="train.batch_size, sequences per step")
     parser.add_argument("--microbatches-per-stage", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="pipeline.microbatches = this x stages")
+    parser.add_argument("--schedules", nargs="+", choices=["gpipe", "circular"], default=["gpipe", "circular"],
+                        help="schedules to run, in this order")
     parser.add_argument("--repeats", type=int, default=2, help="layer chunks per stage, circular schedule")
     parser.add_argument("--single-microbatches", type=int, default=1,
                         help="train.microbatches of the one-GPU baseline, for a batch too large for one GPU")
@@ -71,7 +73,8 @@ def main() -> int:
     (out / "single.json").write_text(json.dumps(single) + "\n")
     rows = []
     for gpus in args.gpus:
-        for schedule, repeats in (("gpipe", 1), ("circular", args.repeats)):
+        for schedule in args.schedules:
+            repeats = args.repeats if schedule == "circular" else 1
             for per_stage in args.microbatches_per_stage:
                 m = per_stage * gpus
                 if args.batch % m:

@@ -35,6 +35,7 @@ from jaxscale.parallel import (
     pipelined_layers,
     plan_pipeline,
 )
+from jaxscale.parallel.pipeline import next_stage
 from jaxscale.training import build_trainer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,6 +239,30 @@ def test_four_stages_hold_their_layers_pass_activations_by_collective_permute_an
         state, metrics = train_step(state, batch)
         losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
     assert_same((losses, jax.device_get(state.params)), reference("gpt2", 8))
+
+
+def test_each_schedule_iteration_passes_activations_once_forward_and_once_backward():
+    """Unrolled, pipeline=4: one collective-permute of the activation buffer per iteration in the forward pass
+    and one in the backward pass. (The transpose of jnp.roll made three of the backward one.)"""
+    config = make_config("gpt2", 8, dict(pipeline=4), circular(8))
+    config.pipeline.unroll = True
+    trainer = build_trainer(config, devices_for(dict(pipeline=4)))
+    state = trainer.init_state()
+    batch = jax.device_put(batches(config)[0], trainer.data_sharding)
+    hlo = trainer.train_step.lower(state, batch).compile().as_text()
+    rows = config.train.batch_size // config.pipeline.microbatches
+    buffer = f"[1,{rows},{config.model.seq_len},{config.model.d_model}]"
+    permutes = re.findall(r"= \w+(\[[\d,]*\])\S* collective-permute(?:-start)?\(", hlo)
+    iterations = plan_pipeline(8, 4, 8, repeats=2).iterations
+    assert permutes.count(buffer) == 2 * iterations, (permutes.count(buffer), iterations)
+
+
+def test_the_stage_shift_and_its_gradient_are_rolls():
+    x = jnp.arange(24.0).reshape(4, 3, 2)
+    np.testing.assert_array_equal(next_stage(x), jnp.roll(x, 1, axis=0))
+    weights = jnp.linspace(-1.0, 1.0, 24).reshape(4, 3, 2)
+    grad = jax.grad(lambda x: jnp.sum(next_stage(x) * weights))(x)
+    np.testing.assert_array_equal(grad, jnp.roll(weights, -1, axis=0))
 
 
 def test_work_outside_the_stages_is_split_over_the_pipeline_ranks():
