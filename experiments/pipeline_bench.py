@@ -12,7 +12,8 @@ gets a baseline with gradient accumulation, `--single-microbatches N` (the same 
 
 Usage (on the GPU host, from the repository root):
     python experiments/pipeline_bench.py [--experiment gpt2-350m] [--gpus 2 4] [--batch 32]
-        [--microbatches-per-stage 1 2 4 8] [--schedules gpipe circular] [--repeats 2] [--single-microbatches 1] [--out runs/pipeline_bench]
+        [--microbatches-per-stage 1 2 4 8] [--schedules gpipe circular] [--repeats 2]
+        [--single-microbatches 1] [--out runs/pipeline_bench]
 """
 from __future__ import annotations
 

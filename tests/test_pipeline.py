@@ -243,7 +243,8 @@ def test_four_stages_hold_their_layers_pass_activations_by_collective_permute_an
 
 def test_each_schedule_iteration_passes_activations_once_forward_and_once_backward():
     """Unrolled, pipeline=4: one collective-permute of the activation buffer per iteration in the forward pass
-    and one in the backward pass. (The transpose of jnp.roll made three of the backward one.)"""
+    and one in the backward pass. (Autodiff's transpose of jnp.roll made two of the backward one here, four on
+    GPU.)"""
     config = make_config("gpt2", 8, dict(pipeline=4), circular(8))
     config.pipeline.unroll = True
     trainer = build_trainer(config, devices_for(dict(pipeline=4)))
