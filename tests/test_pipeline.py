@@ -33,6 +33,7 @@ from jaxscale.parallel import (
     describe_plan,
     outer_rules,
     pipelined_layers,
+    plan_from_config,
     plan_pipeline,
 )
 from jaxscale.parallel.pipeline import next_stage
@@ -214,19 +215,25 @@ def test_pipeline_matches_single_device(name):
     assert_same(run(config, devices_for(mesh)), reference(style, n_layers))
 
 
+def compiled_train_step(config: Config, mesh: dict):
+    """The trainer on the devices `mesh` needs, its initial state, the test batches placed for it, and the
+    train step compiled for them."""
+    trainer = build_trainer(config, devices_for(mesh))
+    state = trainer.init_state()
+    steps = [jax.device_put(b, trainer.data_sharding) for b in batches(config)]
+    return trainer, state, steps, trainer.train_step.lower(state, steps[0]).compile()
+
+
 def test_four_stages_hold_their_layers_pass_activations_by_collective_permute_and_match_one_device():
     """GPipe, pipeline=4: each device keeps only its stage's layers; only activations pass between stages."""
     config = make_config("gpt2", 8, dict(pipeline=4), PipelineConfig(microbatches=8))
-    trainer = build_trainer(config, devices_for(dict(pipeline=4)))
-    state = trainer.init_state()
+    trainer, state, steps, train_step = compiled_train_step(config, dict(pipeline=4))
     for name, weights in state.params["blocks"].items():
         for shard in weights.addressable_shards:
             stage = int(np.argwhere(trainer.mesh.devices == shard.device)[0][1])  # mesh axis 1 is `pipeline`
             assert shard.data.shape == (8 // 4, *weights.shape[1:]), name
             assert shard.index[0] == slice(2 * stage, 2 * stage + 2), (name, shard.device)
 
-    steps = [jax.device_put(b, trainer.data_sharding) for b in batches(config)]
-    train_step = trainer.train_step.lower(state, steps[0]).compile()
     hlo = train_step.as_text()
     assert re.search(r"collective-permute(-start)?\(", hlo), "no collective-permute between stages"
     # The only gathers are of activations (rows of length x embed), moving the batch between the
@@ -245,16 +252,13 @@ def test_each_schedule_iteration_passes_activations_once_forward_and_once_backwa
     """Unrolled, pipeline=4: one collective-permute of the activation buffer per iteration in the forward pass
     and one in the backward pass. (Autodiff's transpose of jnp.roll made two of the backward one here, four on
     GPU.)"""
-    config = make_config("gpt2", 8, dict(pipeline=4), circular(8))
-    config.pipeline.unroll = True
-    trainer = build_trainer(config, devices_for(dict(pipeline=4)))
-    state = trainer.init_state()
-    batch = jax.device_put(batches(config)[0], trainer.data_sharding)
-    hlo = trainer.train_step.lower(state, batch).compile().as_text()
+    config = make_config("gpt2", 8, dict(pipeline=4),
+                         PipelineConfig(schedule="circular", microbatches=8, unroll=True))
+    hlo = compiled_train_step(config, dict(pipeline=4))[-1].as_text()
     rows = config.train.batch_size // config.pipeline.microbatches
     buffer = f"[1,{rows},{config.model.seq_len},{config.model.d_model}]"
     permutes = re.findall(r"= \w+(\[[\d,]*\])\S* collective-permute(?:-start)?\(", hlo)
-    iterations = plan_pipeline(8, 4, 8, repeats=2).iterations
+    iterations = plan_from_config(config.pipeline, config.model.n_layers, stages=4).iterations
     assert permutes.count(buffer) == 2 * iterations, (permutes.count(buffer), iterations)
 
 
