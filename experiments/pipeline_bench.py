@@ -94,8 +94,9 @@ def main() -> int:
         print(f"the single-GPU baseline failed: {single['error']}")
         return 1
     single_ms = single["step_s"] * 1e3
-    print(f"\n{args.experiment}, batch {args.batch}; one GPU: {single_ms:.1f} ms; "
-          "theory = one GPU / P / (1 - bubble)")
+    overrides = "".join(f" --set {o}" for o in args.overrides)  # a model.preset there changes the model
+    print(f"\n{args.experiment}{overrides} ({single['params_m']:.0f}M parameters), batch {args.batch}; "
+          f"one GPU: {single_ms:.1f} ms; theory = one GPU / P / (1 - bubble)")
     print(f"{'P':>2} {'schedule':>9} {'m':>3} {'v':>2} {'bubble':>7} {'theory ms':>9} {'step ms':>8} "
           f"{'ratio':>6} {'mem GB':>7}")
     for gpus, schedule, m, repeats, bubble, r in rows:
