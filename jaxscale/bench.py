@@ -62,6 +62,8 @@ def run_bench(config: Config, *, warmup: int = 5, windows: int = 5, steps_per_wi
     return {
         "experiment": config.name,
         "model": config.model.style,
+        "n_layers": config.model.n_layers,  # the size itself: a --set model.preset=... keeps the experiment's name
+        "d_model": config.model.d_model,
         "params_m": round(trainer.model.param_count() / 1e6, 1),
         "batch": t.batch_size,
         "seq_len": config.model.seq_len,

@@ -35,6 +35,7 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     row = json.loads(out.read_text())
     assert row == json.loads(result.stdout.strip().splitlines()[-1])
     assert row["devices"] == 2 and row["mesh"]["data"] == 2 and len(row["step_s_windows"]) == 2
+    assert row["n_layers"] == 1 and row["d_model"] == 128  # the model measured, not only the experiment's name
     assert row["tokens_per_s"] == pytest.approx(16 * 32 / row["step_s"])
     assert row["mfu"] is None and row["peak_memory_gb"] is None  # a CPU has neither
     assert row["compile_s"] > 0 and row["final_loss"] > 0
