@@ -15,6 +15,7 @@ from flax import nnx
 from jaxscale import remat as remat_policies
 from jaxscale.model.config import ModelConfig
 from jaxscale.model.embedding import embedding_lookup
+from jaxscale.model.norm import norm
 from jaxscale.parallel import PipelineConfig, active_plan, pipelined_layers
 from jaxscale.sharding import constrain
 
@@ -66,17 +67,6 @@ class Blocks(nnx.Module):
 
     def stacked(self) -> dict[str, jax.Array]:
         return {name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Param)}
-
-
-def norm(x, scale, bias, eps):
-    """LayerNorm (with bias, GPT-2) or RMSNorm (bias None, Llama), computed in float32."""
-    x32 = x.astype(jnp.float32)
-    if bias is not None:
-        x32 = x32 - x32.mean(-1, keepdims=True)
-    y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + eps) * scale
-    if bias is not None:
-        y = y + bias
-    return y.astype(x.dtype)
 
 
 def rope(x, positions, theta):
