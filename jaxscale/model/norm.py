@@ -48,7 +48,7 @@ def fused_backward_applies(width: int) -> bool:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def norm_with_fused_backward(x, scale, bias, eps):
-    return normalize(x, scale, bias, eps)[0]
+    return _forward(x, scale, bias, eps)[0]
 
 
 def _forward(x, scale, bias, eps):
@@ -120,5 +120,5 @@ def norm_backward(x, dy, scale, mean, rstd, *, centred: bool, interpret: bool = 
                    jax.ShapeDtypeStruct((grid, width), jnp.float32),  # per-program column sums
                    jax.ShapeDtypeStruct((grid, width), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=4 if padded_width <= 1024 else 8),
-    )(rows, dy.reshape(-1, width), scale, mean.reshape(-1).astype(jnp.float32), rstd.reshape(-1))
+    )(rows, dy.reshape(-1, width), scale, mean.reshape(-1), rstd.reshape(-1))
     return dx.reshape(x.shape), dscale.sum(0), dbias.sum(0) if centred else None
