@@ -84,6 +84,14 @@ def current_activation_rules() -> tuple[Mesh, Rules] | None:
     return _ACTIVATION_CONTEXT.get()
 
 
+def on_one_gpu_device() -> bool:
+    """True where a Pallas kernel may stand in for XLA's fusions: a GPU, and one device in the traced mesh (or in
+    the process, outside a mesh). A pallas_call is one opaque program that XLA cannot split over devices."""
+    context = _ACTIVATION_CONTEXT.get()
+    devices = context[0].size if context is not None else jax.device_count()
+    return jax.default_backend() == "gpu" and devices == 1
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     context = _ACTIVATION_CONTEXT.get()
     if context is None:

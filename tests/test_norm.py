@@ -66,7 +66,7 @@ def test_used_only_on_one_gpu_device_and_narrow_rows(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     one, eight = (Mesh(np.array(jax.devices()[:n]).reshape(n), ("data",)) for n in (1, 8))
     with activation_rules(one, {}):
-        assert fused_backward_applies(768) and not fused_backward_applies(1024)
+        assert fused_backward_applies(768) and fused_backward_applies(1024) and not fused_backward_applies(1600)
     with activation_rules(eight, {}):
         assert not fused_backward_applies(768)
 

@@ -4,8 +4,9 @@ XLA differentiates the norm into a row-wise fusion for the input gradient and se
 token) for the scale and bias gradients; at gpt2-124m's shape (32 x 1024 rows of 768) forward and backward take
 0.23 ms on an H100, about five times the memory bound. The kernel here reads each row of x and of the incoming
 gradient once, writes the input gradient, and keeps each program's column sums; XLA adds those few partial sums
-up. It measured 0.13 ms there and 4% off the whole gpt2-124m step, but was slower than XLA at d = 1024 and
-1600 (BENCHMARKS.md), so it is used only where it was measured faster: one GPU device, rows of at most 768.
+up. It measured 0.13 ms there and 4% off the whole gpt2-124m step; retiled (1024 programs, 2 rows at a time
+for wider rows) it also beats XLA at d = 1024, 3% off the gpt2-350m step (BENCHMARKS.md). It is used where it
+was measured faster: one GPU device, rows of at most 1024.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxscale.sharding import current_activation_rules
+from jaxscale.sharding import on_one_gpu_device
 
-FUSED_BACKWARD_MAX_WIDTH = 768  # measured faster than XLA at 768, slower at 1024 and 1600 (H100)
+FUSED_BACKWARD_MAX_WIDTH = 1024  # retiled, faster than XLA at 768 and 1024 (H200)
 
 
 def normalize(x, scale, bias, eps):
@@ -39,11 +40,8 @@ def norm(x, scale, bias, eps):
 
 
 def fused_backward_applies(width: int) -> bool:
-    """One GPU device and a row width where the kernel measured faster. A pallas_call is one opaque program:
-    on a mesh of several devices XLA could not split it, so sharded runs keep XLA's own backward."""
-    context = current_activation_rules()
-    devices = context[0].size if context is not None else jax.device_count()
-    return jax.default_backend() == "gpu" and devices == 1 and width <= FUSED_BACKWARD_MAX_WIDTH
+    """One GPU device (sharded runs keep XLA's own backward) and a row width where the kernel measured faster."""
+    return on_one_gpu_device() and width <= FUSED_BACKWARD_MAX_WIDTH
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -68,16 +66,18 @@ def _backward(eps, saved, dy):
 norm_with_fused_backward.defvjp(_forward, _backward)
 
 
-def norm_backward(x, dy, scale, mean, rstd, *, centred: bool, interpret: bool = False, rows_per_block: int = 8,
-                  programs: int = 512):
+def norm_backward(x, dy, scale, mean, rstd, *, centred: bool, interpret: bool = False,
+                  rows_per_block: int | None = None, programs: int = 1024, num_warps: int = 4):
     """dx, dscale, dbias (None unless centred) of y = (x - mean) * rstd * scale (+ bias) over the last axis.
 
     mean and rstd: one float32 number per row (any shape that flattens to the rows). Each of ~`programs`
-    programs walks its rows `rows_per_block` at a time. interpret=True runs the kernel on any backend (tests)."""
+    programs walks its rows `rows_per_block` at a time (by default 8 rows up to width 768, else 2: the fastest
+    tilings measured on an H200). interpret=True runs the kernel on any backend (tests)."""
     from jax.experimental import pallas as pl  # imported here: only the GPU path and its tests need Pallas
     from jax.experimental.pallas import triton as plgpu
 
     width = x.shape[-1]
+    rows_per_block = rows_per_block or (8 if width <= 768 else 2)
     rows = x.reshape(-1, width)
     n_rows = rows.shape[0]
     steps = max(1, min(32, n_rows // (rows_per_block * programs)))  # row blocks per program
@@ -119,6 +119,6 @@ def norm_backward(x, dy, scale, mean, rstd, *, centred: bool, interpret: bool = 
         out_shape=[jax.ShapeDtypeStruct(rows.shape, x.dtype),
                    jax.ShapeDtypeStruct((grid, width), jnp.float32),  # per-program column sums
                    jax.ShapeDtypeStruct((grid, width), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=4 if padded_width <= 1024 else 8),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps),
     )(rows, dy.reshape(-1, width), scale, mean.reshape(-1), rstd.reshape(-1))
     return dx.reshape(x.shape), dscale.sum(0), dbias.sum(0) if centred else None

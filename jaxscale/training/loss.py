@@ -1,15 +1,24 @@
-"""Next-token cross-entropy that reads the logits twice forward and once backward.
+"""Next-token cross-entropy, without a float32 copy of the (batch, length, vocab) logits ever stored.
 
-Written plainly (logsumexp, then pick the target logit), XLA reads the (batch, length, vocab) logits three times
-forward: for the max, for the sum of exponentials, for the target. Here one variadic reduction finds the max and
-the target logit together, so the forward reads them twice (gpt2-124m on an H100: about 0.6 ms of a 68 ms step
-saved; an online softmax in a single pass measured the same, its two exponentials per element make it compute
-bound). The float32 upcast happens inside the reductions; no float32 copy of the logits is ever stored.
+Written plainly (logsumexp, then pick the target logit), XLA reads the logits three times forward: for the max,
+for the sum of exponentials, for the target. Here one variadic reduction finds the max and the target logit
+together, so the forward reads them twice and the backward once more (gpt2-124m on an H100: about 0.6 ms of a
+68 ms step saved; an online softmax as one XLA reduction measured the same, its two exponentials per element
+make it compute bound).
+
+On one GPU a Pallas kernel does better: each program reads its rows once for the max and the normalizer (an
+online softmax per column block, one exponential per element) and, when a gradient is wanted, a second time,
+mostly from L2, to write softmax minus one-hot already scaled for the mean. The backward pass then only scales
+that by the incoming cotangent, which XLA drops when it is the constant 1 of a loss being differentiated.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from jaxscale.sharding import on_one_gpu_device
 
 
 def _is_target(logits, targets):
@@ -31,9 +40,15 @@ def _normalizer_and_target(logits, targets):
     return top + jnp.log(total), target
 
 
-@jax.custom_vjp
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean over all positions of -log softmax(logits)[target]; logits (..., vocab), targets (...) int."""
+    if on_one_gpu_device():
+        return kernel_cross_entropy(logits, targets, jax.default_backend() != "gpu")
+    return fused_cross_entropy(logits, targets)
+
+
+@jax.custom_vjp
+def fused_cross_entropy(logits, targets):
     return _forward(logits, targets)[0]
 
 
@@ -50,4 +65,83 @@ def _backward(residuals, grad):
     return ((probs - _is_target(logits, targets)) * scale).astype(logits.dtype), None
 
 
-cross_entropy.defvjp(_forward, _backward)
+fused_cross_entropy.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def kernel_cross_entropy(logits, targets, interpret: bool):
+    return jnp.mean(softmax_kernel(logits, targets, gradient=False, interpret=interpret)[0])
+
+
+def _kernel_forward(logits, targets, interpret):
+    losses, gradient = softmax_kernel(logits, targets, gradient=True, interpret=interpret)
+    return jnp.mean(losses), gradient
+
+
+def _kernel_backward(interpret, gradient, grad):
+    return (gradient * grad.astype(gradient.dtype)), None
+
+
+kernel_cross_entropy.defvjp(_kernel_forward, _kernel_backward)
+
+
+def softmax_kernel(logits, targets, *, gradient: bool, interpret: bool = False, rows_per_block: int = 1,
+                   block_width: int = 2048, num_warps: int = 4):
+    """Per position -log softmax(logits)[target] (float32, shaped like targets) and, if `gradient`, the gradient
+    of their mean, (softmax - one-hot) / positions, in the logits' dtype (else None).
+
+    Each program takes `rows_per_block` rows and walks the vocabulary `block_width` columns at a time.
+    interpret=True runs the kernel on any backend (tests)."""
+    from jax.experimental import pallas as pl  # imported here: only the GPU path and its tests need Pallas
+    from jax.experimental.pallas import triton as plgpu
+
+    vocab = logits.shape[-1]
+    rows = logits.reshape(-1, vocab)
+    n_rows = rows.shape[0]
+    blocks = pl.cdiv(vocab, block_width)
+    scale = 1.0 / n_rows
+    lowest = -1e30  # stands in for -inf in masked lanes: exp(lowest - max) is 0, and no inf - inf NaNs
+
+    def kernel(logits_ref, targets_ref, losses_ref, *gradient_ref):
+        row = pl.program_id(0) * rows_per_block + jnp.arange(rows_per_block)
+        row_ok = row < n_rows
+        target = plgpu.load(targets_ref.at[row], mask=row_ok, other=0)
+
+        def columns(block):
+            cols = block * block_width + jnp.arange(block_width)
+            ok = row_ok[:, None] & (cols < vocab)[None, :]
+            return cols, ok, (row[:, None], cols[None, :])
+
+        def normalizer(block, carry):  # online softmax: running max and sum of exponentials per row
+            top, total = carry
+            _, ok, at = columns(block)
+            x = plgpu.load(logits_ref.at[at], mask=ok, other=lowest).astype(jnp.float32)
+            new_top = jnp.maximum(top, jnp.max(x, axis=1))
+            total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(x - new_top[:, None]), axis=1)
+            return new_top, total
+
+        start = (jnp.full((rows_per_block,), lowest, jnp.float32), jnp.zeros((rows_per_block,), jnp.float32))
+        top, total = jax.lax.fori_loop(0, blocks, normalizer, start)
+        log_normalizer = top + jnp.log(total)
+        target_logit = plgpu.load(logits_ref.at[row, target], mask=row_ok, other=0.0).astype(jnp.float32)
+        plgpu.store(losses_ref.at[row], log_normalizer - target_logit, mask=row_ok)
+        if gradient:
+            def write_gradient(block, _):
+                cols, ok, at = columns(block)
+                x = plgpu.load(logits_ref.at[at], mask=ok, other=lowest).astype(jnp.float32)
+                probs = jnp.exp(x - log_normalizer[:, None])
+                g = (probs - jnp.where(cols[None, :] == target[:, None], 1.0, 0.0)) * scale
+                plgpu.store(gradient_ref[0].at[at], g.astype(gradient_ref[0].dtype), mask=ok)
+                return 0
+
+            jax.lax.fori_loop(0, blocks, write_gradient, 0)
+
+    out_shape = [jax.ShapeDtypeStruct((n_rows,), jnp.float32)]
+    if gradient:
+        out_shape.append(jax.ShapeDtypeStruct(rows.shape, logits.dtype))
+    out = pl.pallas_call(
+        kernel, grid=(pl.cdiv(n_rows, rows_per_block),), out_shape=out_shape, interpret=interpret,
+        name="cross_entropy", compiler_params=plgpu.CompilerParams(num_warps=num_warps),
+    )(rows, targets.reshape(-1).astype(jnp.int32))
+    losses = out[0].reshape(targets.shape)
+    return losses, out[1].reshape(logits.shape) if gradient else None
