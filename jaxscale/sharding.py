@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -84,12 +85,49 @@ def current_activation_rules() -> tuple[Mesh, Rules] | None:
     return _ACTIVATION_CONTEXT.get()
 
 
-def on_one_gpu_device() -> bool:
-    """True where a Pallas kernel may stand in for XLA's fusions: a GPU, and one device in the traced mesh (or in
-    the process, outside a mesh). A pallas_call is one opaque program that XLA cannot split over devices."""
+@dataclasses.dataclass(frozen=True)
+class RowKernelLayout:
+    """Where a kernel that works row by row (a Pallas call: one opaque program that XLA cannot split) runs: on
+    each device's own rows of an activation laid out as `spec` over `mesh` (shard_map), or, with no mesh, on the
+    one device there is. `spec` never splits the last dimension, the one the kernel walks along."""
+    mesh: Mesh | None
+    spec: PartitionSpec
+
+    @property
+    def rows(self) -> PartitionSpec:
+        """The spec of one value per row (the activation without its last dimension)."""
+        return PartitionSpec(*self.spec[:-1])
+
+    @property
+    def per_device(self) -> PartitionSpec:
+        """The spec of per-device partial results stacked along a new first dimension (summed afterwards)."""
+        axes = tuple(axis for entry in self.spec for axis in rule_axes(entry))
+        return PartitionSpec(axes or None, None)
+
+    def apply(self, fn, in_specs, out_specs):
+        if self.mesh is None:
+            return fn
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def row_kernel_layout(names: Sequence[str | None]) -> RowKernelLayout | None:
+    """The layout a row-by-row GPU kernel runs in for an activation with these logical names; None off GPUs
+    and where `row_layout` finds none."""
+    return row_layout(names) if jax.default_backend() == "gpu" else None
+
+
+def row_layout(names: Sequence[str | None]) -> RowKernelLayout | None:
+    """`row_kernel_layout` on any backend (Pallas's interpreter runs the kernels on CPUs, in tests). None where
+    the last dimension is split (e.g. the vocabulary over `tensor`), under pipeline stages (the layers run
+    inside the pipeline's own schedule), or with several devices outside a traced mesh."""
     context = _ACTIVATION_CONTEXT.get()
-    devices = context[0].size if context is not None else jax.device_count()
-    return jax.default_backend() == "gpu" and devices == 1
+    if context is None:
+        return RowKernelLayout(None, PartitionSpec()) if jax.device_count() == 1 else None
+    mesh, rules = context
+    spec = logical_to_spec(names, rules, mesh)
+    if spec[-1] is not None or dict(mesh.shape).get("pipeline", 1) > 1:
+        return None
+    return RowKernelLayout(mesh if mesh.size > 1 else None, spec)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

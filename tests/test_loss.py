@@ -1,16 +1,14 @@
 """The cross-entropy equals logsumexp minus the target logit, value and gradient: the XLA form for bf16 logits far
 from zero (where a normalizer without the max shift would overflow) and for logits split over devices along the
-vocabulary; the one-GPU Pallas kernel (run here by Pallas's interpreter) for vocabularies and row counts that
-leave partial blocks, and in training, where it gives the equivalence suite's losses and parameters."""
+vocabulary; the GPU's Pallas kernel (run here by Pallas's interpreter) for vocabularies and row counts that
+leave partial blocks. Training with it: test_kernels_in_training.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from test_equivalence import assert_same, make_config, reference, run
 
-from jaxscale.sharding import activation_rules
-from jaxscale.training import loss as loss_module
+from jaxscale.sharding import RowKernelLayout
 from jaxscale.training.loss import cross_entropy, fused_cross_entropy, kernel_cross_entropy, softmax_kernel
 
 
@@ -42,7 +40,7 @@ def test_value_and_gradient_match_the_plain_formula(shift):
 @pytest.mark.parametrize("shift", [0.0, 500.0])
 def test_kernel_matches_the_plain_formula_and_the_xla_form(shift):
     logits, targets = sample(shift, (3, 7), 1000)  # 21 rows, 1000 columns: partial blocks both ways below
-    kernel = lambda logits, targets: kernel_cross_entropy(logits, targets, True)  # noqa: E731
+    kernel = lambda logits, targets: kernel_cross_entropy(logits, targets, RowKernelLayout(None, PartitionSpec()))  # noqa: E731
     assert_matches_plain(kernel, logits, targets)
     np.testing.assert_array_equal(kernel(logits, targets), fused_cross_entropy(logits, targets))  # no gradient
     want = jax.grad(fused_cross_entropy)(logits, targets)
@@ -52,31 +50,6 @@ def test_kernel_matches_the_plain_formula_and_the_xla_form(shift):
         assert losses.shape == targets.shape
         np.testing.assert_allclose(losses.mean(), plain_cross_entropy(logits, targets), rtol=1e-6)
         np.testing.assert_array_equal(grad, want)  # same float32 values, rounded once to bf16
-
-
-def test_kernel_only_on_one_gpu_device(monkeypatch):
-    calls = []
-    monkeypatch.setattr(loss_module, "kernel_cross_entropy", lambda *a: calls.append(a) or fused_cross_entropy(*a[:2]))
-    logits, targets = sample()
-    cross_entropy(logits, targets)  # the CPU
-    assert not calls
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    with activation_rules(Mesh(np.array(jax.devices()[:8]).reshape(8), ("data",)), {}):
-        cross_entropy(logits, targets)
-    assert not calls
-    with activation_rules(Mesh(np.array(jax.devices()[:1]).reshape(1), ("data",)), {}):
-        cross_entropy(logits, targets)
-    assert len(calls) == 1
-
-
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
-def test_training_on_one_device_is_unchanged_by_the_kernel(style, monkeypatch):
-    calls = []
-    kernel = loss_module.softmax_kernel
-    monkeypatch.setattr(loss_module, "on_one_gpu_device", lambda: True)
-    monkeypatch.setattr(loss_module, "softmax_kernel", lambda *a, **k: calls.append(k) or kernel(*a, **k))
-    assert_same(run(make_config(style, {}), jax.devices()[:1]), reference(style))
-    assert calls and all(k["gradient"] for k in calls)  # traced with its gradient: the kernel was used
 
 
 def test_vocabulary_split_over_devices_gives_the_same_loss_and_gradient():

@@ -1,4 +1,4 @@
-"""LayerNorm (GPT-2) and RMSNorm (Llama), and on one GPU a backward pass written as one Pallas kernel.
+"""LayerNorm (GPT-2) and RMSNorm (Llama), and on GPUs a backward pass written as one Pallas kernel.
 
 XLA differentiates the norm into a row-wise fusion for the input gradient and separate column sums (over every
 token) for the scale and bias gradients; at gpt2-124m's shape (32 x 1024 rows of 768) forward and backward take
@@ -6,7 +6,8 @@ token) for the scale and bias gradients; at gpt2-124m's shape (32 x 1024 rows of
 gradient once, writes the input gradient, and keeps each program's column sums; XLA adds those few partial sums
 up. It measured 0.13 ms there and 4% off the whole gpt2-124m step; retiled (1024 programs, 2 rows at a time
 for wider rows) it also beats XLA at d = 1024, 3% off the gpt2-350m step (BENCHMARKS.md). It is used where it
-was measured faster: one GPU device, rows of at most 1024.
+was measured faster, rows of at most 1024, on each GPU's own rows when the mesh splits the batch (data, FSDP;
+tensor-parallel ranks repeat the same rows), not under pipeline stages.
 """
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
-from jaxscale.sharding import on_one_gpu_device
+from jaxscale.sharding import RowKernelLayout, row_kernel_layout
 
 FUSED_BACKWARD_MAX_WIDTH = 1024  # retiled, faster than XLA at 768 and 1024 (H200)
+ACTIVATION = ("batch", "length", "embed")  # the logical names of what is normalized
 
 
 def normalize(x, scale, bias, eps):
@@ -33,34 +36,34 @@ def normalize(x, scale, bias, eps):
 
 
 def norm(x, scale, bias, eps):
-    """LayerNorm (with bias, GPT-2) or RMSNorm (bias None, Llama) over the last axis."""
-    if fused_backward_applies(x.shape[-1]):
-        return norm_with_fused_backward(x, scale, bias, eps)
+    """LayerNorm (with bias, GPT-2) or RMSNorm (bias None, Llama) over the last axis of an activation
+    (batch, length, embed)."""
+    layout = row_kernel_layout(ACTIVATION) if x.shape[-1] <= FUSED_BACKWARD_MAX_WIDTH else None
+    if layout is not None:
+        return norm_with_fused_backward(x, scale, bias, eps, layout)
     return normalize(x, scale, bias, eps)[0]
 
 
-def fused_backward_applies(width: int) -> bool:
-    """One GPU device (sharded runs keep XLA's own backward) and a row width where the kernel measured faster."""
-    return on_one_gpu_device() and width <= FUSED_BACKWARD_MAX_WIDTH
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def norm_with_fused_backward(x, scale, bias, eps, layout: RowKernelLayout):
+    return _forward(x, scale, bias, eps, layout)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def norm_with_fused_backward(x, scale, bias, eps):
-    return _forward(x, scale, bias, eps)[0]
-
-
-def _forward(x, scale, bias, eps):
+def _forward(x, scale, bias, eps, layout):
     y, mean, rstd = normalize(x, scale, bias, eps)
     return y, (x, scale, bias, mean, rstd)
 
 
-def _backward(eps, saved, dy):
+def _backward(eps, layout, saved, dy):
     x, scale, bias, mean, rstd = saved
     if mean is None:
         mean = jnp.zeros_like(rstd)
-    dx, dscale, dbias = norm_backward(x, dy, scale, mean, rstd, centred=bias is not None,
-                                      interpret=jax.default_backend() != "gpu")
-    return dx, dscale.astype(scale.dtype), None if bias is None else dbias.astype(bias.dtype)
+    centred = bias is not None
+    kernel = functools.partial(norm_backward, centred=centred, interpret=jax.default_backend() != "gpu")
+    rows, sums = layout.spec, layout.per_device  # mean and rstd keep a last dimension of 1, laid out like x
+    dx, dscale, dbias = layout.apply(kernel, in_specs=(rows, rows, PartitionSpec(), rows, rows),
+                                     out_specs=(rows, sums, sums))(x, dy, scale, mean, rstd)
+    return dx, dscale.sum(0).astype(scale.dtype), dbias.sum(0).astype(bias.dtype) if centred else None
 
 
 norm_with_fused_backward.defvjp(_forward, _backward)
@@ -68,7 +71,8 @@ norm_with_fused_backward.defvjp(_forward, _backward)
 
 def norm_backward(x, dy, scale, mean, rstd, *, centred: bool, interpret: bool = False,
                   rows_per_block: int | None = None, programs: int = 1024, num_warps: int = 4):
-    """dx, dscale, dbias (None unless centred) of y = (x - mean) * rstd * scale (+ bias) over the last axis.
+    """dx, and dscale and dbias as partial sums, one row per program (their sums over the first axis are the
+    gradients; dbias is meaningful only if centred), of y = (x - mean) * rstd * scale (+ bias) over the last axis.
 
     mean and rstd: one float32 number per row (any shape that flattens to the rows). Each of ~`programs`
     programs walks its rows `rows_per_block` at a time (by default 8 rows up to width 768, else 2: the fastest
@@ -121,4 +125,4 @@ def norm_backward(x, dy, scale, mean, rstd, *, centred: bool, interpret: bool = 
                    jax.ShapeDtypeStruct((grid, width), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps),
     )(rows, dy.reshape(-1, width), scale, mean.reshape(-1), rstd.reshape(-1))
-    return dx.reshape(x.shape), dscale.sum(0), dbias.sum(0) if centred else None
+    return dx.reshape(x.shape), dscale, dbias

@@ -6,7 +6,7 @@ together, so the forward reads them twice and the backward once more (gpt2-124m 
 68 ms step saved; an online softmax as one XLA reduction measured the same, its two exponentials per element
 make it compute bound).
 
-On one GPU a Pallas kernel does better: each program reads its rows once for the max and the normalizer (an
+On GPUs a Pallas kernel does better (on each device's own rows; XLA's form where the vocabulary is split): each program reads its rows once for the max and the normalizer (an
 online softmax per column block, one exponential per element) and, when a gradient is wanted, a second time,
 mostly from L2, to write softmax minus one-hot already scaled for the mean. The backward pass then only scales
 that by the incoming cotangent, which XLA drops when it is the constant 1 of a loss being differentiated.
@@ -18,7 +18,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxscale.sharding import on_one_gpu_device
+from jaxscale.sharding import RowKernelLayout, row_kernel_layout
+
+LOGITS = ("batch", "length", "vocab")  # their logical names; the kernel needs the vocabulary whole on a device
 
 
 def _is_target(logits, targets):
@@ -41,9 +43,11 @@ def _normalizer_and_target(logits, targets):
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean over all positions of -log softmax(logits)[target]; logits (..., vocab), targets (...) int."""
-    if on_one_gpu_device():
-        return kernel_cross_entropy(logits, targets, jax.default_backend() != "gpu")
+    """Mean over all positions of -log softmax(logits)[target]; logits (..., vocab), targets (...) int. Under a
+    traced mesh the logits are (batch, length, vocab)."""
+    layout = row_kernel_layout(LOGITS)
+    if layout is not None:
+        return kernel_cross_entropy(logits, targets, layout)
     return fused_cross_entropy(logits, targets)
 
 
@@ -69,26 +73,31 @@ fused_cross_entropy.defvjp(_forward, _backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def kernel_cross_entropy(logits, targets, interpret: bool):
-    return jnp.mean(softmax_kernel(logits, targets, gradient=False, interpret=interpret)[0])
+def kernel_cross_entropy(logits, targets, layout: RowKernelLayout):
+    return _kernel_forward(logits, targets, layout, gradient=False)[0]
 
 
-def _kernel_forward(logits, targets, interpret):
-    losses, gradient = softmax_kernel(logits, targets, gradient=True, interpret=interpret)
-    return jnp.mean(losses), gradient
+def _kernel_forward(logits, targets, layout, gradient=True):
+    # each device on its own rows; the gradient is scaled by the count of all positions, not of its own
+    kernel = functools.partial(softmax_kernel, gradient=gradient, mean_over=targets.size,
+                               interpret=jax.default_backend() != "gpu")
+    losses, logits_gradient = layout.apply(kernel, in_specs=(layout.spec, layout.rows),
+                                           out_specs=(layout.rows, layout.spec if gradient else None))(logits, targets)
+    return jnp.mean(losses), logits_gradient
 
 
-def _kernel_backward(interpret, gradient, grad):
-    return (gradient * grad.astype(gradient.dtype)), None
+def _kernel_backward(layout, logits_gradient, grad):
+    return logits_gradient * grad.astype(logits_gradient.dtype), None
 
 
 kernel_cross_entropy.defvjp(_kernel_forward, _kernel_backward)
 
 
-def softmax_kernel(logits, targets, *, gradient: bool, interpret: bool = False, rows_per_block: int = 1,
-                   block_width: int = 2048, num_warps: int = 4):
+def softmax_kernel(logits, targets, *, gradient: bool, mean_over: int | None = None, interpret: bool = False,
+                   rows_per_block: int = 1, block_width: int = 2048, num_warps: int = 4):
     """Per position -log softmax(logits)[target] (float32, shaped like targets) and, if `gradient`, the gradient
-    of their mean, (softmax - one-hot) / positions, in the logits' dtype (else None).
+    of their mean over `mean_over` positions (default: these), (softmax - one-hot) / mean_over, in the logits'
+    dtype (else None).
 
     Each program takes `rows_per_block` rows and walks the vocabulary `block_width` columns at a time.
     interpret=True runs the kernel on any backend (tests)."""
@@ -99,7 +108,7 @@ def softmax_kernel(logits, targets, *, gradient: bool, interpret: bool = False, 
     rows = logits.reshape(-1, vocab)
     n_rows = rows.shape[0]
     blocks = pl.cdiv(vocab, block_width)
-    scale = 1.0 / n_rows
+    scale = 1.0 / (mean_over or n_rows)
     lowest = -1e30  # stands in for -inf in masked lanes: exp(lowest - max) is 0, and no inf - inf NaNs
 
     def kernel(logits_ref, targets_ref, losses_ref, *gradient_ref):
