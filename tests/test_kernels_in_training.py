@@ -3,6 +3,7 @@ equivalence suite's losses and parameters: on one device, on meshes that split t
 kernels on its own rows under shard_map) and with tensor-parallel ranks, where cross-entropy keeps XLA's form
 because the vocabulary is split. Spies record which kernels were traced, so a silent fallback fails the test."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
@@ -16,36 +17,51 @@ MESHES = {"one-device": {}, "data2-fsdp4": dict(data=2, fsdp=4), "data4-tensor2"
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
-@pytest.mark.parametrize("mesh", MESHES)
-def test_training_with_the_kernels_matches_one_device_without(style, mesh, monkeypatch):
+@pytest.mark.parametrize("layout", MESHES)
+def test_training_with_the_kernels_matches_one_device_without(style, layout, monkeypatch):
     traced = []
     for module, name in ((norm_module, "norm_backward"), (loss_module, "softmax_kernel")):
         kernel = getattr(module, name)
         monkeypatch.setattr(module, "row_kernel_layout", row_layout)  # as on a GPU
         monkeypatch.setattr(module, name, lambda *a, _name=name, _kernel=kernel, **k: traced.append(_name) or
                             _kernel(*a, **k))
-    n = int(np.prod(list(MESHES[mesh].values()) or [1]))
-    assert_same(run(make_config(style, MESHES[mesh]), jax.devices()[:n]), reference(style))
-    vocab_split = "tensor" in MESHES[mesh]
+    n = int(np.prod(list(MESHES[layout].values()) or [1]))
+    assert_same(run(make_config(style, MESHES[layout]), jax.devices()[:n]), reference(style))
+    vocab_split = "tensor" in MESHES[layout]
     assert set(traced) == ({"norm_backward"} if vocab_split else {"norm_backward", "softmax_kernel"})
 
 
+RULES = {"batch": ["data", "fsdp"], "length": None, "embed": None, "vocab": "tensor"}
+
+
+def mesh(data=1, fsdp=1, tensor=1, pipeline=1):
+    shape = (data, fsdp, tensor, pipeline)
+    return Mesh(np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape), ("data", "fsdp", "tensor", "pipeline"))
+
+
 def test_row_layout_where_rows_are_whole():
-    rules = {"batch": ["data", "fsdp"], "length": None, "embed": None, "vocab": "tensor"}
-
-    def mesh(data=1, fsdp=1, tensor=1, pipeline=1):
-        shape = (data, fsdp, tensor, pipeline)
-        return Mesh(np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape), ("data", "fsdp", "tensor", "pipeline"))
-
-    with activation_rules(mesh(data=2, fsdp=4), rules):
+    with activation_rules(mesh(data=2, fsdp=4), RULES):
         layout = row_layout(("batch", "length", "embed"))
         assert layout.spec == PartitionSpec(("data", "fsdp"), None, None)
         assert layout.rows == PartitionSpec(("data", "fsdp"), None)
         assert layout.per_device == PartitionSpec(("data", "fsdp"), None)
-    with activation_rules(mesh(data=4, tensor=2), rules):
+    with activation_rules(mesh(data=4, tensor=2), RULES):
         assert row_layout(("batch", "length", "embed")).spec == PartitionSpec("data", None, None)
         assert row_layout(("batch", "length", "vocab")) is None  # the vocabulary is split
-    with activation_rules(mesh(data=4, pipeline=2), rules):
+    with activation_rules(mesh(data=4, pipeline=2), RULES):
         assert row_layout(("batch", "length", "embed")) is None
-    with activation_rules(mesh(), rules):
+    with activation_rules(mesh(), RULES):
         assert row_layout(("batch", "length", "vocab")).mesh is None  # one device: the kernel is called directly
+
+
+def test_cross_entropy_kernel_without_gradient_on_a_mesh():
+    # evaluation: the kernel's loss-only form, each device on its own rows
+    logits = (4 * jax.random.normal(jax.random.key(0), (8, 5, 300))).astype(jnp.bfloat16)
+    targets = jax.random.randint(jax.random.key(1), (8, 5), 0, 300)
+
+    def loss(logits, targets):
+        with activation_rules(mesh(data=8), RULES):
+            return loss_module.kernel_cross_entropy(logits, targets, row_layout(loss_module.LOGITS))
+
+    np.testing.assert_allclose(jax.jit(loss)(logits, targets), loss_module.fused_cross_entropy(logits, targets),
+                               rtol=1e-6)

@@ -40,7 +40,8 @@ def test_value_and_gradient_match_the_plain_formula(shift):
 @pytest.mark.parametrize("shift", [0.0, 500.0])
 def test_kernel_matches_the_plain_formula_and_the_xla_form(shift):
     logits, targets = sample(shift, (3, 7), 1000)  # 21 rows, 1000 columns: partial blocks both ways below
-    kernel = lambda logits, targets: kernel_cross_entropy(logits, targets, RowKernelLayout(None, PartitionSpec()))  # noqa: E731
+    one_device = RowKernelLayout(None, PartitionSpec())
+    kernel = lambda logits, targets: kernel_cross_entropy(logits, targets, one_device)  # noqa: E731
     assert_matches_plain(kernel, logits, targets)
     np.testing.assert_array_equal(kernel(logits, targets), fused_cross_entropy(logits, targets))  # no gradient
     want = jax.grad(fused_cross_entropy)(logits, targets)
