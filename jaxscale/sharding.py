@@ -100,7 +100,8 @@ class RowKernelLayout:
 
     @property
     def per_device(self) -> PartitionSpec:
-        """The spec of per-device partial results stacked along a new first dimension (summed afterwards)."""
+        """The spec of per-device partial results (e.g. column sums, one row per program), each device's
+        concatenated along the first dimension for the caller to sum."""
         axes = tuple(axis for entry in self.spec for axis in rule_axes(entry))
         return PartitionSpec(axes or None, None)
 
