@@ -2,6 +2,8 @@
 equivalence suite's losses and parameters: on one device, on meshes that split the batch (each device runs the
 kernels on its own rows under shard_map) and with tensor-parallel ranks, where cross-entropy keeps XLA's form
 because the vocabulary is split. Spies record which kernels were traced, so a silent fallback fails the test."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,19 +18,35 @@ from jaxscale.training import loss as loss_module
 MESHES = {"one-device": {}, "data2-fsdp4": dict(data=2, fsdp=4), "data4-tensor2": dict(data=4, tensor=2)}
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
-@pytest.mark.parametrize("layout", MESHES)
-def test_training_with_the_kernels_matches_one_device_without(style, layout, monkeypatch):
+def kernels_forced_on(monkeypatch) -> list[str]:
+    """Make both modules pick their kernels as on a GPU; returns the list the traced kernels' names go to."""
     traced = []
     for module, name in ((norm_module, "norm_backward"), (loss_module, "softmax_kernel")):
         kernel = getattr(module, name)
-        monkeypatch.setattr(module, "row_kernel_layout", row_layout)  # as on a GPU
+        monkeypatch.setattr(module, "row_kernel_layout", row_layout)
         monkeypatch.setattr(module, name, lambda *a, _name=name, _kernel=kernel, **k: traced.append(_name) or
                             _kernel(*a, **k))
+    return traced
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+@pytest.mark.parametrize("layout", MESHES)
+def test_training_with_the_kernels_matches_one_device_without(style, layout, monkeypatch):
+    expected = reference(style)  # before the kernels are forced on: XLA's forms
+    traced = kernels_forced_on(monkeypatch)
     n = int(np.prod(list(MESHES[layout].values()) or [1]))
-    assert_same(run(make_config(style, MESHES[layout]), jax.devices()[:n]), reference(style))
+    assert_same(run(make_config(style, MESHES[layout]), jax.devices()[:n]), expected)
     vocab_split = "tensor" in MESHES[layout]
     assert set(traced) == ({"norm_backward"} if vocab_split else {"norm_backward", "softmax_kernel"})
+
+
+def test_kernels_under_full_remat_and_gradient_accumulation(monkeypatch):
+    expected = reference("gpt2")
+    traced = kernels_forced_on(monkeypatch)
+    config = make_config("gpt2", dict(data=2, fsdp=4), microbatches=2)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, remat="full"))
+    assert_same(run(config, jax.devices()[:8]), expected)
+    assert set(traced) == {"norm_backward", "softmax_kernel"}
 
 
 RULES = {"batch": ["data", "fsdp"], "length": None, "embed": None, "vocab": "tensor"}
