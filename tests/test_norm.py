@@ -26,7 +26,7 @@ def autodiff(x, dy, scale, bias):
     return jax.vjp(lambda x, s, b: normalize(x, s, b, 1e-5)[0], x, scale, bias)[1](dy)
 
 
-def close(got, want, rel):
+def assert_close(got, want, rel):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                atol=rel * float(np.abs(np.asarray(want, np.float32)).max()))
 
@@ -41,10 +41,11 @@ def test_kernel_matches_autodiff(centred, shape, programs):
     mean = mean if centred else jnp.zeros_like(rstd)
     dx, dscale, dbias = norm_backward(x, dy, scale, mean, rstd, centred=centred, interpret=True, programs=programs)
     want = autodiff(x, dy, scale, bias)
-    close(dx, want[0], 2e-5)
-    close(dscale.sum(0), want[1], 2e-5)  # partial sums, one row per program
+    assert dx.shape == x.shape and dscale.shape == dbias.shape and dscale.shape[1] == shape[-1]
+    assert_close(dx, want[0], 2e-5)
+    assert_close(dscale.sum(0), want[1], 2e-5)  # partial sums, one row per program
     if centred:
-        close(dbias.sum(0), want[2], 2e-5)
+        assert_close(dbias.sum(0), want[2], 2e-5)
 
 
 def test_custom_gradient_in_bfloat16_matches_autodiff():
@@ -53,9 +54,9 @@ def test_custom_gradient_in_bfloat16_matches_autodiff():
     y, vjp = jax.vjp(lambda x, s, b: norm_with_fused_backward(x, s, b, 1e-5, one_device), x, scale, bias)
     assert y.dtype == jnp.bfloat16 and jnp.array_equal(y, normalize(x, scale, bias, 1e-5)[0])
     got, want = vjp(dy), autodiff(x, dy, scale, bias)
-    close(got[0], want[0], 1e-2)  # bfloat16 dx: rounding differs by at most one step of the largest entries
-    close(got[1], want[1], 1e-5)
-    close(got[2], want[2], 1e-5)
+    assert_close(got[0], want[0], 1e-2)  # bfloat16 dx: rounding differs by at most one step of the largest entries
+    assert_close(got[1], want[1], 1e-5)
+    assert_close(got[2], want[2], 1e-5)
 
 
 def test_used_on_gpus_for_rows_up_to_1024(monkeypatch):
