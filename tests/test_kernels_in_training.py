@@ -1,7 +1,8 @@
-"""Training with the GPU kernels (norm backward, cross-entropy) forced on and run by Pallas's interpreter gives the
-equivalence suite's losses and parameters: on one device, on meshes that split the batch (each device runs the
-kernels on its own rows under shard_map) and with tensor-parallel ranks, where cross-entropy keeps XLA's form
-because the vocabulary is split. Spies record which kernels were traced, so a silent fallback fails the test."""
+"""Training with the GPU kernels (norm backward, cross-entropy, GPT-2's bias + GELU) forced on and run by Pallas's
+interpreter gives the equivalence suite's losses and parameters: on one device, on meshes that split the batch
+(each device runs the kernels on its own rows under shard_map) and with tensor-parallel ranks, where
+cross-entropy and GELU keep XLA's forms because the vocabulary and the MLP dimension are split. Spies record
+which kernels were traced, so a silent fallback fails the test."""
 import dataclasses
 
 import jax
@@ -11,17 +12,20 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec
 from test_equivalence import assert_same, make_config, reference, run
 
+from jaxscale.model import gelu as gelu_module
 from jaxscale.model import norm as norm_module
 from jaxscale.sharding import activation_rules, row_layout
 from jaxscale.training import loss as loss_module
 
 MESHES = {"one-device": {}, "data2-fsdp4": dict(data=2, fsdp=4), "data4-tensor2": dict(data=4, tensor=2)}
+KERNELS = ((norm_module, "norm_backward"), (loss_module, "softmax_kernel"), (gelu_module, "gelu_forward"),
+           (gelu_module, "gelu_backward"))
 
 
 def kernels_forced_on(monkeypatch) -> list[str]:
-    """Make both modules pick their kernels as on a GPU; returns the list the traced kernels' names go to."""
+    """Make the modules pick their kernels as on a GPU; returns the list the traced kernels' names go to."""
     traced = []
-    for module, name in ((norm_module, "norm_backward"), (loss_module, "softmax_kernel")):
+    for module, name in KERNELS:
         kernel = getattr(module, name)
         monkeypatch.setattr(module, "row_kernel_layout", row_layout)
         monkeypatch.setattr(module, name, lambda *a, _name=name, _kernel=kernel, **k: traced.append(_name) or
@@ -36,8 +40,10 @@ def test_training_with_the_kernels_matches_one_device_without(style, layout, mon
     traced = kernels_forced_on(monkeypatch)
     n = int(np.prod(list(MESHES[layout].values()) or [1]))
     assert_same(run(make_config(style, MESHES[layout]), jax.devices()[:n]), expected)
-    vocab_split = "tensor" in MESHES[layout]
-    assert set(traced) == ({"norm_backward"} if vocab_split else {"norm_backward", "softmax_kernel"})
+    expected_kernels = {"norm_backward"}
+    if "tensor" not in MESHES[layout]:  # the vocabulary and the MLP dimension are whole on each device
+        expected_kernels |= {"softmax_kernel"} | ({"gelu_forward", "gelu_backward"} if style == "gpt2" else set())
+    assert set(traced) == expected_kernels
 
 
 def test_kernels_under_full_remat_and_gradient_accumulation(monkeypatch):
@@ -46,7 +52,7 @@ def test_kernels_under_full_remat_and_gradient_accumulation(monkeypatch):
     config = make_config("gpt2", dict(data=2, fsdp=4), microbatches=2)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, remat="full"))
     assert_same(run(config, jax.devices()[:8]), expected)
-    assert set(traced) == {"norm_backward", "softmax_kernel"}
+    assert set(traced) == {"norm_backward", "softmax_kernel", "gelu_forward", "gelu_backward"}
 
 
 RULES = {"batch": ["data", "fsdp"], "length": None, "embed": None, "vocab": "tensor"}
