@@ -4,8 +4,9 @@ XLA runs gelu(y + b) as a fusion that reaches about 2.6 TB/s on an H200 (0.155 m
 bf16 per layer); the forward kernel here 0.119 ms. The backward kernel reads y and the incoming gradient once,
 recomputes GELU's slope from y (the forward output is never kept: the matmul's gradient keeps y anyway), writes
 dy and each program's column sums for the bias gradient, which XLA adds up. Measured on whole steps: about 1%
-off gpt2-350m; at gpt2-124m between 1.5% faster and 0.2% slower, the run-to-run spread (BENCHMARKS.md). Used on each GPU's own rows when the mesh splits the batch;
-XLA's form where the MLP dimension is split (tensor parallelism) or under pipeline stages.
+off gpt2-350m; at gpt2-124m between 1.5% faster and 0.2% slower, the run-to-run spread (BENCHMARKS.md). Used
+on each GPU's own rows when the mesh splits the batch; XLA's form where the MLP dimension is split (tensor
+parallelism) or under pipeline stages.
 """
 from __future__ import annotations
 
