@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -105,10 +106,13 @@ class RowKernelLayout:
         axes = tuple(axis for entry in self.spec for axis in rule_axes(entry))
         return PartitionSpec(axes or None, None)
 
-    def apply(self, fn, in_specs, out_specs):
+    def apply(self, kernel, in_specs, out_specs):
+        """`kernel` (a function taking `interpret=`) run here: natively on GPUs, by Pallas's interpreter
+        elsewhere (tests force the kernels on there)."""
+        kernel = functools.partial(kernel, interpret=jax.default_backend() != "gpu")
         if self.mesh is None:
-            return fn
-        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+            return kernel
+        return jax.shard_map(kernel, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def row_kernel_layout(names: Sequence[str | None]) -> RowKernelLayout | None:

@@ -45,14 +45,12 @@ def bias_gelu_with_kernels(y, b, layout: RowKernelLayout):
 
 
 def _forward(y, b, layout):
-    kernel = functools.partial(gelu_forward, interpret=jax.default_backend() != "gpu")
-    return layout.apply(kernel, in_specs=(layout.spec, PartitionSpec()), out_specs=layout.spec)(y, b), (y, b)
+    return layout.apply(gelu_forward, in_specs=(layout.spec, PartitionSpec()), out_specs=layout.spec)(y, b), (y, b)
 
 
 def _backward(layout, saved, dg):
     y, b = saved
-    kernel = functools.partial(gelu_backward, interpret=jax.default_backend() != "gpu")
-    dy, db = layout.apply(kernel, in_specs=(layout.spec, PartitionSpec(), layout.spec),
+    dy, db = layout.apply(gelu_backward, in_specs=(layout.spec, PartitionSpec(), layout.spec),
                           out_specs=(layout.spec, layout.per_device))(y, b, dg)
     return dy, db.sum(0).astype(b.dtype)
 

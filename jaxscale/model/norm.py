@@ -59,7 +59,7 @@ def _backward(eps, layout, saved, dy):
     if mean is None:
         mean = jnp.zeros_like(rstd)
     centred = bias is not None
-    kernel = functools.partial(norm_backward, centred=centred, interpret=jax.default_backend() != "gpu")
+    kernel = functools.partial(norm_backward, centred=centred)
     rows, sums = layout.spec, layout.per_device  # mean and rstd keep a last dimension of 1, laid out like x
     dx, dscale, dbias = layout.apply(kernel, in_specs=(rows, rows, PartitionSpec(), rows, rows),
                                      out_specs=(rows, sums, sums))(x, dy, scale, mean, rstd)

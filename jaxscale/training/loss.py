@@ -81,8 +81,7 @@ def kernel_cross_entropy(logits, targets, layout: RowKernelLayout):
 
 def _kernel_forward(logits, targets, layout, gradient=True):
     # each device on its own rows; the gradient is scaled by the count of all positions, not of its own
-    kernel = functools.partial(softmax_kernel, gradient=gradient, mean_over=targets.size,
-                               interpret=jax.default_backend() != "gpu")
+    kernel = functools.partial(softmax_kernel, gradient=gradient, mean_over=targets.size)
     losses, logits_gradient = layout.apply(kernel, in_specs=(layout.spec, layout.rows),
                                            out_specs=(layout.rows, layout.spec if gradient else None))(logits, targets)
     return jnp.mean(losses), logits_gradient
