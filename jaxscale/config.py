@@ -78,6 +78,12 @@ class ShardingConfig:
     params: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PARAM_RULES))
     activations: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ACTIVATION_RULES))
 
+    def __post_init__(self):
+        # A table in an experiment or `--set sharding.params.embed=...` changes the rules it names; the others keep
+        # their defaults (map a name to null to replicate it).
+        self.params = {**DEFAULT_PARAM_RULES, **self.params}
+        self.activations = {**DEFAULT_ACTIVATION_RULES, **self.activations}
+
 
 @dataclass
 class OptimizerConfig:

@@ -12,6 +12,15 @@ def test_default_experiment_loads_and_overrides_apply():
     assert config.train.steps == 7 and config.mesh.fsdp == 2
     assert config.optimizer.learning_rate == pytest.approx(1e-4)
     assert config.sharding.params["embed"] == ["fsdp", "data"]
+    assert config.sharding.params["mlp"] == "tensor" and config.sharding.params["layers"] == "pipeline"
+
+
+def test_a_partial_rule_table_keeps_the_other_default_rules():
+    config = load_config(None, ["sharding.params.mlp=[tensor, fsdp]", "sharding.activations.vocab=null"])
+    assert config.sharding.params["mlp"] == ["tensor", "fsdp"]
+    assert config.sharding.params["embed"] == "fsdp" and config.sharding.params["heads"] == "tensor"
+    assert config.sharding.activations["vocab"] is None
+    assert config.sharding.activations["batch"] == ["data", "fsdp"]
 
 
 def test_model_preset_and_mesh_preset():
