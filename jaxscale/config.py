@@ -51,7 +51,9 @@ class MeshConfig:
 # Logical axis -> mesh axis (or list of mesh axes, or None = replicated). Parameters and activations get
 # separate tables: FSDP shards parameters over `fsdp` along `embed`, while activations are split over the batch.
 DEFAULT_PARAM_RULES: dict[str, Any] = {
-    "vocab": "tensor",
+    # The embedding table (vocab, embed) splits its leading dimension over fsdp too, so that it is gathered and
+    # its gradient reduce-scattered without transposes (as the layer weights, which keep `embed` first).
+    "vocab": ["tensor", "fsdp"],
     "embed": "fsdp",
     "heads": "tensor",
     "kv_heads": "tensor",

@@ -56,6 +56,14 @@ def test_fsdp8_holds_one_eighth_of_each_matrix_and_its_adam_moments():
     assert embed.addressable_shards[0].data.size * 8 == embed.size
 
 
+def test_fsdp_splits_every_matrix_along_its_leading_dimension():
+    # Gathering or reduce-scattering a split along the leading dimension needs no transpose (see transformer.py).
+    params = trainer_for(dict(fsdp=8)).init_state().params
+    for name in ("wqkv", "wo", "w_in", "w_out"):
+        assert tuple(params["blocks"][name].sharding.spec)[:2] == (None, "fsdp"), name  # after `layers`
+    assert params["embed"].sharding.spec == P("fsdp", None)
+
+
 def test_indivisible_dimension_is_a_config_error():
     with pytest.raises(ConfigError, match=r"cannot be split 8 ways.*sharding.params"):
         config = Config(model=ModelConfig.from_preset("tiny", d_model=36, n_heads=4, seq_len=32),
