@@ -110,9 +110,11 @@ class TrainConfig:
     scan_unroll: int = 1  # layers per scan iteration: 1 = compile time flat in depth; n_layers = fastest on GPU
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU
-    # What gradients are summed across devices in: "float32", or "compute" (the compute dtype), which halves the
-    # gradient all-reduce / reduce-scatter and FSDP's weight gathers under bf16 compute at the cost of rounding
-    # the cross-device sum; the optimizer still works in float32.
+    # What gradients are summed across devices in. "compute": all of them in the compute dtype. "float32": those
+    # the step computes in float32 (norms, biases, the embedding lookup's sums) in float32; a bf16 matmul's weight
+    # gradient leaves the matmul in bf16 and XLA sums its per-device parts there in either setting (as the
+    # compiled GPU step shows), and FSDP gathers weights already cast to the compute dtype. The optimizer
+    # works in float32 either way.
     grad_reduce_dtype: str = "float32"
     log_every: int = 10
     eval_every: int = 200  # 0 disables evaluation
