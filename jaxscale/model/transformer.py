@@ -42,14 +42,14 @@ class Blocks(nnx.Module):
         out_std = std / math.sqrt(2 * L)  # residual projections shrink with depth (GPT-2)
         gpt2 = cfg.style == "gpt2"
 
+        # Every matrix keeps `embed` first (after `layers`), the output projections too: FSDP splits `embed`, and
+        # on GPUs a split along the leading dimension is gathered and reduce-scattered in place, where one along
+        # the last dimension costs a transpose of each weight and gradient (~2% of a 2-GPU 350M step).
         def p(shape, axes, s):
             return param(rngs, (L, *shape), ("layers", *axes), s, dtype)
 
         # One fused q/k/v matmul. Heads are grouped by the KV head they share: per KV head, H/K query heads then
         # its key and value. Splitting `kv_heads` over the tensor axis keeps every group on one device.
-        # Every matrix keeps `embed` first (after `layers`), the output projections too: FSDP splits `embed`, and
-        # on GPUs a split along the leading dimension is gathered and reduce-scattered in place, where one along
-        # the last dimension costs a transpose of each weight and gradient (~2% of a 2-GPU 350M step).
         qkv = (K, H // K + 2, hd)
         self.attn_norm = p((d,), ("norm",), None)
         self.wqkv = p((d, *qkv), ("embed", "kv_heads", None, "head_dim"), std)
