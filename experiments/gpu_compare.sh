@@ -10,10 +10,11 @@ run() {  # name, command...
   local name=$1; shift
   "$@" > "$out/$name.log" 2>&1; grep '^{' "$out/$name.log" | tail -1 > "$out/$name.json" || echo "{\"failed\": \"$name\"}" > "$out/$name.json"
 }
-for size in "124m 12 768 12 32" "350m 24 1024 16 16"; do
+# The peers warm up for about 10 s, as `jaxscale bench` does on a GPU: clocks settle under the power cap.
+for size in "124m 12 768 12 32 160" "350m 24 1024 16 16 120"; do  # ... and the peers' warm-up steps
   set -- $size
-  run "torch-$1" python3 .peers/torch_gpt.py --layers $2 --d-model $3 --heads $4 --batch $5 --steps 30
-  run "jaxpeer-$1" python3 .peers/jax_gpt.py --layers $2 --d-model $3 --heads $4 --batch $5 --steps 30 --attn cudnn --remat none
+  run "torch-$1" python3 .peers/torch_gpt.py --layers $2 --d-model $3 --heads $4 --batch $5 --warmup $6 --steps 60
+  run "jaxpeer-$1" python3 .peers/jax_gpt.py --layers $2 --d-model $3 --heads $4 --batch $5 --warmup $6 --steps 60 --attn cudnn --remat none
   run "jaxscale-$1" python3 -m jaxscale.cli bench gpt2-$1 --set train.batch_size=$5 ${JAXSCALE_BENCH_ARGS:-}
 done
 python3 - "$out" <<'PY'

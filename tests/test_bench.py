@@ -29,7 +29,7 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
            "JAXSCALE_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(
         [sys.executable, "-m", "jaxscale.cli", "bench", "--set", "model.n_layers=1", "--set", "model.seq_len=32",
-         "--set", "mesh.data=2", "--warmup", "1", "--windows", "2", "--steps-per-window", "2", "--out", str(out)],
+         "--set", "mesh.data=2", "--warmup", "1", "--warmup-s", "0.5", "--windows", "2", "--steps-per-window", "2", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads(out.read_text())
@@ -39,3 +39,4 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     assert row["tokens_per_s"] == pytest.approx(16 * 32 / row["step_s"])
     assert row["mfu"] is None and row["peak_memory_gb"] is None  # a CPU has neither
     assert row["compile_s"] > 0 and row["final_loss"] > 0
+    assert row["warmup_s"] >= 0.5 and row["warmup_steps"] > 1  # warmed up for the time asked, cycling its batch
