@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxscale.config import Config
 from jaxscale.training import build_trainer
@@ -31,6 +33,14 @@ def peak_memory_bytes() -> int | None:
 
 
 ACCELERATOR_WARMUP_S = 10.0  # several times the power-cap settling time measured on an H200
+
+
+def decided_by_process_0(decision: bool) -> bool:
+    """Process 0's decision, on every process: all of them must run the same number of steps (each step holds
+    collectives), and their clocks need not agree."""
+    if jax.process_count() == 1:
+        return decision
+    return bool(multihost_utils.broadcast_one_to_all(np.array(decision)))
 
 
 def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None, windows: int = 5,
@@ -52,13 +62,13 @@ def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None,
     compiled = trainer.train_step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - start
 
-    start, warmup_steps = time.perf_counter(), 0
-    while warmup_steps < warmup or time.perf_counter() - start < warmup_s:
-        state, metrics = compiled(state, batches[warmup_steps % warmup])
-        warmup_steps += 1
-        if warmup_steps % warmup == 0:
-            jax.block_until_ready(metrics)  # the clock reads time run, not time queued
-    jax.block_until_ready(metrics)
+    start, warmup_steps, warming = time.perf_counter(), 0, True
+    while warming:  # rounds of `warmup` steps until warmup_s has passed
+        for i in range(warmup):
+            state, metrics = compiled(state, batches[i])
+        jax.block_until_ready(metrics)  # the clock reads time run, not time queued
+        warmup_steps += warmup
+        warming = decided_by_process_0(time.perf_counter() - start < warmup_s)
     warmed_s = time.perf_counter() - start
     window_s = []
     for w in range(windows):
@@ -100,14 +110,16 @@ def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None,
         "peak_memory_gb": (lambda b: b / 1e9 if b else None)(peak_memory_bytes()),
         "final_loss": float(metrics["loss"]),
         "jax": jax.__version__,
+        "process_index": jax.process_index(),
     }
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from jaxscale.cli import add_config_arguments
+    from jaxscale.cli import add_config_arguments, add_distributed_arguments
 
     p = subparsers.add_parser("bench", help="time the training step: tokens/s, MFU, memory, compile time")
     add_config_arguments(p)
+    add_distributed_arguments(p)
     p.add_argument("--warmup", type=int, default=5, help="warm-up steps, at least")
     p.add_argument("--warmup-s", type=float, default=None,
                    help=f"warm up for at least this many seconds (default {ACCELERATOR_WARMUP_S:g} on GPUs and TPUs, "
@@ -121,14 +133,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from jaxscale.cli import initialize_distributed
     from jaxscale.config import load_config
 
+    initialize_distributed(args)
     config = load_config(args.experiment, args.overrides + ["train.progress=false"])
     result = run_bench(config, warmup=args.warmup, warmup_s=args.warmup_s, windows=args.windows,
                        steps_per_window=args.steps_per_window, profile_dir=args.profile)
     line = json.dumps(result)
-    print(line)
-    if args.out:
+    print(line)  # every process: its own device's peak memory and its own view of the timing
+    if args.out and jax.process_index() == 0:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(line + "\n")
     return 0

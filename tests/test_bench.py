@@ -5,9 +5,12 @@ import subprocess
 import sys
 
 import pytest
+from fault_helpers import environment, free_port
 
 from jaxscale.cost.catalog import peak_flops_for_device_kind
 from jaxscale.model import ModelConfig
+
+TINY = ["--set", "model.n_layers=1", "--set", "model.seq_len=32"]
 
 
 def test_gpt2_124m_flops_per_token_by_hand():
@@ -28,8 +31,7 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
            "JAXSCALE_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(
-        [sys.executable, "-m", "jaxscale.cli", "bench", "--set", "model.n_layers=1", "--set", "model.seq_len=32",
-         "--set", "mesh.data=2", "--warmup", "1", "--warmup-s", "0.5", "--windows", "2", "--steps-per-window", "2", "--out", str(out)],
+        [sys.executable, "-m", "jaxscale.cli", "bench", *TINY, "--set", "mesh.data=2", "--warmup", "1", "--warmup-s", "0.5", "--windows", "2", "--steps-per-window", "2", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads(out.read_text())
@@ -40,3 +42,22 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     assert row["mfu"] is None and row["peak_memory_gb"] is None  # a CPU has neither
     assert row["compile_s"] > 0 and row["final_loss"] > 0
     assert row["warmup_s"] >= 0.5 and row["warmup_steps"] > 1  # warmed up for the time asked, cycling its batch
+
+
+def test_two_processes_end_the_timed_warm_up_at_the_same_step(tmp_path):
+    """Every step holds collectives, so the processes must agree when the warm-up's time is up (process 0
+    decides); one step more on either would leave the other waiting at the end."""
+    port, out = free_port(), tmp_path / "bench.json"
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "jaxscale.cli", "bench", *TINY, "--set", "mesh.data=8", "--warmup", "2",
+         "--warmup-s", "1", "--windows", "1", "--steps-per-window", "2", "--out", str(out),
+         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(tmp_path, 4), cwd=tmp_path)
+        for i in range(2)]
+    finished = [process.communicate(timeout=300) for process in processes]
+    for process, (_, stderr) in zip(processes, finished):
+        assert process.returncode == 0, stderr[-2000:]
+    rows = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in finished]
+    assert [row["process_index"] for row in rows] == [0, 1] and rows[0]["devices"] == 8
+    assert rows[0]["warmup_steps"] == rows[1]["warmup_steps"] > 2  # rounds of 2 steps for at least 1 s
+    assert json.loads(out.read_text()) == rows[0]  # process 0 writes the file
