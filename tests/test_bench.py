@@ -31,7 +31,8 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
            "JAXSCALE_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(
-        [sys.executable, "-m", "jaxscale.cli", "bench", *TINY, "--set", "mesh.data=2", "--warmup", "1", "--warmup-s", "0.5", "--windows", "2", "--steps-per-window", "2", "--out", str(out)],
+        [sys.executable, "-m", "jaxscale.cli", "bench", *TINY, "--set", "mesh.data=2", "--warmup", "1",
+         "--warmup-s", "0.5", "--windows", "2", "--steps-per-window", "2", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads(out.read_text())
@@ -54,7 +55,11 @@ def test_two_processes_end_the_timed_warm_up_at_the_same_step(tmp_path):
          "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(tmp_path, 4), cwd=tmp_path)
         for i in range(2)]
-    finished = [process.communicate(timeout=300) for process in processes]
+    try:
+        finished = [process.communicate(timeout=300) for process in processes]
+    finally:  # a hung process must not outlive the test
+        for process in processes:
+            process.kill()
     for process, (_, stderr) in zip(processes, finished):
         assert process.returncode == 0, stderr[-2000:]
     rows = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in finished]
