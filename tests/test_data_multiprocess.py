@@ -1,11 +1,11 @@
 """Two real JAX processes (4 CPU devices each) assemble the same global batch as one process reads alone."""
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from fault_helpers import free_port
 
 from jaxscale.data import DataConfig, build_dataset
 
@@ -17,12 +17,6 @@ STEP, BATCH, SEQ_LEN = 5, 16, 64
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory):
     return str(tmp_path_factory.getbasetemp() / "data-cache")  # same path in every data test module
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_assemble_the_one_process_batch(tmp_path, shared_cache):
