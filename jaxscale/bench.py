@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
+from jaxscale.checkpointing.store import any_process
 from jaxscale.config import Config
 from jaxscale.training import build_trainer
 from jaxscale.training.loop import host_rank, open_dataset, to_global
@@ -33,14 +32,6 @@ def peak_memory_bytes() -> int | None:
 
 
 ACCELERATOR_WARMUP_S = 10.0  # several times the power-cap settling time measured on an H200
-
-
-def decided_by_process_0(decision: bool) -> bool:
-    """Process 0's decision, on every process: all of them must run the same number of steps (each step holds
-    collectives), and their clocks need not agree."""
-    if jax.process_count() == 1:
-        return decision
-    return bool(multihost_utils.broadcast_one_to_all(np.array(decision)))
 
 
 def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None, windows: int = 5,
@@ -68,7 +59,8 @@ def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None,
             state, metrics = compiled(state, batches[i])
         jax.block_until_ready(metrics)  # the clock reads time run, not time queued
         warmup_steps += warmup
-        warming = decided_by_process_0(time.perf_counter() - start < warmup_s)
+        # every process runs as many steps (each step holds collectives): on while any one's time is not up
+        warming = any_process(time.perf_counter() - start < warmup_s)
     warmed_s = time.perf_counter() - start
     window_s = []
     for w in range(windows):

@@ -46,8 +46,8 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
 
 
 def test_two_processes_end_the_timed_warm_up_at_the_same_step(tmp_path):
-    """Every step holds collectives, so the processes must agree when the warm-up's time is up (process 0
-    decides); one step more on either would leave the other waiting at the end."""
+    """Every step holds collectives, so the processes must agree when the warm-up's time is up (they warm up
+    while any one's time is not); one step more on either would leave the other waiting at the end."""
     port, out = free_port(), tmp_path / "bench.json"
     processes = [subprocess.Popen(
         [sys.executable, "-m", "jaxscale.cli", "bench", *TINY, "--set", "mesh.data=8", "--warmup", "2",
