@@ -12,8 +12,10 @@ ones (BENCHMARKS.md). A training run lives at the sustained clock, so that is wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import jax
 
 from jaxscale.checkpointing.store import any_process
 from jaxscale.config import Config
+from jaxscale.trace_summary import DeviceTime, format_summary, summarize
 from jaxscale.training import build_trainer
 from jaxscale.training.loop import host_rank, open_dataset, to_global
 from jaxscale.training.metrics import device_peak_flops
@@ -32,12 +35,15 @@ def peak_memory_bytes() -> int | None:
 
 
 ACCELERATOR_WARMUP_S = 10.0  # several times the power-cap settling time measured on an H200
+PROFILED_STEPS = 3
 
 
 def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None, windows: int = 5,
               steps_per_window: int = 10, profile_dir: str | None = None) -> dict:
     """warmup_s: the least time the warm-up runs (cycling its batches); None: ACCELERATOR_WARMUP_S off the CPU,
-    none on it (a CPU's clock does not wait on a power average)."""
+    none on it (a CPU's clock does not wait on a power average). profile_dir: also trace PROFILED_STEPS steps
+    there (under process_<i>/ when there are several processes); the result's "profile" says where their device
+    time went (`trace_summary`)."""
     if warmup_s is None:
         warmup_s = 0.0 if jax.default_backend() == "cpu" else ACCELERATOR_WARMUP_S
     warmup = max(1, warmup)
@@ -70,11 +76,15 @@ def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None,
         jax.block_until_ready(metrics)
         window_s.append((time.perf_counter() - start) / steps_per_window)
 
+    profile = None
     if profile_dir:
+        if jax.process_count() > 1:  # each process traces only its own devices
+            profile_dir = str(Path(profile_dir) / f"process_{jax.process_index()}")
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):  # Perfetto opens the .json.gz
-            for i in range(3):
+            for i in range(PROFILED_STEPS):
                 state, metrics = compiled(state, batches[i])
             jax.block_until_ready(metrics)
+        profile = summarize(profile_dir, PROFILED_STEPS)
 
     step_s = statistics.median(window_s)
     tokens_per_s = t.batch_size * config.model.seq_len / step_s
@@ -103,6 +113,7 @@ def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None,
         "final_loss": float(metrics["loss"]),
         "jax": jax.__version__,
         "process_index": jax.process_index(),
+        "profile": [dataclasses.asdict(device) for device in profile] if profile is not None else None,
     }
 
 
@@ -118,7 +129,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "0 on the CPU): clocks settle under the power cap")
     p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
     p.add_argument("--steps-per-window", type=int, default=10)
-    p.add_argument("--profile", metavar="DIR", help="also write a trace of 3 steps (TensorBoard / Perfetto)")
+    p.add_argument("--profile", metavar="DIR",
+                   help=f"also write a trace of {PROFILED_STEPS} steps (TensorBoard / Perfetto) and print where "
+                        "their device time went")
     p.add_argument("--out", metavar="FILE", help="write the result as JSON here too")
     p.set_defaults(func=_run)
     return p
@@ -132,6 +145,8 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.experiment, args.overrides + ["train.progress=false"])
     result = run_bench(config, warmup=args.warmup, warmup_s=args.warmup_s, windows=args.windows,
                        steps_per_window=args.steps_per_window, profile_dir=args.profile)
+    if result["profile"] is not None:  # the JSON line stays last on stdout
+        print(format_summary([DeviceTime(**device) for device in result["profile"]]), file=sys.stderr)
     line = json.dumps(result)
     print(line)  # every process: its own device's peak memory and its own view of the timing
     if args.out and jax.process_index() == 0:

@@ -26,13 +26,13 @@ def test_gpt2_124m_flops_per_token_by_hand():
     assert 415_846 * cfg.flops_per_token() / peak == pytest.approx(0.3594, abs=1e-4)
 
 
-def test_bench_runs_on_cpu_and_writes_json(tmp_path):
-    out = tmp_path / "bench.json"
+def test_bench_runs_on_cpu_and_writes_json_and_a_trace(tmp_path):
+    out, trace = tmp_path / "bench.json", tmp_path / "trace"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
            "JAXSCALE_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(
         [sys.executable, "-m", "jaxscale.cli", "bench", *TINY, "--set", "mesh.data=2", "--warmup", "1",
-         "--warmup-s", "0.5", "--windows", "2", "--steps-per-window", "2", "--out", str(out)],
+         "--warmup-s", "0.5", "--windows", "2", "--steps-per-window", "2", "--out", str(out), "--profile", str(trace)],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads(out.read_text())
@@ -43,6 +43,9 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     assert row["mfu"] is None and row["peak_memory_gb"] is None  # a CPU has neither
     assert row["compile_s"] > 0 and row["final_loss"] > 0
     assert row["warmup_s"] >= 0.5 and row["warmup_steps"] > 1  # warmed up for the time asked, cycling its batch
+    # the trace TensorBoard opens, and the one Perfetto opens; a CPU's trace holds no device kernels to summarize
+    assert list(trace.glob("plugins/profile/*/*.xplane.pb")) and list(trace.glob("**/perfetto_trace.json.gz"))
+    assert row["profile"] == [] and "no device kernels" in result.stderr
 
 
 def test_two_processes_end_the_timed_warm_up_at_the_same_step(tmp_path):
@@ -52,7 +55,7 @@ def test_two_processes_end_the_timed_warm_up_at_the_same_step(tmp_path):
     processes = [subprocess.Popen(
         [sys.executable, "-m", "jaxscale.cli", "bench", *TINY, "--set", "mesh.data=8", "--warmup", "2",
          "--warmup-s", "1", "--windows", "1", "--steps-per-window", "2", "--out", str(out),
-         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+         "--profile", str(tmp_path / "trace"), "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(tmp_path, 4), cwd=tmp_path)
         for i in range(2)]
     try:
@@ -66,3 +69,5 @@ def test_two_processes_end_the_timed_warm_up_at_the_same_step(tmp_path):
     assert [row["process_index"] for row in rows] == [0, 1] and rows[0]["devices"] == 8
     assert rows[0]["warmup_steps"] == rows[1]["warmup_steps"] > 2  # rounds of 2 steps for at least 1 s
     assert json.loads(out.read_text()) == rows[0]  # process 0 writes the file
+    for i in range(2):  # each process traces its own devices into its own folder
+        assert list((tmp_path / "trace" / f"process_{i}").glob("**/perfetto_trace.json.gz"))
