@@ -32,7 +32,8 @@ def test_bench_runs_on_cpu_and_writes_json_and_a_trace(tmp_path):
            "JAXSCALE_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(
         [sys.executable, "-m", "jaxscale.cli", "bench", *TINY, "--set", "mesh.data=2", "--warmup", "1",
-         "--warmup-s", "0.5", "--windows", "2", "--steps-per-window", "2", "--out", str(out), "--profile", str(trace)],
+         "--warmup-s", "0.5", "--windows", "2", "--steps-per-window", "2", "--out", str(out),
+         "--profile", str(trace)],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads(out.read_text())
@@ -55,7 +56,8 @@ def test_two_processes_end_the_timed_warm_up_at_the_same_step(tmp_path):
     processes = [subprocess.Popen(
         [sys.executable, "-m", "jaxscale.cli", "bench", *TINY, "--set", "mesh.data=8", "--warmup", "2",
          "--warmup-s", "1", "--windows", "1", "--steps-per-window", "2", "--out", str(out),
-         "--profile", str(tmp_path / "trace"), "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+         "--profile", str(tmp_path / "trace"),
+         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(tmp_path, 4), cwd=tmp_path)
         for i in range(2)]
     try:
