@@ -5,14 +5,13 @@ Usage: python experiments/torch_peer_profile.py --layers 12 --d-model 768 --head
 It warms up for 10 s first, as jaxscale bench does on a GPU, so that the clock has settled under the power cap.
 """
 import argparse
-import collections
 import runpy
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from jaxscale.trace_summary import KINDS, kernel_kind
+from jaxscale.trace_summary import device_time, format_summary
 
 
 def main() -> None:
@@ -52,19 +51,10 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
 
-    per_name, calls = collections.Counter(), collections.Counter()
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            per_name[event.name] += event.device_time_total / 1e3 / a.steps  # µs -> ms per step
-            calls[event.name] += 1
-    by_kind = collections.Counter({kind: 0.0 for kind in KINDS})
-    for name, ms in per_name.items():
-        by_kind[kernel_kind(name)] += ms
-    kinds = ", ".join(f"{kind} {by_kind[kind]:.2f}" for kind in KINDS)
-    print(f"torch peer, {a.layers} layers, d_model {a.d_model}, batch {a.batch}: kernels "
-          f"{sum(per_name.values()):.2f} ms per step ({kinds})")
-    for name, ms in per_name.most_common(a.top):
-        print(f"  {ms:8.3f} ms  x{calls[name] // a.steps:<4d} {name[:100]}")
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]  # times in µs, as in a jax trace
+    label = f"torch peer ({a.layers} layers, d_model {a.d_model}, batch {a.batch})"
+    print(format_summary([device_time(label, kernels, a.steps, a.top)]))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,27 @@ def covered(start: float, end: float, intervals: list[tuple[float, float]]) -> f
     return sum(max(0.0, min(end, b) - max(start, a)) for a, b in intervals if b > start and a < end)
 
 
+def device_time(device: str, kernels: list[tuple[float, float, str]], steps: int, top: int = 15) -> DeviceTime:
+    """One device's summary from its kernels, (start µs, end µs, name) each, over `steps` steps."""
+    kinds = [kernel_kind(name) for _, _, name in kernels]
+    busy = merged([(s, t) for s, t, _ in kernels])
+    compute = merged([(s, t) for (s, t, _), kind in zip(kernels, kinds) if kind != "collective"])
+    exposed = sum((t - s) - covered(s, t, compute) for (s, t, _), kind in zip(kernels, kinds)
+                  if kind == "collective")
+    by_name, calls, by_kind = Counter(), Counter(), Counter({kind: 0.0 for kind in KINDS})
+    for (s, t, name), kind in zip(kernels, kinds):
+        by_name[name] += t - s
+        calls[name] += 1
+        by_kind[kind] += t - s
+    per_step = 1e3 * steps  # microseconds in, milliseconds per step out
+    busy_us, span_us = sum(t - s for s, t in busy), busy[-1][1] - busy[0][0]
+    return DeviceTime(
+        device=device, kernel_ms=sum(by_name.values()) / per_step, busy_ms=busy_us / per_step,
+        span_ms=span_us / per_step, idle_ms=(span_us - busy_us) / per_step,
+        exposed_collective_ms=exposed / per_step, by_kind={k: v / per_step for k, v in by_kind.items()},
+        top=[(name, us / per_step, calls[name] // steps) for name, us in by_name.most_common(top)])
+
+
 def summarize(directory: str | Path, steps: int, top: int = 15) -> list[DeviceTime]:
     """Per device of the newest trace under `directory`, which holds `steps` steps."""
     data = json.loads(gzip.decompress(newest_trace(directory).read_bytes()))
@@ -75,24 +96,8 @@ def summarize(directory: str | Path, steps: int, top: int = 15) -> list[DeviceTi
     for pid, device in sorted(devices.items(), key=lambda item: item[1]):
         kernels = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
                    if e.get("ph") == "X" and e.get("pid") == pid]
-        if not kernels:
-            continue
-        busy = merged([(s, t) for s, t, _ in kernels])
-        compute = merged([(s, t) for s, t, name in kernels if kernel_kind(name) != "collective"])
-        exposed = sum((t - s) - covered(s, t, compute) for s, t, name in kernels
-                      if kernel_kind(name) == "collective")
-        by_name, calls, by_kind = Counter(), Counter(), Counter({kind: 0.0 for kind in KINDS})
-        for s, t, name in kernels:
-            by_name[name] += t - s
-            calls[name] += 1
-            by_kind[kernel_kind(name)] += t - s
-        per_step = 1e3 * steps  # trace times are in microseconds
-        busy_us, span_us = sum(t - s for s, t in busy), busy[-1][1] - busy[0][0]
-        summaries.append(DeviceTime(
-            device=device, kernel_ms=sum(by_name.values()) / per_step, busy_ms=busy_us / per_step,
-            span_ms=span_us / per_step, idle_ms=(span_us - busy_us) / per_step,
-            exposed_collective_ms=exposed / per_step, by_kind={k: v / per_step for k, v in by_kind.items()},
-            top=[(name, us / per_step, calls[name] // steps) for name, us in by_name.most_common(top)]))
+        if kernels:
+            summaries.append(device_time(device, kernels, steps, top))
     return summaries
 
 
