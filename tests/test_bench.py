@@ -33,7 +33,7 @@ def test_bench_runs_on_cpu_and_writes_json_and_a_trace(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "jaxscale.cli", "bench", *TINY, "--set", "mesh.data=2", "--warmup", "1",
          "--warmup-s", "0.5", "--windows", "2", "--steps-per-window", "2", "--out", str(out),
-         "--profile", str(trace)],
+         "--profile", str(trace), "--profile-steps", "2"],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads(out.read_text())
@@ -46,7 +46,8 @@ def test_bench_runs_on_cpu_and_writes_json_and_a_trace(tmp_path):
     assert row["warmup_s"] >= 0.5 and row["warmup_steps"] > 1  # warmed up for the time asked, cycling its batch
     # the trace TensorBoard opens, and the one Perfetto opens; a CPU's trace holds no device kernels to summarize
     assert list(trace.glob("plugins/profile/*/*.xplane.pb")) and list(trace.glob("**/perfetto_trace.json.gz"))
-    assert row["profile"] == [] and "no device kernels" in result.stderr
+    assert row["profile"] == [] and row["profile_steps"] == 2 and "no device kernels" in result.stderr
+    assert f"timed step (median window): {row['step_s'] * 1e3:.2f} ms" in result.stderr
 
 
 def test_two_processes_end_the_timed_warm_up_at_the_same_step(tmp_path):
@@ -73,3 +74,12 @@ def test_two_processes_end_the_timed_warm_up_at_the_same_step(tmp_path):
     assert json.loads(out.read_text()) == rows[0]  # process 0 writes the file
     for i in range(2):  # each process traces its own devices into its own folder
         assert list((tmp_path / "trace" / f"process_{i}").glob("**/perfetto_trace.json.gz"))
+
+
+def test_profile_of_no_steps_is_refused_before_anything_runs(tmp_path):
+    from jaxscale.bench import run_bench
+    from jaxscale.config import load_config
+
+    with pytest.raises(ValueError, match="--profile-steps 1 or more"):
+        run_bench(load_config(None, []), profile_dir=str(tmp_path), profile_steps=0)
+    assert not any(tmp_path.iterdir())
