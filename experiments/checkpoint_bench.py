@@ -26,7 +26,7 @@ import jax
 from jaxscale.checkpointing import CheckpointStore
 from jaxscale.config import CheckpointConfig, load_config
 from jaxscale.training import build_trainer
-from jaxscale.training.loop import host_rank, open_dataset, run_info, to_global
+from jaxscale.training.loop import batch_shard, open_dataset, run_info, to_global
 
 TINY = ["model.seq_len=32", "model.n_layers=1", "model.d_model=32", "train.batch_size=8", "mesh.data=-1"]
 
@@ -44,7 +44,9 @@ def bench_model(experiment: str, overrides: list[str], *, save_every: int, windo
     warmup = 3
     step_count = warmup + 2 * windows * save_every
     # Batches are read before timing: the loader's own speed is measured by the data benchmark.
-    batches = [to_global(dataset.batch(i, t.batch_size, **host_rank()), trainer.data_sharding) for i in range(step_count)]
+    shard = batch_shard(trainer.data_sharding, t.batch_size)
+    batches = [to_global(dataset.batch(i, t.batch_size, **shard), trainer.data_sharding, t.batch_size)
+               for i in range(step_count)]
     store = CheckpointStore(directory, CheckpointConfig(keep_last=2))
     info = run_info(config, set())
     state = trainer.init_state()

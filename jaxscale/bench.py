@@ -23,9 +23,10 @@ import jax
 
 from jaxscale.checkpointing.store import any_process
 from jaxscale.config import Config
+from jaxscale.errors import ConfigError
 from jaxscale.trace_summary import DeviceTime, format_summary, summarize
 from jaxscale.training import build_trainer
-from jaxscale.training.loop import host_rank, open_dataset, to_global
+from jaxscale.training.loop import batch_shard, open_dataset, to_global
 from jaxscale.training.metrics import device_peak_flops
 
 
@@ -42,6 +43,21 @@ ACCELERATOR_WARMUP_S = 10.0  # several times the power-cap settling time measure
 PROFILE_STEPS = 3
 
 
+def check_bench_arguments(*, warmup: int, windows: int, steps_per_window: int, profile_dir: str | None,
+                          profile_steps: int) -> None:
+    """Refuse counts that leave nothing to time, before anything is built."""
+    if warmup < 0:
+        raise ConfigError(f"warmup={warmup}: warm-up steps cannot be negative (--warmup 0 or more)")
+    if windows < 1:
+        raise ConfigError(f"windows={windows}: time at least one window (--windows 1 or more)")
+    if steps_per_window < 1:
+        raise ConfigError(f"steps_per_window={steps_per_window}: time at least one step per window "
+                          f"(--steps-per-window 1 or more)")
+    if profile_dir and profile_steps < 1:
+        raise ConfigError(f"profile_steps={profile_steps}: trace at least one step "
+                          f"(--profile-steps 1 or more)")
+
+
 def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None, windows: int = 5,
               steps_per_window: int = 10, profile_dir: str | None = None,
               profile_steps: int = PROFILE_STEPS) -> dict:
@@ -49,17 +65,18 @@ def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None,
     none on it (a CPU's clock does not wait on a power average). profile_dir: also trace `profile_steps` steps
     there (under process_<i>/ when there are several processes); the result's "profile" says where their device
     time went (`trace_summary`)."""
-    if profile_dir and profile_steps < 1:
-        raise ValueError(f"profile_steps={profile_steps}: trace at least one step (--profile-steps 1 or more)")
+    check_bench_arguments(warmup=warmup, windows=windows, steps_per_window=steps_per_window,
+                          profile_dir=profile_dir, profile_steps=profile_steps)
     if warmup_s is None:
         warmup_s = 0.0 if jax.default_backend() == "cpu" else ACCELERATOR_WARMUP_S
     warmup = max(1, warmup)
     trainer = build_trainer(config)
     t = config.train
-    dataset, rank = open_dataset(config), host_rank()
+    dataset, shard = open_dataset(config), batch_shard(trainer.data_sharding, t.batch_size)
     step_count = warmup + windows * steps_per_window
     # Batches are read before timing: the loader's own speed is measured by the data benchmark.
-    batches = [to_global(dataset.batch(i, t.batch_size, **rank), trainer.data_sharding) for i in range(step_count)]
+    batches = [to_global(dataset.batch(i, t.batch_size, **shard), trainer.data_sharding, t.batch_size)
+               for i in range(step_count)]
     state = trainer.init_state()
 
     start = time.perf_counter()
@@ -152,6 +169,8 @@ def _run(args: argparse.Namespace) -> int:
     from jaxscale.cli import initialize_distributed
     from jaxscale.config import load_config
 
+    check_bench_arguments(warmup=args.warmup, windows=args.windows, steps_per_window=args.steps_per_window,
+                          profile_dir=args.profile, profile_steps=args.profile_steps)
     initialize_distributed(args)
     config = load_config(args.experiment, args.overrides + ["train.progress=false"])
     result = run_bench(config, warmup=args.warmup, warmup_s=args.warmup_s, windows=args.windows,

@@ -23,7 +23,7 @@ def main() -> None:
     assert jax.process_count() == 2 and jax.local_device_count() == 4 and jax.device_count() == 8
 
     ds = build_dataset(DataConfig(), seq_len, cache_dir=cache_dir)
-    local = ds.batch(step, batch_size, process_index=jax.process_index(), process_count=jax.process_count())
+    local = ds.batch(step, batch_size, shard_index=jax.process_index(), shard_count=jax.process_count())
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     sharding = NamedSharding(mesh, PartitionSpec("batch"))
     gathered = {}

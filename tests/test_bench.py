@@ -8,6 +8,7 @@ import pytest
 from fault_helpers import environment, free_port
 
 from jaxscale.cost.catalog import peak_flops_for_device_kind
+from jaxscale.errors import ConfigError
 from jaxscale.model import ModelConfig
 
 TINY = ["--set", "model.n_layers=1", "--set", "model.seq_len=32"]
@@ -80,6 +81,21 @@ def test_profile_of_no_steps_is_refused_before_anything_runs(tmp_path):
     from jaxscale.bench import run_bench
     from jaxscale.config import load_config
 
-    with pytest.raises(ValueError, match="--profile-steps 1 or more"):
+    with pytest.raises(ConfigError, match="--profile-steps 1 or more"):
         run_bench(load_config(None, []), profile_dir=str(tmp_path), profile_steps=0)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--windows", "0"], "windows=0: time at least one window (--windows 1 or more)"),
+    (["--steps-per-window", "0"], "steps_per_window=0: time at least one step per window"),
+    (["--warmup", "-1"], "warmup=-1: warm-up steps cannot be negative (--warmup 0 or more)"),
+    (["--profile", "trace", "--profile-steps", "0"], "profile_steps=0: trace at least one step"),
+])
+def test_counts_that_leave_nothing_to_time_exit_2_before_anything_runs(tmp_path, args, message):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXSCALE_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "jaxscale.cli", "bench", *TINY, *args],
+                            capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"jaxscale: error: {message}" in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # no data cache, no trace

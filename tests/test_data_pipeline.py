@@ -76,23 +76,23 @@ def test_identical_config_gives_identical_batches(builtin_ds, tmp_path):
             np.testing.assert_array_equal(a["segment_ids"], b["segment_ids"])
 
 
-def test_global_batch_does_not_depend_on_process_count(builtin_ds):
+def test_global_batch_does_not_depend_on_shard_count(builtin_ds):
     for step in (0, 3, 999):
         whole = builtin_ds.batch(step, 16)
         for count in (2, 4, 8):
-            parts = [builtin_ds.batch(step, 16, process_index=p, process_count=count) for p in range(count)]
+            parts = [builtin_ds.batch(step, 16, shard_index=p, shard_count=count) for p in range(count)]
             assert all(part["tokens"].shape == (16 // count, SEQ_LEN + 1) for part in parts)
             for key in ("tokens", "segment_ids"):
                 np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), whole[key])
 
 
 def test_batch_shapes_and_dtypes(builtin_ds):
-    batch = builtin_ds.batch(0, 6, process_index=1, process_count=3)
+    batch = builtin_ds.batch(0, 6, shard_index=1, shard_count=3)
     assert set(batch) == {"tokens", "segment_ids"}
     for array in batch.values():
         assert array.dtype == np.int32 and array.shape == (2, SEQ_LEN + 1)
     with pytest.raises(ValueError, match="divide"):
-        builtin_ds.batch(0, 6, process_index=0, process_count=4)
+        builtin_ds.batch(0, 6, shard_index=0, shard_count=4)
     with pytest.raises(ValueError, match="split"):
         builtin_ds.batch(0, 6, split="test")
 

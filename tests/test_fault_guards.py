@@ -23,10 +23,10 @@ def test_a_nan_injected_into_the_jitted_step_skips_that_update_and_keeps_the_sta
     dataset = build_dataset(config.data, config.model.seq_len, cache_dir=str(tmp_path / "cache"))
     state = trainer.init_state()
     monitor = GuardMonitor()
-    state, metrics = trainer.train_step(state, to_global(dataset.batch(0, 4), trainer.data_sharding))
+    state, metrics = trainer.train_step(state, to_global(dataset.batch(0, 4), trainer.data_sharding, 4))
     assert monitor.push(0, metrics) is None
     before = host((state.params, state.opt_state.inner))
-    state, metrics = trainer.train_step(state, to_global(dataset.batch(1, 4), trainer.data_sharding))
+    state, metrics = trainer.train_step(state, to_global(dataset.batch(1, 4), trainer.data_sharding, 4))
     assert monitor.push(1, metrics) is None  # the verdict of step 1, read one step late
     event = monitor.flush()
     assert event.step == 2 and event.reason == "nonfinite"
@@ -34,7 +34,7 @@ def test_a_nan_injected_into_the_jitted_step_skips_that_update_and_keeps_the_sta
     assert int(metrics["skip_reason"]) == 1 and int(metrics["skipped_updates"]) == 1 and int(state.step) == 2
     for kept, old in zip(host((state.params, state.opt_state.inner)), before):
         np.testing.assert_array_equal(kept, old)
-    state, metrics = trainer.train_step(state, to_global(dataset.batch(2, 4), trainer.data_sharding))
+    state, metrics = trainer.train_step(state, to_global(dataset.batch(2, 4), trainer.data_sharding, 4))
     assert np.isfinite(float(metrics["loss"])) and int(metrics["skip_reason"]) == 0
     assert not all(np.array_equal(a, b) for a, b in zip(host(state.params), before[:len(host(state.params))]))
 

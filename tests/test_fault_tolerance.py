@@ -14,6 +14,7 @@ Tolerances:
   process: losses within 1e-5 relative, final parameters within 1e-4 (measured: 3e-5 after 120 steps at a
   learning rate of 2e-3).
 """
+import json
 import random
 import shutil
 import signal
@@ -197,6 +198,18 @@ def test_an_injected_nan_is_skipped_or_rolled_back_and_never_saved(tmp_path):
     assert sorted(kept) == [s for s in range(1, 31) if s != NAN_AT] and all(np.isfinite(list(kept.values())))
     final = restore_newest(runs["rollback"])
     assert final.metadata.skipped_batches == [NAN_AT - 1]
+    # The session's summary counts every step it trained: before the rollback 1-16 (the guard reads step 15's
+    # loss once step 16 is dispatched), after it 11-30 less the skipped batch: 35 steps of 16 x 32 tokens.
+    tokens_per_step = 16 * 32
+    summaries = {policy: json.loads((run_dir / "summary.json").read_text()) for policy, run_dir in runs.items()}
+    assert summaries["rollback"]["tokens"] == 35 * tokens_per_step
+    assert summaries["skip"]["tokens"] == 30 * tokens_per_step
+    # one clock for the session: step 10's row came before the rollback, the summary's end after it
+    assert summaries["rollback"]["wall_s"] > metric_rows(runs["rollback"])[10]["elapsed_s"]
+    # Rerunning the finished run trains nothing and leaves its summary as it was.
+    again = run_train(overrides(runs["skip"], *NAN_SETTINGS, "guards.on_nonfinite=skip"), tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((runs["skip"] / "summary.json").read_text()) == summaries["skip"]
 
     # Both policies leave out the same update, and the rollback replays steps 11-14 exactly: equal ends.
     skip_state, rollback_state = host_arrays(restore_newest(runs["skip"]).state), host_arrays(final.state)
@@ -259,3 +272,17 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, r
     assert checkpoint_steps(run_dir)[-1] == preempted["step"] < STEPS
     assert_two_processes_resume_to_the_reference(run_dir, tmp_path, preempted["step"], reference,
                                                  reference_state)
+
+
+def test_an_elastic_restart_may_need_more_microbatches_than_the_config_names(tmp_path):
+    """6 devices at 12 x 2 microbatches (1 sequence per device each), then 4: the survivors need 3 microbatches,
+    which the run picks itself; the configured 2 do not divide the batch over 4 devices."""
+    run_dir = tmp_path / "run"
+    settings = overrides(run_dir, "mesh.data=-1", "train.batch_size=12", "train.microbatches=2",
+                         "train.elastic=true", "checkpoint.every_steps=2")
+    first = run_train([*settings, "train.steps=2"], tmp_path, devices=6)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_train([*settings, "train.steps=4"], tmp_path, devices=4)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "train.microbatches 2 -> 3 (1 sequences per device" in second.stderr
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4]

@@ -76,3 +76,13 @@ def test_read_metrics_keeps_each_step_once_from_the_run_that_kept_it(tmp_path):
     kept = read_metrics(path)
     assert [(r["step"], r["loss"]) for r in kept if "loss" in r] == [(1, 5.0), (2, 4.0), (3, 3.4), (4, 3.0)]
     assert [r["event"] for r in kept if "event" in r] == ["start", "checkpoint", "resume"]
+
+
+def test_evaluation_without_validation_data_is_refused_before_the_run_writes_anything(tmp_path):
+    from jaxscale.training import train
+
+    run_dir = tmp_path / "run"
+    config = load_config(None, [f"run_dir={run_dir}", "data.validation_fraction=0", "train.eval_every=5"])
+    with pytest.raises(ConfigError, match="train.eval_every=0"):
+        train(config)
+    assert not run_dir.exists()

@@ -65,6 +65,10 @@ def test_sweep_trains_records_and_resumes(tmp_path):
     (again,) = run_sweep([run])  # finished runs are skipped, not retrained
     assert again == point
     assert (run.run_dir / "metrics.jsonl").read_text().count("\n") == metrics_lines
+    # killed after its last checkpoint, before scaling.json: the rerun trains nothing and records the same point
+    (run.run_dir / "scaling.json").unlink()
+    (recovered,) = run_sweep([run])
+    assert recovered == point and (run.run_dir / "scaling.json").is_file()
 
 
 def test_a_run_stopped_by_a_signal_is_not_recorded(tmp_path, monkeypatch):

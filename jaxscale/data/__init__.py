@@ -1,7 +1,7 @@
 """Data pipeline: sources -> tokenize and cache -> pack into rows -> stateless shuffled batches.
 
     ds = build_dataset(DataConfig(), seq_len=256)
-    ds.batch(step, global_batch, process_index=jax.process_index(), process_count=jax.process_count())
+    ds.batch(step, global_batch, shard_index=i, shard_count=n)  # block i of n equal blocks of rows
 """
 from jaxscale.data.config import DataConfig
 from jaxscale.data.dataset import Dataset, build_dataset, check_vocab

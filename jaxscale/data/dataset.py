@@ -3,7 +3,7 @@
 Global row g of step k is g = k * batch_size + r. The mixture schedule maps g to a source and to that source's
 own row counter i; i // windows is the source's epoch and i % windows the position in it, which a seeded
 permutation (new each epoch) turns into a window of the source's packed stream. Nothing depends on how many
-processes ask: process p of P reads rows [p*B/P, (p+1)*B/P) of the same global batch.
+processes ask: a process whose devices hold block i of n reads rows [i*B/n, (i+1)*B/n) of the same global batch.
 """
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ class Dataset:
         self.seed = seed
         self._splits = splits
 
+    def has_split(self, split: str) -> bool:
+        return split in self._splits
+
     def num_windows(self, split: str = "train") -> int:
         """Rows in one pass over the split (over all sources of a mixture)."""
         return sum(self._split(split).windows)
@@ -51,21 +54,22 @@ class Dataset:
         return dict(zip(data.specs, data.streams))
 
     def batch(self, step: int, batch_size: int, *, split: str = "train",
-              process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
-        """Rows [process_index*B/P, (process_index+1)*B/P) of the global batch of `step`.
+              shard_index: int = 0, shard_count: int = 1) -> dict[str, np.ndarray]:
+        """Rows [shard_index*B/S, (shard_index+1)*B/S) of the global batch of `step`: the batch cut into
+        `shard_count` equal blocks of rows, and the block a process's devices hold.
 
-        Returns {"tokens", "segment_ids"}, both int32 of shape (B/P, seq_len + 1).
+        Returns {"tokens", "segment_ids"}, both int32 of shape (B/S, seq_len + 1).
         """
         if step < 0 or batch_size <= 0:
             raise ValueError(f"need step >= 0 and batch_size > 0, got step={step}, batch_size={batch_size}")
-        if batch_size % process_count or not 0 <= process_index < process_count:
-            raise ValueError(f"batch_size {batch_size} must divide evenly over {process_count} processes "
-                             f"and process_index {process_index} must be in [0, {process_count})")
+        if batch_size % shard_count or not 0 <= shard_index < shard_count:
+            raise ValueError(f"batch_size {batch_size} must divide evenly into {shard_count} shards "
+                             f"and shard_index {shard_index} must be in [0, {shard_count})")
         data = self._split(split)
-        per_process = batch_size // process_count
-        rows = step * batch_size + process_index * per_process + np.arange(per_process, dtype=np.int64)
+        per_shard = batch_size // shard_count
+        rows = step * batch_size + shard_index * per_shard + np.arange(per_shard, dtype=np.int64)
         source, counter = data.schedule.locate(rows)
-        tokens = np.empty((per_process, self.seq_len + 1), dtype=np.int32)
+        tokens = np.empty((per_shard, self.seq_len + 1), dtype=np.int32)
         for s in np.unique(source):
             picked = source == s
             windows = self._windows(data, int(s), counter[picked], split)

@@ -23,10 +23,10 @@ class Prefetcher:
     close().
     """
 
-    def __init__(self, ds: Dataset, start_step: int, batch_size: int, process_index: int = 0,
-                 process_count: int = 1, depth: int = 2, *, split: str = "train"):
-        self._load = lambda step: ds.batch(step, batch_size, split=split, process_index=process_index,
-                                           process_count=process_count)
+    def __init__(self, ds: Dataset, start_step: int, batch_size: int, shard_index: int = 0,
+                 shard_count: int = 1, depth: int = 2, *, split: str = "train"):
+        self._load = lambda step: ds.batch(step, batch_size, split=split, shard_index=shard_index,
+                                           shard_count=shard_count)
         self._next_step = start_step
         self._stop = threading.Event()
         self._queue: queue.Queue | None = None

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from jaxscale.scaling.points import SCALING_FILE, ScalingPoint, final_loss, read_point, write_point
+from jaxscale.training.events import read_metrics
 
 log = logging.getLogger("jaxscale.scaling")
 
@@ -158,7 +159,9 @@ def run_sweep(runs: list[SweepRun]) -> list[ScalingPoint]:
         if result.preempted:  # stopped part way by SIGTERM / SIGINT: its loss is not the run's, so no point
             raise SweepStopped(f"{run.run_dir} stopped at step {int(result.state.step)} of {run.steps} by a "
                                "signal, after saving a checkpoint")
-        point = point_from_run(run.config, result.metrics)
+        # From the run's whole log: a run killed after its final checkpoint but before scaling.json trains
+        # nothing when rerun, and its earlier sessions logged the losses
+        point = point_from_run(run.config, read_metrics(run.run_dir / "metrics.jsonl"))
         write_point(point)
         log.info("[%d/%d] %s: N=%d D=%d loss=%.4f (%s) in %.0f s", i, len(runs), run.run_dir, point.N, point.D,
                  point.loss, point.loss_kind, time.perf_counter() - started)

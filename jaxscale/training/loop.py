@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from jaxscale.config import Config, resolve_mesh_sizes, save_config, validate
 from jaxscale.cost.catalog import accelerator_for_device_kind
 from jaxscale.cost.energy import run_summary
 from jaxscale.data import Dataset, Prefetcher, build_dataset, check_vocab
+from jaxscale.errors import ConfigError
 from jaxscale.mesh import build_mesh, describe
 from jaxscale.model import Model
 from jaxscale.parallel import describe_plan, plan_from_config
@@ -66,14 +68,28 @@ def open_dataset(config: Config) -> Dataset:
     return dataset
 
 
-def host_rank() -> dict[str, int]:
-    """Which rows of each global batch this process reads: `Dataset.batch` / `Prefetcher` keyword arguments."""
-    return dict(process_index=jax.process_index(), process_count=jax.process_count())
+def batch_shard(sharding: NamedSharding, batch_size: int) -> dict[str, int]:
+    """Which rows of each global batch this process reads, as `Dataset.batch` / `Prefetcher` keyword arguments:
+    the block of rows its devices hold. Processes whose devices hold the same rows (a tensor or pipeline axis
+    that spans processes) read the same block."""
+    held = sorted({(rows.start or 0, batch_size if rows.stop is None else rows.stop)
+                   for rows, _ in sharding.addressable_devices_indices_map((batch_size, 1)).values()})
+    start, stop, gap = held[0][0], held[0][1], False
+    for first, end in held[1:]:
+        gap |= first > stop
+        stop = max(stop, end)
+    size = stop - start
+    if gap or batch_size % size or start % size:
+        raise ConfigError(f"this process's devices hold rows {held} of the batch of {batch_size}, not one block of "
+                          f"a whole number of equal blocks; give each process adjacent positions on the batch "
+                          f"axes (mesh.data / mesh.fsdp) or make train.batch_size a multiple of {size}")
+    return dict(shard_index=start // size, shard_count=batch_size // size)
 
 
-def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int) -> dict[str, jax.Array]:
     """This process's rows of the global batch -> one global array sharded over the mesh."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size, *v.shape[1:]))
+            for k, v in batch.items()}
 
 
 @dataclass
@@ -184,10 +200,10 @@ class Rollbacks:
         self.skipped_batches.add(event.step - 1)  # the batch index of the update numbered event.step
 
 
-def evaluate(trainer: Trainer, dataset, state: TrainState, rank: dict) -> float:
+def evaluate(trainer: Trainer, dataset, state: TrainState, shard: dict) -> float:
     t = trainer.config.train
     losses = [trainer.eval_step(state.params, to_global(
-        dataset.batch(i, t.batch_size, split="validation", **rank), trainer.data_sharding))
+        dataset.batch(i, t.batch_size, split="validation", **shard), trainer.data_sharding, t.batch_size))
         for i in range(t.eval_batches)]
     return float(np.mean(jax.device_get(losses)))
 
@@ -203,17 +219,26 @@ def train(config: Config) -> TrainResult:
     """Train to config.train.steps, continuing from the newest good checkpoint of the run unless
     checkpoint.resume=false. SIGTERM / SIGINT: finish the step, save, and return with `preempted` set."""
     with PreemptionWatcher() as watcher:
-        # A config that cannot run fails here, before anything is written to the run's directory.
-        mesh = fit_mesh(config.mesh, jax.device_count()) if config.train.elastic else config.mesh
-        validate(dataclasses.replace(config, mesh=mesh), jax.device_count())
+        # A config or data that cannot run fails here, before anything is written to the run's directory.
+        if config.train.elastic:  # the microbatches are chosen later, from the checkpoint's per-device batch
+            fitted = dataclasses.replace(config, mesh=fit_mesh(config.mesh, jax.device_count()),
+                                         train=dataclasses.replace(config.train, microbatches=1))
+            validate(fitted, jax.device_count())
+        else:
+            validate(config, jax.device_count())
+        dataset = open_dataset(config)
+        if config.train.eval_every and not dataset.has_split("validation"):
+            raise ConfigError(f"train.eval_every={config.train.eval_every} evaluates on validation data, but "
+                              f"the data has none: set data.validation_fraction > 0 or data.validation_source, "
+                              f"or turn evaluation off with train.eval_every=0")
         store = open_checkpoints(config)
         try:
-            return train_with(config, store, watcher)
+            return train_with(config, dataset, store, watcher)
         finally:
             store.close()
 
 
-def train_with(config: Config, store: CheckpointStore, watcher: PreemptionWatcher) -> TrainResult:
+def train_with(config: Config, dataset: Dataset, store: CheckpointStore, watcher: PreemptionWatcher) -> TrainResult:
     resume = config.checkpoint.resume
     newest = store.newest_metadata() if resume else None
     elastic_note = None
@@ -228,6 +253,7 @@ def train_with(config: Config, store: CheckpointStore, watcher: PreemptionWatche
         save_config(config, run_dir / "config.yaml")
     log.info("mesh %s; model %s with %.1fM parameters", describe(trainer.mesh), config.model.style,
              trainer.model.param_count() / 1e6)
+    log.info("data:\n%s", dataset.summary())
     if elastic_note:
         log.info(elastic_note)
     if trainer.mesh.shape["pipeline"] > 1:
@@ -240,16 +266,18 @@ def train_with(config: Config, store: CheckpointStore, watcher: PreemptionWatche
     rollbacks = Rollbacks(config.guards.max_rollbacks,
                           set(restored.metadata.skipped_batches) if restored else set())
 
-    # Data: a pure function of the step; each process reads only its own rows of the global batch.
-    dataset = open_dataset(config)
-    rank = host_rank()
+    # Data: a pure function of the step; each process reads only the rows of the global batch its devices hold.
+    shard = batch_shard(trainer.data_sharding, t.batch_size)
     history: list[dict] = []  # the rows written to metrics.jsonl, across rollbacks
 
-    def open_logger(start_step: int) -> MetricsLogger:
+    session_started = time.perf_counter()
+
+    def open_logger(start_step: int, tokens_before: int = 0) -> MetricsLogger:
         return MetricsLogger(run_dir, total_steps=t.steps, start_step=start_step, log_every=t.log_every,
                              tokens_per_step=t.batch_size * config.model.seq_len,
                              flops_per_token=config.model.flops_per_token(), n_devices=jax.device_count(),
-                             show_progress=t.progress, is_main_process=jax.process_index() == 0)
+                             show_progress=t.progress, is_main_process=jax.process_index() == 0,
+                             started=session_started, tokens_before=tokens_before)
 
     def close_logger(logger: MetricsLogger) -> None:
         logger.close()
@@ -274,7 +302,7 @@ def train_with(config: Config, store: CheckpointStore, watcher: PreemptionWatche
     monitor, schedule = GuardMonitor(), SaveSchedule(config.checkpoint)
     preempted = False
     while step < t.steps and not preempted:
-        with Prefetcher(dataset, step, t.batch_size, depth=config.data.prefetch, **rank) as batches:
+        with Prefetcher(dataset, step, t.batch_size, depth=config.data.prefetch, **shard) as batches:
             for position, batch, wait_s in batches:  # position: the batch index = the steps done so far
                 events = []
                 if position in rollbacks.skipped_batches:
@@ -282,7 +310,7 @@ def train_with(config: Config, store: CheckpointStore, watcher: PreemptionWatche
                     log_event(logger, position + 1, "batch_skipped",
                               f"skipping batch {position} (a rollback took it out)", batch=position)
                 else:
-                    state, metrics = trainer.train_step(state, to_global(batch, trainer.data_sharding))
+                    state, metrics = trainer.train_step(state, to_global(batch, trainer.data_sharding, t.batch_size))
                     logger.push(position, metrics, wait_s)
                     events.append(monitor.push(position, metrics))
                 step = position + 1
@@ -302,7 +330,7 @@ def train_with(config: Config, store: CheckpointStore, watcher: PreemptionWatche
                     state = back.state if back else trainer.init_state()
                     monitor = GuardMonitor()
                     close_logger(logger)
-                    logger = open_logger(step)
+                    logger = open_logger(step, logger.tokens_trained)  # the session's totals go on
                     log_event(logger, step, "rollback",
                               f"rolled back to step {step} ({back.path if back else 'the initial state'}); "
                               f"batch {events[0].step - 1} will be skipped", logging.WARNING,
@@ -311,7 +339,7 @@ def train_with(config: Config, store: CheckpointStore, watcher: PreemptionWatche
                     break
                 if evaluate_now:
                     logger.flush()
-                    logger.write({"step": step, "eval_loss": evaluate(trainer, dataset, state, rank)})
+                    logger.write({"step": step, "eval_loss": evaluate(trainer, dataset, state, shard)})
                 if save:
                     store.save(step, state, run_info(config, rollbacks.skipped_batches))
                     schedule.saved()
@@ -335,9 +363,13 @@ def train_with(config: Config, store: CheckpointStore, watcher: PreemptionWatche
 
 
 def write_run_summary(rows: list[dict], run_dir: Path) -> dict:
-    """Tokens, time, measured energy and the cost at the catalog's price for this session of the run."""
+    """Tokens, time, measured energy and the cost at the catalog's price for this session of the run. A session
+    that trained nothing (the run was already complete) leaves the previous session's summary.json as it is."""
     accelerator = accelerator_for_device_kind(jax.devices()[0].device_kind)
-    summary = run_summary([r for r in rows if "loss" in r], accelerator, chips=jax.device_count())
+    trained = [r for r in rows if "loss" in r]
+    summary = run_summary(trained, accelerator, chips=jax.device_count())
+    if not trained:
+        return summary
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     known = {k: v for k, v in summary.items() if v is not None}

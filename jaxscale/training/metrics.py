@@ -25,7 +25,10 @@ def device_peak_flops() -> float | None:
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, log_every: int, tokens_per_step: int,
-                 flops_per_token: float, n_devices: int, show_progress: bool, is_main_process: bool):
+                 flops_per_token: float, n_devices: int, show_progress: bool, is_main_process: bool,
+                 started: float | None = None, tokens_before: int = 0):
+        """started (a time.perf_counter() reading) and tokens_before: where the session's clock and token count
+        stand, for a logger that takes over after a rollback; rows count both from the session's start."""
         self.log_every = log_every
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
@@ -35,12 +38,12 @@ class MetricsLogger:
         self.file = (run_dir / "metrics.jsonl").open("a") if is_main_process else None
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not (show_progress and is_main_process),
                         unit="step", dynamic_ncols=True)
-        self.pending: tuple[int, dict] | None = None
+        self.pending: tuple[int, dict, int] | None = None  # (step, metrics, tokens trained through it)
         self.window_start: tuple[int, float] | None = None  # (step, time) the current timing window began
         self.data_wait = 0.0
         self.history: list[dict] = []
-        self.start_step = start_step
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() if started is None else started
+        self.tokens_trained = tokens_before  # this session's, up to the newest pushed step
         self.energy = EnergyMeter()
 
     def push(self, step: int, metrics: dict[str, jax.Array], data_wait_s: float = 0.0) -> None:
@@ -48,14 +51,15 @@ class MetricsLogger:
         self.data_wait += data_wait_s
         if self.pending is not None:
             self._complete(*self.pending)
-        self.pending = (step, metrics)
+        self.tokens_trained += self.tokens_per_step
+        self.pending = (step, metrics, self.tokens_trained)
 
     def flush(self) -> None:
         if self.pending is not None:
             self._complete(*self.pending)
             self.pending = None
 
-    def _complete(self, step: int, metrics: dict) -> None:
+    def _complete(self, step: int, metrics: dict, tokens: int) -> None:
         self.bar.update(1)
         first = self.window_start is None
         if not first and (step + 1) % self.log_every and step + 1 != self.total_steps:
@@ -64,7 +68,7 @@ class MetricsLogger:
         now = time.perf_counter()
         joules = self._cluster_joules()
         row = {"step": step + 1, **values, "step_time_s": None, "tokens_per_s": None, "mfu": None,
-               "data_wait_s": None, "tokens": (step + 1 - self.start_step) * self.tokens_per_step,
+               "data_wait_s": None, "tokens": tokens,
                "elapsed_s": now - self.started, "energy_j": joules, "j_per_token": None, "avg_power_w": None}
         if not first:  # the first step carries the compile time, so timing windows start at its end
             steps = step - self.window_start[0]
