@@ -26,12 +26,26 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
 def initialize_distributed(args: argparse.Namespace) -> None:
     import jax
 
+    from jaxscale.errors import ConfigError
+
     if args.coordinator:
-        if args.num_processes is None or args.process_id is None:
-            raise SystemExit("--coordinator needs --num-processes and --process-id too")
+        missing = [flag for flag, value in (("--num-processes N", args.num_processes),
+                                            ("--process-id I", args.process_id)) if value is None]
+        if missing:
+            raise ConfigError(f"--coordinator needs {' and '.join(missing)} too (every process gets the same "
+                              f"--coordinator and --num-processes, and its own --process-id 0..N-1)")
+        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+            raise ConfigError(f"--num-processes {args.num_processes} --process-id {args.process_id}: need "
+                              f"--num-processes >= 1 and --process-id from 0 to --num-processes - 1")
         if jax.config.jax_platforms in (None, "", "cpu"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk through gloo
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.num_processes is not None or args.process_id is not None:
+        # without a coordinator they would be ignored: each process would train alone into the same run_dir
+        raise ConfigError("--num-processes and --process-id take effect only with --coordinator: add "
+                          "--coordinator HOST:PORT (the address of process 0, the same on every process)"
+                          + ("; --distributed detects them by itself, so drop them there" if args.distributed
+                             else ""))
     elif args.distributed:
         jax.distributed.initialize()
 
@@ -48,10 +62,13 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"stopped by a preemption notice at step {int(result.state.step)}, checkpoint saved; rerun the "
               f"same command to continue (exit code {EXIT_PREEMPTED})", file=sys.stderr)
         return EXIT_PREEMPTED
-    losses = [row["loss"] for row in result.metrics if "loss" in row]
+    rows = [row for row in result.metrics if "loss" in row]
     evals = [row["eval_loss"] for row in result.metrics if "eval_loss" in row]
-    if losses:
-        summary = f"trained {config.train.steps} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    if rows:
+        first, last = rows[0], rows[-1]
+        trained = (f"trained {last['step']} steps" if first["step"] == 1 else
+                   f"resumed after step {first['step'] - 1}, trained to step {last['step']}")
+        summary = f"{trained}: loss {first['loss']:.3f} -> {last['loss']:.3f}"
         if evals:
             summary += f", eval loss {evals[-1]:.3f}"
         print(summary + f"; metrics in {config.resolved_run_dir() / 'metrics.jsonl'}")

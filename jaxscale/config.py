@@ -81,6 +81,17 @@ class ShardingConfig:
     activations: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ACTIVATION_RULES))
 
     def __post_init__(self):
+        # The default tables name every logical axis that the model's parameters and activations use: a name
+        # not there would be ignored (a typo), so it is refused.
+        for table_name, table, known, what in (
+                ("sharding.params", self.params, DEFAULT_PARAM_RULES, "parameter"),
+                ("sharding.activations", self.activations, DEFAULT_ACTIVATION_RULES, "activation")):
+            for logical in table:
+                if logical not in known:
+                    close = difflib.get_close_matches(str(logical), list(known), n=1)
+                    hint = f"did you mean {table_name}.{close[0]}?" if close else f"known: {', '.join(known)}"
+                    raise ConfigError(f"unknown logical axis {table_name}.{logical}: no {what} dimension is "
+                                      f"named {logical!r}, so the rule would do nothing; {hint}")
         # A table in an experiment or `--set sharding.params.embed=...` changes the rules it names; the others keep
         # their defaults (map a name to null to replicate it).
         self.params = {**DEFAULT_PARAM_RULES, **self.params}
@@ -369,8 +380,11 @@ def validate(config: Config, n_devices: int) -> dict[str, int]:
     if m.d_ff % sizes["tensor"]:
         raise ConfigError(f"model.d_ff={m.d_ff} is not divisible by mesh.tensor={sizes['tensor']}")
     batch_shards = sizes["data"] * sizes["fsdp"]
+    if t.batch_size < 1:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be >= 1 (sequences per step, e.g. "
+                          f"train.batch_size={batch_shards * max(1, t.microbatches)})")
     if t.microbatches < 1:
-        raise ConfigError(f"train.microbatches must be >= 1, got {t.microbatches}")
+        raise ConfigError(f"train.microbatches={t.microbatches} must be >= 1 (1: no gradient accumulation)")
     if t.batch_size % (batch_shards * t.microbatches):
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by mesh.data x mesh.fsdp x "
                           f"train.microbatches = {sizes['data']} x {sizes['fsdp']} x {t.microbatches}; "
@@ -403,9 +417,15 @@ def validate(config: Config, n_devices: int) -> dict[str, int]:
     for key in ("param_dtype", "compute_dtype"):
         if getattr(t, key) not in ("auto", "float32", "bfloat16", "float16") or (key == "param_dtype" and t.param_dtype == "auto"):
             raise ConfigError(f"train.{key}={getattr(t, key)!r}; choose float32, bfloat16"
-                              + (" or auto" if key == "compute_dtype" else ""))
-    if t.steps < 1 or t.log_every < 1:
-        raise ConfigError("train.steps and train.log_every must be >= 1")
+                              + (", float16 or auto" if key == "compute_dtype" else " or float16"))
+    for key in ("steps", "log_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every={t.eval_every} must be >= 0 (0 turns evaluation off)")
+    if t.eval_every and t.eval_batches < 1:
+        raise ConfigError(f"train.eval_batches={t.eval_batches} must be >= 1 while evaluation is on "
+                          f"(train.eval_every={t.eval_every}); or set train.eval_every=0 to turn it off")
     for table_name, table in (("sharding.params", config.sharding.params),
                               ("sharding.activations", config.sharding.activations)):
         for logical, target in table.items():

@@ -2,6 +2,8 @@
 checkpoints, retention, and what it refuses to do."""
 import dataclasses
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -172,3 +174,34 @@ def test_starting_over_refuses_to_delete_a_runs_checkpoints_unless_told(tmp_path
     assert store.steps() == []
     store.close()
     shutil.rmtree(run_dir)
+
+
+@pytest.mark.parametrize("where", ["file", "file/checkpoints"])
+def test_a_checkpoint_dir_that_is_a_file_is_refused_when_opened_not_at_the_first_save(tmp_path, where):
+    (tmp_path / "file").write_text("not a directory")
+    message = (rf"cannot keep checkpoints in {re.escape(str(tmp_path / where))}: "
+               rf"{re.escape(str(tmp_path / 'file'))} is a file, not a directory; "
+               r"set checkpoint\.dir \(or run_dir\) to a directory")
+    with pytest.raises(CheckpointError, match=message):
+        CheckpointStore(tmp_path / where, CheckpointConfig())
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_a_checkpoint_dir_that_cannot_be_written_is_refused_when_opened(tmp_path, monkeypatch):
+    (tmp_path / "locked").mkdir()
+    real_access = os.access
+    # chmod cannot lock out root (tests may run as root): the check is made to see a read-only directory
+    monkeypatch.setattr(os, "access",
+                        lambda path, mode: path != tmp_path / "locked" and real_access(path, mode))
+    message = rf"{re.escape(str(tmp_path / 'locked'))} is not writable by this user; set checkpoint\.dir"
+    with pytest.raises(CheckpointError, match=message):
+        CheckpointStore(tmp_path / "locked" / "checkpoints", CheckpointConfig())
+    assert not (tmp_path / "locked" / "checkpoints").exists()
+
+
+def test_opening_a_run_whose_checkpoint_dir_is_a_file_names_the_setting(tmp_path):
+    (tmp_path / "ckpt").write_text("")
+    config = load_config(None, TINY + ["train.steps=1", f"run_dir={tmp_path / 'run'}",
+                                       f"checkpoint.dir={tmp_path / 'ckpt'}"])
+    with pytest.raises(CheckpointError, match=r"is a file, not a directory; set checkpoint\.dir"):
+        open_checkpoints(config)

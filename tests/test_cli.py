@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import jaxscale
 
 CLI = [sys.executable, "-m", "jaxscale.cli"]
@@ -52,3 +54,44 @@ def test_python_api_trains_and_returns_state_and_metrics(tmp_path):
     assert int(result.state.step) == 4
     assert [row["step"] for row in result.metrics] == [1, 2, 4]
     assert result.state.params["blocks"]["wqkv"].shape[0] == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num-processes", "2", "--process-id", "0"],
+     "--num-processes and --process-id take effect only with --coordinator: add --coordinator HOST:PORT"),
+    (["--process-id", "1"], "take effect only with --coordinator"),
+    (["--coordinator", "localhost:1234"], "--coordinator needs --num-processes N and --process-id I too"),
+    (["--coordinator", "localhost:1234", "--num-processes", "2"], "--coordinator needs --process-id I too"),
+    (["--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"],
+     "--process-id from 0 to --num-processes - 1"),
+])
+def test_incomplete_multi_process_flags_are_refused(tmp_path, args, message):
+    result = run_cli(["train", "--set", f"run_dir={tmp_path / 'run'}", *args], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("jaxscale: error: ")]
+    assert error and message in error[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.n_heads=0", "model.n_heads=0 must be >= 1"),
+    ("train.batch_size=0", "train.batch_size=0 must be >= 1"),
+    ("sharding.params.embd=fsdp", "did you mean sharding.params.embed?"),
+])
+def test_bad_sizes_and_rule_names_exit_2_with_the_message(tmp_path, override, message):
+    result = run_cli(["train", "--set", f"run_dir={tmp_path / 'run'}", "--set", "train.progress=false",
+                      "--set", override], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("jaxscale: error: ")]
+    assert error and message in error[0] and "Traceback" not in result.stderr
+
+
+def test_a_resumed_run_says_which_steps_it_trained(tmp_path):
+    settings = ["--set", f"run_dir={tmp_path / 'run'}", "--set", "model.n_layers=1", "--set", "model.seq_len=32",
+                "--set", "train.eval_every=0", "--set", "checkpoint.every_steps=2"]
+    first = run_cli(["train", *settings, "--set", "train.steps=2"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "trained 2 steps: loss" in first.stdout
+    second = run_cli(["train", *settings, "--set", "train.steps=4"], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed after step 2, trained to step 4: loss" in second.stdout

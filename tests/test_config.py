@@ -79,3 +79,53 @@ def test_unknown_mesh_axis_in_rules():
     config.sharding.params["mlp"] = "model"
     with pytest.raises(ConfigError, match=r"sharding\.params\.mlp='model': 'model' is not a mesh axis"):
         validate(config, 1)
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                                 "d_ff"])
+@pytest.mark.parametrize("value", [0, -2])
+def test_non_positive_model_sizes_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=rf"model\.{key}={value} must be >= 1"):
+        load_config(None, [f"model.{key}={value}"])
+
+
+def test_unset_kv_heads_and_d_ff_take_their_defaults():
+    config = load_config(None, ["model.n_kv_heads=null", "model.d_ff=null"])
+    assert config.model.n_kv_heads == config.model.n_heads == 4 and config.model.d_ff == 4 * 128
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.batch_size=0", r"train\.batch_size=0 must be >= 1 .*train\.batch_size=1\b"),
+    ("train.batch_size=-4", r"train\.batch_size=-4 must be >= 1"),
+    ("train.steps=-1", r"train\.steps=-1 must be >= 1"),
+    ("train.microbatches=0", r"train\.microbatches=0 must be >= 1"),
+    ("train.log_every=0", r"train\.log_every=0 must be >= 1"),
+    ("train.eval_every=-1", r"train\.eval_every=-1 must be >= 0 \(0 turns evaluation off\)"),
+    ("train.eval_batches=0",
+     r"train\.eval_batches=0 must be >= 1 while evaluation is on .*train\.eval_every=0 to turn it off"),
+    ("train.param_dtype=float64", r"train\.param_dtype='float64'; choose float32, bfloat16 or float16$"),
+    ("train.compute_dtype=int8", r"train\.compute_dtype='int8'; choose float32, bfloat16, float16 or auto$"),
+])
+def test_bad_train_values_name_the_key_and_a_valid_value(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(None, ["mesh.data=1", override]), 1)
+
+
+def test_no_eval_batches_are_fine_without_evaluation():
+    assert validate(load_config(None, ["mesh.data=1", "train.eval_every=0", "train.eval_batches=0"]), 1)
+    assert validate(load_config(None, ["mesh.data=1", "train.param_dtype=float16",
+                                       "train.compute_dtype=float16"]), 1)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sharding.params.embd=fsdp", r"unknown logical axis sharding\.params\.embd: .*did you mean "
+                                  r"sharding\.params\.embed\?"),
+    ("sharding.activations.bach=data",
+     r"sharding\.activations\.bach: .*did you mean sharding\.activations\.batch"),
+    # a parameter's name is not an activation's: the rule would do nothing there
+    ("sharding.activations.layers=pipeline",
+     r"sharding\.activations\.layers: no activation dimension is named 'layers'.*known: batch, length"),
+])
+def test_unknown_logical_names_in_the_rules_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

@@ -98,6 +98,15 @@ def test_text_file_that_is_not_utf8(tmp_path):
         build(tmp_path, source=str(tmp_path / "latin1.txt"))
 
 
+def test_jsonl_file_that_is_not_utf8_names_the_line(tmp_path):
+    lines = [json.dumps({"text": TEXT}), json.dumps({"text": "café"}, ensure_ascii=False)]
+    (tmp_path / "latin1.jsonl").write_bytes("\n".join(lines).encode("latin-1") + b"\n")
+    message = (r"latin1\.jsonl:2: not UTF-8 text \(invalid continuation byte at byte \d+ of the line\); "
+               r"JSON Lines files must be UTF-8: re-encode it")
+    with pytest.raises(DataError, match=message):
+        build(tmp_path, source=str(tmp_path / "latin1.jsonl"))
+
+
 def test_parquet_without_the_text_column(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")

@@ -90,6 +90,14 @@ def test_cli_trains_a_tokenizer(tmp_path, capsys):
         parser.parse_args(["tokenizer", "train", "--out", str(out)])  # --vocab-size is required
 
 
+def test_cli_help_names_only_the_command_there_is():
+    parser = argparse.ArgumentParser(prog="jaxscale")
+    tokenizer_cli.add_parser(parser.add_subparsers(dest="command"))
+    listing = parser.format_help()
+    assert "fit a byte-level BPE tokenizer.json on text (subcommand: train)" in listing
+    assert "inspect" not in listing
+
+
 def test_dataset_with_bpe_tokenizer(bpe_path, shared_cache):
     ds = build_dataset(DataConfig(tokenizer=bpe_path), 64, cache_dir=shared_cache)
     assert ds.vocab_size == 1024 and ds.eos_id == load_tokenizer(bpe_path).eos_id

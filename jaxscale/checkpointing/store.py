@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +77,31 @@ def remove_unfinished(directory: Path) -> None:
     sync_processes("jaxscale: unfinished checkpoints removed")
 
 
+def check_directory(directory: Path) -> None:
+    """Refuse now, not at the first save (maybe hours later), a checkpoint directory that is a file or that
+    process 0 (the one that creates the directories) cannot write. Only looks; every process raises if any
+    one found a problem (the processes must call this together)."""
+    existing = directory  # the directory itself, or its nearest parent that exists (saves create the rest)
+    while not os.path.exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    fix = "set checkpoint.dir (or run_dir) to a directory this user can write"
+    problem = None
+    if not os.path.isdir(existing):
+        problem = f"{existing} is a file, not a directory; {fix}, or move the file away"
+    elif jax.process_index() == 0 and not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable by this user; {fix}"
+    if any_process(problem is not None):
+        raise CheckpointError(f"cannot keep checkpoints in {directory}: "
+                              + (problem or f"another process of the run cannot use it; {fix}"))
+
+
 class CheckpointStore:
     """The checkpoints in one directory. Every process of a run opens it and calls save / restore with the
     others."""
 
     def __init__(self, directory: Path, config: CheckpointConfig):
         self.directory = directory.absolute()
+        check_directory(self.directory)
         remove_unfinished(self.directory)
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=config.async_save,

@@ -145,8 +145,14 @@ def _read_text(path: str, cfg: DataConfig) -> Iterator[str]:
 
 def _read_jsonl(path: str, cfg: DataConfig) -> Iterator[str]:
     field, records = cfg.text_field, 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so that a bad byte is reported with its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the "
+                                "line); JSON Lines files must be UTF-8: re-encode it (e.g. iconv -f LATIN1 "
+                                "-t UTF-8) or remove it from data.source") from e
             if not line.strip():
                 continue
             try:

@@ -8,7 +8,8 @@ from jaxscale.data.tokenizers import train_tokenizer
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `tokenizer train` on the CLI's subparsers; run the choice as args.func(args) -> exit code."""
-    parser = subparsers.add_parser("tokenizer", help="train and inspect tokenizers")
+    parser = subparsers.add_parser("tokenizer",
+                                   help="fit a byte-level BPE tokenizer.json on text (subcommand: train)")
     commands = parser.add_subparsers(dest="tokenizer_command", required=True)
     train = commands.add_parser("train", help="fit a byte-level BPE tokenizer.json "
                                 "(vocabulary padded to a multiple of 128)")

@@ -10,7 +10,7 @@ from jaxscale.errors import ConfigError
 @dataclass
 class ModelConfig:
     style: str = "gpt2"  # gpt2: learned positions, LayerNorm, GELU, tied head | llama: RoPE, RMSNorm, SwiGLU, GQA
-    vocab_size: int = 256  # tokenizer's vocabulary; padded up to a multiple of 128 for the embedding
+    vocab_size: int = 257  # tokenizer's (the bytes tokenizer: 256 bytes + end of document); padded to a multiple of 128
     seq_len: int = 256
     d_model: int = 128
     n_layers: int = 4
@@ -30,14 +30,20 @@ class ModelConfig:
             raise ConfigError(f"model.style={cfg.style!r}; choose gpt2 or llama")
         if cfg.attention not in ("auto", "cudnn", "xla"):
             raise ConfigError(f"model.attention={cfg.attention!r}; choose auto, cudnn or xla")
-        n_kv = cfg.n_kv_heads or cfg.n_heads
+        for key in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+            value = getattr(cfg, key)
+            if value is not None and value < 1:  # n_kv_heads, d_ff: None means the default; 0 is a mistake
+                raise ConfigError(f"model.{key}={value} must be >= 1"
+                                  + (" (or null for the default)" if key in ("n_kv_heads", "d_ff") else ""))
+        n_kv = cfg.n_kv_heads if cfg.n_kv_heads is not None else cfg.n_heads
         if cfg.d_model % cfg.n_heads:
             raise ConfigError(f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}")
         if cfg.n_heads % n_kv:
             raise ConfigError(f"model.n_heads={cfg.n_heads} must be a multiple of model.n_kv_heads={n_kv}")
         if cfg.style == "llama" and (cfg.d_model // cfg.n_heads) % 2:
             raise ConfigError("RoPE needs an even head size: d_model / n_heads must be even")
-        d_ff = cfg.d_ff or (4 * cfg.d_model if cfg.style == "gpt2" else 256 * -(-8 * cfg.d_model // 3 // 256))
+        d_ff = cfg.d_ff if cfg.d_ff is not None else (
+            4 * cfg.d_model if cfg.style == "gpt2" else 256 * -(-8 * cfg.d_model // 3 // 256))
         tie = cfg.tie_embeddings if cfg.tie_embeddings is not None else cfg.style == "gpt2"
         return dataclasses.replace(cfg, n_kv_heads=n_kv, d_ff=d_ff, tie_embeddings=tie)
 
@@ -79,8 +85,8 @@ class ModelConfig:
 _GPT2 = dict(style="gpt2", vocab_size=50257, seq_len=1024)
 _LLAMA = dict(style="llama", vocab_size=128256, seq_len=2048, rope_theta=500000.0)
 PRESETS: dict[str, dict] = {
-    "tiny": dict(style="gpt2", vocab_size=256, seq_len=128, d_model=64, n_layers=2, n_heads=4),
-    "tiny-llama": dict(style="llama", vocab_size=256, seq_len=128, d_model=64, n_layers=2, n_heads=4,
+    "tiny": dict(style="gpt2", vocab_size=257, seq_len=128, d_model=64, n_layers=2, n_heads=4),
+    "tiny-llama": dict(style="llama", vocab_size=257, seq_len=128, d_model=64, n_layers=2, n_heads=4,
                        n_kv_heads=2, d_ff=128),
     "gpt2-124m": dict(_GPT2, d_model=768, n_layers=12, n_heads=12),
     "gpt2-350m": dict(_GPT2, d_model=1024, n_layers=24, n_heads=16),
