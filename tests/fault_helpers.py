@@ -62,6 +62,24 @@ def start_train(settings: list[str], tmp_path: Path, devices: int = 8, extra_arg
     return process, log_path
 
 
+def run_two_processes(command: list[str], tmp_path: Path, devices: int, timeout: float = 300) -> list[str]:
+    """`command` as both processes of a 2-process job on localhost (`devices` CPU devices each); asserts both
+    succeed and returns their stdouts."""
+    port = free_port()
+    processes = [subprocess.Popen(
+        command + ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(tmp_path, devices),
+        cwd=tmp_path) for i in range(2)]
+    try:
+        finished = [process.communicate(timeout=timeout) for process in processes]
+    finally:  # a hung process must not outlive the test
+        for process in processes:
+            process.kill()
+    for process, (_, stderr) in zip(processes, finished):
+        assert process.returncode == 0, stderr[-3000:]
+    return [stdout for stdout, _ in finished]
+
+
 def wait_for(condition, process: subprocess.Popen, timeout: float, what: str, log_path: Path) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from fault_helpers import environment, free_port
+from fault_helpers import run_two_processes
 
 from jaxscale.cost.catalog import peak_flops_for_device_kind
 from jaxscale.errors import ConfigError
@@ -54,22 +54,12 @@ def test_bench_runs_on_cpu_and_writes_json_and_a_trace(tmp_path):
 def test_two_processes_end_the_timed_warm_up_at_the_same_step(tmp_path):
     """Every step holds collectives, so the processes must agree when the warm-up's time is up (they warm up
     while any one's time is not); one step more on either would leave the other waiting at the end."""
-    port, out = free_port(), tmp_path / "bench.json"
-    processes = [subprocess.Popen(
+    out = tmp_path / "bench.json"
+    stdouts = run_two_processes(
         [sys.executable, "-m", "jaxscale.cli", "bench", *TINY, "--set", "mesh.data=8", "--warmup", "2",
          "--warmup-s", "1", "--windows", "1", "--steps-per-window", "2", "--out", str(out),
-         "--profile", str(tmp_path / "trace"),
-         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(tmp_path, 4), cwd=tmp_path)
-        for i in range(2)]
-    try:
-        finished = [process.communicate(timeout=300) for process in processes]
-    finally:  # a hung process must not outlive the test
-        for process in processes:
-            process.kill()
-    for process, (_, stderr) in zip(processes, finished):
-        assert process.returncode == 0, stderr[-2000:]
-    rows = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in finished]
+         "--profile", str(tmp_path / "trace")], tmp_path, devices=4)
+    rows = [json.loads(stdout.strip().splitlines()[-1]) for stdout in stdouts]
     assert [row["process_index"] for row in rows] == [0, 1] and rows[0]["devices"] == 8
     assert rows[0]["warmup_steps"] == rows[1]["warmup_steps"] > 2  # rounds of 2 steps for at least 1 s
     assert json.loads(out.read_text()) == rows[0]  # process 0 writes the file

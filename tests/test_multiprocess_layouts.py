@@ -3,7 +3,7 @@ the same rows, so the job trains exactly as one process holding all the devices 
 import subprocess
 
 import pytest
-from fault_helpers import CLI, cli_args, environment, free_port, overrides
+from fault_helpers import CLI, cli_args, environment, overrides, run_two_processes
 
 from jaxscale.training.events import read_metrics
 
@@ -23,19 +23,7 @@ def test_a_model_parallel_axis_across_two_processes_trains_as_one_process(tmp_pa
                          env=environment(tmp_path, 2), cwd=tmp_path, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
 
-    port = free_port()
-    processes = [subprocess.Popen(
-        CLI + cli_args(overrides(tmp_path / "two", *sets))
-        + ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(tmp_path, 1), cwd=tmp_path)
-        for i in range(2)]
-    try:
-        finished = [process.communicate(timeout=300) for process in processes]
-    finally:  # a hung process must not outlive the test
-        for process in processes:
-            process.kill()
-    for process, (_, stderr) in zip(processes, finished):
-        assert process.returncode == 0, stderr[-3000:]
+    run_two_processes(CLI + cli_args(overrides(tmp_path / "two", *sets)), tmp_path, devices=1)
 
     expected, actual = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(expected) == sorted(actual) == list(range(1, STEPS + 1))
