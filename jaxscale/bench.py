@@ -169,8 +169,6 @@ def _run(args: argparse.Namespace) -> int:
     from jaxscale.cli import initialize_distributed
     from jaxscale.config import load_config
 
-    check_bench_arguments(warmup=args.warmup, windows=args.windows, steps_per_window=args.steps_per_window,
-                          profile_dir=args.profile, profile_steps=args.profile_steps)
     initialize_distributed(args)
     config = load_config(args.experiment, args.overrides + ["train.progress=false"])
     result = run_bench(config, warmup=args.warmup, warmup_s=args.warmup_s, windows=args.windows,
