@@ -1,4 +1,4 @@
-"""The `jaxscale` command: train, and the tools around training (estimate, scaling, tokenizer)."""
+"""The `jaxscale` command: train, and the tools around training (bench, estimate, plot, scaling, tokenizer)."""
 from __future__ import annotations
 
 import argparse
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxscale.cost.cli import add_parser as add_estimate
     from jaxscale.data.tokenizer_cli import add_parser as add_tokenizer
     from jaxscale.scaling.cli import add_parser as add_scaling
+    from jaxscale.training.curves import add_parser as add_plot
 
     parser = argparse.ArgumentParser(prog="jaxscale", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=run_train)
     add_bench(commands)
     add_estimate(commands)
+    add_plot(commands)
     add_scaling(commands)
     add_tokenizer(commands)
     return parser

@@ -95,3 +95,7 @@ def test_a_resumed_run_says_which_steps_it_trained(tmp_path):
     second = run_cli(["train", *settings, "--set", "train.steps=4"], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed after step 2, trained to step 4: loss" in second.stdout
+    curves = run_cli(["plot", str(tmp_path / "run")], tmp_path)
+    assert curves.returncode == 0, curves.stderr[-3000:]
+    assert "run: 4 steps, loss" in curves.stdout and "restarts 1" in curves.stdout
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000

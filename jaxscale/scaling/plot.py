@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # after the backend is chosen
 import numpy as np
 from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure  # no pyplot: nothing changes the backend of a notebook that imports this
 
 from jaxscale.scaling.law import LossLaw
 
@@ -23,9 +21,10 @@ def plot_scaling(n, d, loss, law: LossLaw, path: str | Path, budget: float | Non
     c_hi = max(compute.max() * 2, (budget or 0) * 1.5)
     sizes = np.unique(n)
     norm = LogNorm(vmin=sizes.min(), vmax=sizes.max() * (1.0001 if len(sizes) == 1 else 1))
-    cmap = plt.get_cmap("viridis")
+    cmap = matplotlib.colormaps["viridis"]
 
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    fig = Figure(figsize=(9, 6), dpi=120)
+    ax = fig.subplots()
     for size in sizes:  # each size's fitted loss as its token count grows: L(N, C / 6N)
         c = np.geomspace(c_lo, c_hi, 200)
         ax.plot(c, law.loss(size, c / (6 * size)), color=cmap(norm(size)), lw=1.2, alpha=0.8)
@@ -67,7 +66,6 @@ def plot_scaling(n, d, loss, law: LossLaw, path: str | Path, budget: float | Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

@@ -1,0 +1,181 @@
+"""Training curves of one or more runs, read from their metrics.jsonl: the loss (smoothed, with the held-out loss)
+and the throughput against steps or tokens, with restarts and rollbacks marked, written to a PNG.
+On the command line: `jaxscale plot RUN_DIR [RUN_DIR ...]`."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import yaml
+from matplotlib.figure import Figure  # no pyplot: nothing changes the backend of a notebook that imports this
+
+from jaxscale.errors import ConfigError
+from jaxscale.training.events import read_metrics
+
+# Events drawn as vertical lines: (line style, legend label).
+MARKED_EVENTS = {"resume": ("--", "resumed"), "rollback": (":", "rolled back"), "preempted": ("-.", "preempted")}
+
+
+@dataclass
+class RunCurves:
+    name: str
+    tokens_per_step: int
+    steps: np.ndarray  # of the training rows
+    loss: np.ndarray
+    eval_steps: np.ndarray
+    eval_loss: np.ndarray
+    tokens_per_s: np.ndarray  # NaN where a row has no timing (a session's first row includes compiling)
+    events: list[tuple[int, str]]  # (step, event) of MARKED_EVENTS, in order
+    skipped_updates: int
+
+
+def read_run(run_dir: str | Path, name: str | None = None) -> RunCurves:
+    """A run's curves, each step once across restarts (`read_metrics`). Tokens per step come from the run's
+    config.yaml (global batch x sequence length; an elastic restart keeps the global batch)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"no run directory {run_dir}: give the run_dir of a jaxscale train run (e.g. runs/default)")
+    try:
+        rows = read_metrics(run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"cannot plot {run_dir}: {e}") from e
+    train_rows = [r for r in rows if "loss" in r]
+    if not train_rows:
+        raise ConfigError(f"{run_dir / 'metrics.jsonl'} has no training rows yet: plot it once the run has "
+                          f"logged a step (train.log_every sets how often)")
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{config_path} is missing: jaxscale train writes it into the run directory; plot the "
+                          f"directory that holds both metrics.jsonl and config.yaml")
+    config = yaml.safe_load(config_path.read_text())
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    return RunCurves(
+        name=name or run_dir.name,
+        tokens_per_step=config["train"]["batch_size"] * config["model"]["seq_len"],
+        steps=np.array([r["step"] for r in train_rows]),
+        loss=np.array([r["loss"] for r in train_rows], dtype=float),
+        eval_steps=np.array([r["step"] for r in eval_rows]),
+        eval_loss=np.array([r["eval_loss"] for r in eval_rows], dtype=float),
+        tokens_per_s=np.array([np.nan if r.get("tokens_per_s") is None else r["tokens_per_s"] for r in train_rows]),
+        events=[(r["step"], r["event"]) for r in rows if r.get("event") in MARKED_EVENTS],
+        skipped_updates=sum(r.get("event") == "update_skipped" for r in rows),
+    )
+
+
+def smoothed(values: np.ndarray, weight: float) -> np.ndarray:
+    """Exponential moving average, debiased so the first points are not pulled towards zero. A non-finite value
+    (a step whose update the guards skipped) is left out: NaN there, the average goes on without it."""
+    out, average, count = np.full(len(values), np.nan), 0.0, 0
+    for i, value in enumerate(values):
+        if np.isfinite(value):
+            average, count = weight * average + (1 - weight) * value, count + 1
+            out[i] = average / (1 - weight ** count)
+    return out
+
+
+def read_runs(run_dirs: list[str | Path]) -> list[RunCurves]:
+    """Each run named by the last parts of its path that tell it from the others (runs/a/run, runs/b/run ->
+    a/run, b/run)."""
+    paths = [Path(d).resolve() for d in run_dirs]
+    depth = 1
+    while depth < max(len(p.parts) for p in paths) and len({p.parts[-depth:] for p in paths}) < len(paths):
+        depth += 1
+    return [read_run(d, "/".join(p.parts[-depth:])) for d, p in zip(run_dirs, paths)]
+
+
+def plot_runs(run_dirs: list[str | Path], path: str | Path, x: str = "step", smooth: float = 0.6) -> Path:
+    """Write the curves of `run_dirs` to `path` (PNG): loss above, tokens/s below, one colour per run.
+    x: "step" or "tokens" (compares runs with different batch sizes); smooth: EMA weight in [0, 1)."""
+    return save_figure(curves_figure(read_runs(run_dirs), x, smooth), path)
+
+
+def curves_figure(runs: list[RunCurves], x: str = "step", smooth: float = 0.6) -> Figure:
+    """The figure of `plot_runs`, for a notebook to show (a cell ending in it displays it)."""
+    if x not in ("step", "tokens"):
+        raise ConfigError(f"x={x!r}: plot against 'step' or 'tokens'")
+    if not 0 <= smooth < 1:
+        raise ConfigError(f"smooth={smooth}: the moving-average weight must be in [0, 1) (0: no smoothing)")
+    fig = Figure(figsize=(9, 7), dpi=110)
+    ax_loss, ax_speed = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    colours = matplotlib.colormaps["tab10"]
+    labelled_events: set[str] = set()
+    for i, run in enumerate(runs):
+        colour = colours(i % 10)
+        scale = run.tokens_per_step if x == "tokens" else 1
+        ax_loss.plot(run.steps * scale, run.loss, color=colour, alpha=0.25, lw=0.8)
+        ax_loss.plot(run.steps * scale, smoothed(run.loss, smooth), color=colour, lw=1.8, label=f"{run.name} train")
+        if len(run.eval_steps):
+            ax_loss.plot(run.eval_steps * scale, run.eval_loss, "o-", color=colour, ms=5, lw=1,
+                         markeredgecolor="black", label=f"{run.name} held out")
+        ax_speed.plot(run.steps * scale, run.tokens_per_s, ".", color=colour, ms=3)
+        for step, event in run.events:
+            style, label = MARKED_EVENTS[event]
+            ax_loss.axvline(step * scale, color=colour, ls=style, lw=1, alpha=0.7,
+                            label=None if event in labelled_events else label)
+            labelled_events.add(event)
+    ax_loss.set_ylabel("loss (nats/token)")
+    losses = np.concatenate([np.concatenate([r.loss, r.eval_loss]) for r in runs])
+    losses = losses[np.isfinite(losses)]
+    if len(losses):  # up to the 95th percentile: the first steps' high loss would flatten the rest
+        low, high = float(losses.min()), float(np.percentile(losses, 95))
+        margin = 0.05 * (high - low) or 0.05
+        ax_loss.set_ylim(low - margin, high + margin)
+    ax_loss.grid(True, alpha=0.3)
+    ax_loss.legend(fontsize=8, framealpha=0.9)
+    ax_loss.set_title("training curves" if len(runs) > 1 else f"training curves: {runs[0].name}")
+    speeds = np.concatenate([r.tokens_per_s for r in runs])
+    speeds = speeds[~np.isnan(speeds)]
+    if len(speeds) and speeds.min() > 0 and speeds.max() > 10 * speeds.min():  # runs on different hardware
+        ax_speed.set_yscale("log")
+    ax_speed.set_ylabel("tokens/s")
+    ax_speed.set_xlabel("tokens" if x == "tokens" else "step")
+    ax_speed.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def summary_line(run: RunCurves) -> str:
+    line = f"{run.name}: {run.steps[-1]} steps, loss {run.loss[0]:.3f} -> {run.loss[-1]:.3f}"
+    if len(run.eval_loss):
+        line += f", held out {run.eval_loss[-1]:.3f} (best {run.eval_loss.min():.3f})"
+    if not np.isnan(run.tokens_per_s).all():
+        line += f", median {np.nanmedian(run.tokens_per_s):,.0f} tokens/s"
+    restarts = sum(event == "resume" for _, event in run.events)
+    if restarts or run.skipped_updates:
+        line += f"; restarts {restarts}, skipped updates {run.skipped_updates}"
+    return line
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `plot` on the core CLI's subparsers; the handler is `args.func(args) -> exit code`."""
+    p = subparsers.add_parser("plot", help="training curves of runs (loss, held-out loss, tokens/s) as a PNG",
+                              description=__doc__)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run directory (holds metrics.jsonl)")
+    p.add_argument("--out", type=Path, help="PNG to write (default: RUN_DIR/curves.png for one run, "
+                                            "curves.png here for several)")
+    p.add_argument("--x", choices=["step", "tokens"], default="step",
+                   help="x axis; tokens compares runs with different batch sizes")
+    p.add_argument("--smooth", type=float, default=0.6, help="moving-average weight for the loss, 0 to 1 "
+                                                             "(default 0.6; 0: raw)")
+    p.set_defaults(func=run_plot)
+    return p
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    out = args.out or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else Path("curves.png"))
+    runs = read_runs(args.run_dirs)
+    path = save_figure(curves_figure(runs, x=args.x, smooth=args.smooth), out)
+    for run in runs:
+        print(summary_line(run))
+    print(f"wrote {path}")
+    return 0
