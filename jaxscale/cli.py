@@ -71,7 +71,8 @@ def run_train(args: argparse.Namespace) -> int:
         summary = f"{trained}: loss {first['loss']:.3f} -> {last['loss']:.3f}"
         if evals:
             summary += f", eval loss {evals[-1]:.3f}"
-        print(summary + f"; metrics in {config.resolved_run_dir() / 'metrics.jsonl'}")
+        run_dir = config.resolved_run_dir()
+        print(summary + f"; metrics in {run_dir / 'metrics.jsonl'} (curves: jaxscale plot {run_dir})")
     return 0
 
 
