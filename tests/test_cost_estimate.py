@@ -123,3 +123,44 @@ def test_cli_estimate_errors_are_messages_not_tracebacks(capsys):
     assert "unknown hardware 'h100'" in capsys.readouterr().err
     assert main(["estimate", "default", "--tokens", "1e9", "--chips", "8"]) == 2
     assert "give --hardware" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tokens", "nan"], "tokens and FLOPs/token must be positive and finite, got nan"),
+    (["--tokens", "inf"], "tokens and FLOPs/token must be positive and finite, got inf"),
+    (["--pue", "nan"], "PUE is total facility power over IT power, so >= 1 and finite; got nan"),
+    (["--grid-gco2-per-kwh", "inf"], "grid carbon intensity must be >= 0 and finite, got inf"),
+    (["--mfu", "0.3", "--from-run", "runs/x"], "--mfu and --from-run both set the MFU; give one of them"),
+    (["--from-run", "no/such/run"], "no/such/run does not exist: give the run directory of a jaxscale train run"),
+])
+def test_cli_estimate_refuses_non_finite_figures_and_contradicting_flags(capsys, flags, message):
+    args = ["estimate", "default", "--tokens", "1e9", "--hardware", "h100-sxm", "--chips", "8", *flags]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_estimate_refuses_an_impossible_measured_mfu(tmp_path, capsys):
+    write_metrics(tmp_path / "run", [{"step": 10, "mfu": 2.5}, {"step": 20, "mfu": 3.5}])
+    assert main(["estimate", "default", "--tokens", "1e9", "--hardware", "h100-sxm", "--chips", "8",
+                 "--from-run", str(tmp_path / "run")]) == 2
+    assert f"the median MFU of {tmp_path / 'run'} is 3, outside (0, 1]" in capsys.readouterr().err
+
+
+def test_cli_estimate_from_a_run_killed_mid_write(tmp_path, capsys):
+    write_metrics(tmp_path / "run", [{"step": 10, "mfu": 0.2}, {"step": 20, "mfu": 0.4}])
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 30, "mf')  # the row being written when the run was killed
+    assert main(["estimate", "default", "--tokens", "1e9", "--hardware", "h100-sxm", "--chips", "8",
+                 "--from-run", str(tmp_path / "run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["estimates"][0]["mfu"] == pytest.approx(0.3)
+
+
+def test_cli_estimate_compares_each_entry_once_and_shows_small_chip_hours(capsys):
+    assert main(["estimate", "default", "--tokens", "1e9", "--chips", "8", "--hardware", "b200",
+                 "--compare", "h100-sxm,b200,h100-sxm"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("\nhardware "):].splitlines()[2:-2]
+    assert [row.split()[0] for row in table] == ["b200", "h100-sxm"]
+    chip_hours = load_config("default").model.flops_per_token() * 1e9 / (load_catalog()["b200"].peak_bf16_flops
+                                                                         * 0.4 * 3600)
+    assert chip_hours < 0.05 and f"chip-hours      {chip_hours:.3g}\n" in out  # not rounded to 0.0

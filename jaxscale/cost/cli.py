@@ -103,16 +103,21 @@ def _hardware_keys(args: argparse.Namespace) -> list[str]:
     compare = [k.strip() for k in (args.compare or "").split(",") if k.strip()]
     if not args.hardware and not compare:
         raise EstimateError("give --hardware (a catalog entry such as h100-sxm or tpu-v5p) or --compare A,B,...")
-    return ([args.hardware] if args.hardware else []) + [k for k in compare if k != args.hardware]
+    return list(dict.fromkeys(([args.hardware] if args.hardware else []) + compare))  # each entry once
 
 
 def _choose_mfu(flag: float | None, run_dir: str | None) -> tuple[float, str]:
+    if flag is not None and run_dir:
+        raise EstimateError("--mfu and --from-run both set the MFU; give one of them")
     if flag is not None:
         return flag, "from --mfu"
     if run_dir:
         mfu = measured_mfu(run_dir)
         if mfu is None:
             raise EstimateError(f"{run_dir}/metrics.jsonl has no non-null mfu (CPU runs log none); give --mfu")
+        if not 0 < mfu <= 1:  # measured against a catalog peak that is too low
+            raise EstimateError(f"the median MFU of {run_dir} is {mfu:.3g}, outside (0, 1]: the peak FLOP/s it was "
+                                f"measured against is wrong; give --mfu")
         return mfu, f"median over the log steps of {run_dir}"
     return DEFAULT_MFU, "default: no --mfu or --from-run given"
 
@@ -190,7 +195,7 @@ def _describe_one(e: TrainingEstimate, m: MemoryEstimate, a: Accelerator, zero3:
     lines = [
         f"on {e.chips} x {a.key} ({a.name}), peak {e.peak_flops_per_chip / 1e12:g} TFLOP/s dense bf16 per chip",
         f"  wall-clock      {_duration(e.seconds)}",
-        f"  chip-hours      {e.chip_hours:,.1f}",
+        f"  chip-hours      {_amount(e.chip_hours)}",
     ]
     if e.cost_usd is not None:
         lines.append(f"  cost            ${_amount(e.cost_usd)} at ${e.price_usd_per_chip_hour:g}/chip-hour "
@@ -225,7 +230,7 @@ def _compare_table(rows: list[tuple[TrainingEstimate, MemoryEstimate]]) -> str:
     table = [header]
     for e, m in rows:
         table.append((e.hardware, str(e.chips), f"{e.peak_flops_per_chip / 1e12:g}", _duration(e.seconds),
-                      f"{e.chip_hours:,.1f}", _or_unknown(e.cost_usd),
+                      _amount(e.chip_hours), _or_unknown(e.cost_usd),
                       _or_unknown(e.energy_kwh), _or_unknown(e.co2e_kg),
                       _gb(m.total_bytes_per_chip), {True: "yes", False: "NO", None: "?"}[m.fits]))
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]

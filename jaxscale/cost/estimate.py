@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from jaxscale.cost.catalog import Accelerator
@@ -62,12 +63,13 @@ def estimate_training(flops_per_token: float, tokens: float, accelerator: Accele
         raise EstimateError(f"chips must be >= 1, got {chips}")
     if not 0 < mfu <= 1:
         raise EstimateError(f"MFU must be in (0, 1], got {mfu}")
-    if tokens <= 0 or flops_per_token <= 0:
-        raise EstimateError(f"tokens and FLOPs/token must be positive, got {tokens} and {flops_per_token}")
-    if pue < 1:
-        raise EstimateError(f"PUE is total facility power over IT power, so >= 1; got {pue}")
-    if grid_gco2_per_kwh < 0:
-        raise EstimateError(f"grid carbon intensity must be >= 0, got {grid_gco2_per_kwh}")
+    # NaN fails every comparison, so each check is written to fail for it
+    if not (0 < tokens < math.inf and 0 < flops_per_token < math.inf):
+        raise EstimateError(f"tokens and FLOPs/token must be positive and finite, got {tokens} and {flops_per_token}")
+    if not 1 <= pue < math.inf:
+        raise EstimateError(f"PUE is total facility power over IT power, so >= 1 and finite; got {pue}")
+    if not 0 <= grid_gco2_per_kwh < math.inf:
+        raise EstimateError(f"grid carbon intensity must be >= 0 and finite, got {grid_gco2_per_kwh}")
     total = training_flops(flops_per_token, tokens)
     seconds = total / (chips * accelerator.peak_bf16_flops * mfu)
     chip_hours = chips * seconds / 3600.0
