@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 import jaxscale
+from jaxscale.cli import main
 from jaxscale.errors import ConfigError
-from jaxscale.training.curves import plot_runs, read_run, read_runs, smoothed, summary_line
+from jaxscale.training.curves import curves_figure, plot_runs, read_run, read_runs, smoothed, summary_line
+from jaxscale.training.metrics import MetricsLogger
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +65,72 @@ def test_what_is_not_a_run_is_refused_with_what_to_give(tmp_path, run_dir):
         read_run(no_config)
     with pytest.raises(ConfigError, match="smooth=1"):
         plot_runs([run_dir], tmp_path / "x.png", smooth=1)
+
+
+def test_a_row_cut_short_by_a_kill_is_skipped_and_the_restart_continues_on_a_line_of_its_own(run_dir, tmp_path):
+    killed = tmp_path / "killed"
+    shutil.copytree(run_dir, killed)
+    text = (killed / "metrics.jsonl").read_text()
+    (killed / "metrics.jsonl").write_text(text[:-30])  # the last row (the final checkpoint event) half written
+    assert list(read_run(killed).steps) == list(range(1, 9))
+    logger = MetricsLogger(killed, total_steps=8, start_step=8, log_every=1, tokens_per_step=1, flops_per_token=1.0,
+                           n_devices=1, show_progress=False, is_main_process=True)
+    logger.write({"step": 8, "event": "resume"})  # what the restarted run writes first
+    logger.close()
+    assert (killed / "metrics.jsonl").read_text().endswith('\n{"step": 8, "event": "resume"}\n')
+    run = read_run(killed)
+    assert list(run.steps) == list(range(1, 9)) and run.events == [(8, "resume")]
+    (killed / "metrics.jsonl").write_text(text.replace('"eval_loss"', 'eval_loss', 1))  # damaged mid-file
+    with pytest.raises(ConfigError, match=r"metrics.jsonl:\d+ is not JSON"):
+        read_run(killed)
+
+
+@pytest.mark.parametrize("config_text,message", [
+    ("train: [\n", "config.yaml is not valid YAML"),
+    ("foo: 1\n", "config.yaml is not the config.yaml of a jaxscale train run"),
+    ("train: {batch_size: x}\nmodel: {seq_len: 32}\n", "must be positive whole numbers, got 'x' and 32"),
+])
+def test_a_damaged_config_yaml_is_named(run_dir, tmp_path, config_text, message):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    (damaged / "config.yaml").write_text(config_text)
+    with pytest.raises(ConfigError, match=message):
+        read_run(damaged)
+
+
+@pytest.mark.parametrize("rows,message", [
+    ('{"loss": 3.0}\n', 'metrics.jsonl:1 has no whole-number "step"'),
+    ('{"step": 1, "loss": "abc"}\n', "step 1 has loss 'abc', not a number"),
+    ('{"step": 1, "loss": 3.0, "tokens_per_s": "fast"}\n', "step 1 has tokens_per_s 'fast', not a number"),
+])
+def test_rows_jaxscale_did_not_write_are_refused(run_dir, tmp_path, rows, message):
+    foreign = tmp_path / "foreign"
+    shutil.copytree(run_dir, foreign)
+    (foreign / "metrics.jsonl").write_text(rows)
+    with pytest.raises(ConfigError, match=message):
+        read_run(foreign)
+
+
+def test_one_row_is_drawn_as_a_point_and_a_diverged_evaluation_is_not_the_best(run_dir, tmp_path):
+    short = tmp_path / "short"
+    shutil.copytree(run_dir, short)
+    lines = (short / "metrics.jsonl").read_text().splitlines()
+    (short / "metrics.jsonl").write_text(lines[1] + "\n" + '{"step": 1, "eval_loss": NaN}\n')
+    run = read_run(short)
+    train_line = curves_figure([run]).axes[0].get_lines()[1]
+    assert train_line.get_marker() == "o"  # a line through one point would draw nothing
+    assert summary_line(run).endswith("held out nan")  # not "(best nan)"
+
+
+def test_plot_command_refuses_a_figure_path_it_cannot_write_and_a_run_given_twice(run_dir, tmp_path, capsys):
+    before = (run_dir / "config.yaml").read_bytes()
+    for out, message in [(run_dir / "config.yaml", "a figure cannot be written as .yaml"),
+                         (run_dir, "is a directory; give a file name such as")]:
+        assert main(["plot", str(run_dir), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_bytes() == before
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "noext")]) == 0
+    assert f"wrote {tmp_path / 'noext.png'}" in capsys.readouterr().out  # where matplotlib puts it
+    assert (tmp_path / "noext.png").stat().st_size > 10_000
+    assert main(["plot", str(run_dir), str(run_dir / "."), "--out", str(tmp_path / "x.png")]) == 2
+    assert "given more than once" in capsys.readouterr().err

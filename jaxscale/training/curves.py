@@ -13,6 +13,7 @@ import yaml
 from matplotlib.figure import Figure  # no pyplot: nothing changes the backend of a notebook that imports this
 
 from jaxscale.errors import ConfigError
+from jaxscale.figures import figure_path
 from jaxscale.training.events import read_metrics
 
 # Events drawn as vertical lines: (line style, legend label).
@@ -50,19 +51,46 @@ def read_run(run_dir: str | Path, name: str | None = None) -> RunCurves:
     if not config_path.is_file():
         raise ConfigError(f"{config_path} is missing: jaxscale train writes it into the run directory; plot the "
                           f"directory that holds both metrics.jsonl and config.yaml")
-    config = yaml.safe_load(config_path.read_text())
     eval_rows = [r for r in rows if "eval_loss" in r]
+    metrics_path = run_dir / "metrics.jsonl"
     return RunCurves(
         name=name or run_dir.name,
-        tokens_per_step=config["train"]["batch_size"] * config["model"]["seq_len"],
+        tokens_per_step=_tokens_per_step(config_path),
         steps=np.array([r["step"] for r in train_rows]),
-        loss=np.array([r["loss"] for r in train_rows], dtype=float),
+        loss=_column(train_rows, "loss", metrics_path),
         eval_steps=np.array([r["step"] for r in eval_rows]),
-        eval_loss=np.array([r["eval_loss"] for r in eval_rows], dtype=float),
-        tokens_per_s=np.array([np.nan if r.get("tokens_per_s") is None else r["tokens_per_s"] for r in train_rows]),
+        eval_loss=_column(eval_rows, "eval_loss", metrics_path),
+        tokens_per_s=_column(train_rows, "tokens_per_s", metrics_path),
         events=[(r["step"], r["event"]) for r in rows if r.get("event") in MARKED_EVENTS],
         skipped_updates=sum(r.get("event") == "update_skipped" for r in rows),
     )
+
+
+def _tokens_per_step(config_path: Path) -> int:
+    """Global batch x sequence length from a run's config.yaml."""
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{config_path} is not valid YAML: {e}") from e
+    try:
+        sizes = [config["train"]["batch_size"], config["model"]["seq_len"]]
+    except (TypeError, KeyError) as e:
+        raise ConfigError(f"{config_path} is not the config.yaml of a jaxscale train run: it gives no "
+                          f"train.batch_size and model.seq_len") from e
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+        raise ConfigError(f"{config_path}: train.batch_size and model.seq_len must be positive whole numbers, "
+                          f"got {sizes[0]!r} and {sizes[1]!r}")
+    return sizes[0] * sizes[1]
+
+
+def _column(rows: list[dict], key: str, path: Path) -> np.ndarray:
+    """The values of `key` as floats, NaN where null or absent (a row without timing)."""
+    for row in rows:
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{path}: step {row['step']} has {key} {value!r}, not a number: this file was not "
+                              f"written by jaxscale train as it is")
+    return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
 
 
 def smoothed(values: np.ndarray, weight: float) -> np.ndarray:
@@ -80,6 +108,9 @@ def read_runs(run_dirs: list[str | Path]) -> list[RunCurves]:
     """Each run named by the last parts of its path that tell it from the others (runs/a/run, runs/b/run ->
     a/run, b/run)."""
     paths = [Path(d).resolve() for d in run_dirs]
+    twice = sorted({str(d) for d, p in zip(run_dirs, paths) if paths.count(p) > 1})
+    if twice:  # names could not tell the copies apart
+        raise ConfigError(f"run directory {', '.join(twice)} given more than once; give each run once")
     depth = 1
     while depth < max(len(p.parts) for p in paths) and len({p.parts[-depth:] for p in paths}) < len(paths):
         depth += 1
@@ -105,8 +136,10 @@ def curves_figure(runs: list[RunCurves], x: str = "step", smooth: float = 0.6) -
     for i, run in enumerate(runs):
         colour = colours(i % 10)
         scale = run.tokens_per_step if x == "tokens" else 1
+        marker = "o" if len(run.steps) == 1 else None  # a line through one point draws nothing
         ax_loss.plot(run.steps * scale, run.loss, color=colour, alpha=0.25, lw=0.8)
-        ax_loss.plot(run.steps * scale, smoothed(run.loss, smooth), color=colour, lw=1.8, label=f"{run.name} train")
+        ax_loss.plot(run.steps * scale, smoothed(run.loss, smooth), color=colour, lw=1.8, marker=marker,
+                     label=f"{run.name} train")
         if len(run.eval_steps):
             ax_loss.plot(run.eval_steps * scale, run.eval_loss, "o-", color=colour, ms=5, lw=1,
                          markeredgecolor="black", label=f"{run.name} held out")
@@ -138,7 +171,7 @@ def curves_figure(runs: list[RunCurves], x: str = "step", smooth: float = 0.6) -
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
+    path = figure_path(path, "path", "curves.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
@@ -147,7 +180,8 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 def summary_line(run: RunCurves) -> str:
     line = f"{run.name}: {run.steps[-1]} steps, loss {run.loss[0]:.3f} -> {run.loss[-1]:.3f}"
     if len(run.eval_loss):
-        line += f", held out {run.eval_loss[-1]:.3f} (best {run.eval_loss.min():.3f})"
+        finite = run.eval_loss[np.isfinite(run.eval_loss)]  # a diverged evaluation is no one's best
+        line += f", held out {run.eval_loss[-1]:.3f}" + (f" (best {finite.min():.3f})" if len(finite) else "")
     if not np.isnan(run.tokens_per_s).all():
         line += f", median {np.nanmedian(run.tokens_per_s):,.0f} tokens/s"
     restarts = sum(event == "resume" for _, event in run.events)
@@ -173,6 +207,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_plot(args: argparse.Namespace) -> int:
     out = args.out or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else Path("curves.png"))
+    out = figure_path(out, "--out", "curves.png")
     runs = read_runs(args.run_dirs)
     path = save_figure(curves_figure(runs, x=args.x, smooth=args.smooth), out)
     for run in runs:

@@ -35,19 +35,44 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
+    elif not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: give the run directory of a jaxscale train run (or its "
+                                f"metrics.jsonl)")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {path.parent} a training run directory?")
+    try:
+        lines = path.read_text().split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not text ({e.reason} at byte {e.start}): is it a metrics.jsonl?") from e
     rows: list[dict[str, Any]] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
+            if _cut_short(lines, number):
+                log.warning("%s:%d: skipped a row cut short (the run was stopped while writing it)", path, number)
+                continue
             raise ValueError(f"{path}:{number} is not JSON: {e}") from e
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{number} must be a JSON object, got {line[:60]!r}")
+        if isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+            raise ValueError(f"{path}:{number} has no whole-number \"step\", as every row jaxscale train writes "
+                             f"has: {line[:60]!r}")
         if row.get("event") in RESTART_EVENTS:  # lost work: metric rows after the step the run went on from
             rows = [r for r in rows if r["step"] <= row["step"] or "event" in r]
         rows.append(row)
     return rows
+
+
+def _cut_short(lines: list[str], number: int) -> bool:
+    """Whether line `number` (1-based) is a row a killed run left half written: the file's last line (no newline
+    after it), or a line the next session's MetricsLogger ended before writing its restart event after it."""
+    if number == len(lines):
+        return True
+    try:
+        following = json.loads(lines[number])
+    except json.JSONDecodeError:
+        return False
+    return isinstance(following, dict) and following.get("event") in RESTART_EVENTS

@@ -35,7 +35,7 @@ class MetricsLogger:
         self.flops_per_token = flops_per_token
         peak = device_peak_flops()
         self.cluster_peak = peak * n_devices if peak else None
-        self.file = (run_dir / "metrics.jsonl").open("a") if is_main_process else None
+        self.file = _open_rows(run_dir / "metrics.jsonl") if is_main_process else None
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not (show_progress and is_main_process),
                         unit="step", dynamic_ncols=True)
         self.pending: tuple[int, dict, int] | None = None  # (step, metrics, tokens trained through it)
@@ -103,3 +103,15 @@ class MetricsLogger:
         self.energy.close()
         if self.file:
             self.file.close()
+
+
+def _open_rows(path: Path):
+    """metrics.jsonl, to append to. A run killed while writing a row leaves it without its newline; that row is
+    ended here, so the next row starts a line of its own and `read_metrics` can skip the half-written one."""
+    file = path.open("a")
+    if file.tell() > 0:
+        with path.open("rb") as existing:
+            existing.seek(-1, 2)
+            if existing.read(1) != b"\n":
+                file.write("\n")
+    return file
