@@ -77,3 +77,20 @@ def test_fit_refuses_too_few_or_bad_runs():
         fit_loss_law([1e6, 2e6, 4e6], [1e8, 1e8, 1e8], [3.0, 2.9, 2.8])
     with pytest.raises(ValueError, match="positive and finite"):
         fit_loss_law([1e6] * 5, [1e8] * 5, [3.0, 2.9, -1, 2.7, 2.6])
+
+
+def test_fit_refuses_runs_that_cannot_determine_the_law():
+    # One model size: E + A/N^alpha is a single number, so E, A and alpha are any of infinitely many
+    d = np.logspace(8, 10, 6)
+    with pytest.raises(ValueError, match=r"1 model size\(s\) N and 6 token count\(s\) D; the fit needs at least 3"):
+        fit_loss_law(np.full(6, 1e7), d, HOFFMANN_2022.loss(1e7, d))
+    n, d = (x.ravel() for x in np.meshgrid([1e7, 1e8], np.logspace(8, 10, 4)))
+    with pytest.raises(ValueError, match="2 model size"):
+        fit_loss_law(n, d, HOFFMANN_2022.loss(n, d))
+
+
+def test_bootstrap_skips_resamples_that_cannot_determine_the_law():
+    n, d = (x.ravel() for x in np.meshgrid(np.logspace(7, 9, 3), np.logspace(9, 11, 3)))  # the smallest grid
+    loss = HOFFMANN_2022.loss(n, d) * np.exp(np.random.default_rng(0).normal(0, 0.002, n.shape))
+    result = bootstrap(n, d, loss, resamples=40, seed=0)
+    assert 2 <= len(result.samples) < 40  # the resamples with fewer than 3 sizes or token counts are left out

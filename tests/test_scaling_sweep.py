@@ -10,6 +10,7 @@ import pytest
 
 import jaxscale
 from jaxscale.cli import main
+from jaxscale.errors import ConfigError
 from jaxscale.scaling.fit import fit_loss_law
 from jaxscale.scaling.law import LossLaw
 from jaxscale.scaling.points import ScalingPoint, final_loss, find_points, read_point, write_point
@@ -35,6 +36,55 @@ def test_final_loss_prefers_the_last_eval_loss():
     assert final_loss(train_only) == (pytest.approx(5.0), "train")  # mean of the last five: 3..7
     with pytest.raises(ValueError, match="neither eval_loss nor loss"):
         final_loss([{"step": 1}])
+
+
+def test_final_loss_of_a_diverged_run_is_refused_not_taken_from_earlier_steps():
+    diverged = [{"step": 10, "loss": 3.0}, {"step": 10, "eval_loss": 3.1}, {"step": 20, "loss": float("nan")},
+                {"step": 20, "eval_loss": float("nan")}]
+    with pytest.raises(ValueError, match="final eval_loss is nan, not finite: the run diverged"):
+        final_loss(diverged)
+    train_only = [{"step": s, "loss": float(s)} for s in range(1, 8)] + [{"step": 8, "loss": float("nan")}]
+    assert final_loss(train_only) == (pytest.approx(5.5), "train")  # a skipped update: the mean of 4..7
+    with pytest.raises(ValueError, match="final training losses are .* not finite"):
+        final_loss(train_only[:2] + [{"step": s, "loss": float("inf")} for s in range(3, 8)])
+
+
+@pytest.mark.parametrize("tokens,message", [
+    ("0", "token budget '0' in --tokens '0' must be a positive number"),
+    ("nan", "token budget 'nan'"),
+    ("inf", "token budget 'inf'"),
+    ("1e5,,2e5", "token budget '' in --tokens '1e5,,2e5'"),
+    ("", "token budget ''"),
+    ("1e5,1e5", "plan one run twice: d32-l1-t100K (token budget 100000) and d32-l1-t100K"),
+    ("1e5,1.001e5", "d32-l1-t100K (token budget 100000) and d32-l1-t100.1K (token budget 100100) are both d32-l1 "
+                    "for 49 steps"),
+    ("1000", "token budget 1000 rounds to 0 steps of 2048 tokens"),
+])
+def test_sweep_refuses_budgets_that_are_not_positive_or_plan_one_run_twice(tmp_path, capsys, tokens, message):
+    out = tmp_path / "sweep"
+    assert main(["scaling", "sweep", "--sizes", "32x1", f"--tokens={tokens}", "--out", str(out), "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sweep_refuses_a_size_given_twice(tmp_path, capsys):
+    assert main(["scaling", "sweep", "--sizes", "32x1,32 x 1", "--tokens", "1e5", "--out", str(tmp_path),
+                 "--dry-run"]) == 2
+    assert "plan one run twice" in capsys.readouterr().err  # two workers would train in one directory
+
+
+def test_sweep_names_a_damaged_scaling_json_and_a_diverged_run(tmp_path, monkeypatch, capsys):
+    (run,) = plan_sweep("default", PRESETS["cpu"], [ModelShape.parse("32x1", 32)], [20 * 2048], tmp_path, [])
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "scaling.json").write_text('{"N": 1')  # cut short
+    with pytest.raises(ConfigError, match="scaling.json is not a scaling point .* delete that file and rerun"):
+        run_sweep([run])
+    (run.run_dir / "scaling.json").unlink()
+    (run.run_dir / "metrics.jsonl").write_text('{"step": 20, "loss": NaN}\n{"step": 20, "eval_loss": NaN}\n')
+    finished = SimpleNamespace(preempted=False, state=SimpleNamespace(step=20), metrics=[])
+    monkeypatch.setattr(jaxscale, "train", lambda config: finished)  # as train returns for a finished run
+    with pytest.raises(ConfigError, match="no scaling point: its final eval_loss is nan.*lower optimizer"):
+        run_sweep([run])
+    assert not (run.run_dir / "scaling.json").exists()
 
 
 def test_plan_uses_the_experiment_and_gives_each_run_its_own_schedule(tmp_path):
@@ -185,3 +235,32 @@ def test_fit_command_reports_constants_allocation_holdout_and_draws_the_figure(t
 def test_fit_command_errors_on_missing_runs(tmp_path, capsys):
     assert main(["scaling", "fit", str(tmp_path / "nothing-here")]) == 2
     assert "has no scaling.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--bootstrap=-1"], "--bootstrap -1: give the number of resamples, >= 0"),
+    (["--budget", "0"], "--budget 0.0: give a compute budget in FLOPs, a positive number"),
+    (["--budget", "nan"], "--budget nan: give a compute budget in FLOPs"),
+    (["--png", "fit.txt"], "--png fit.txt: a figure cannot be written as .txt"),
+    (["--png", "."], "--png . is a directory; give a file name such as scaling_fit.png"),
+])
+def test_fit_command_refuses_bad_options_before_fitting(tmp_path, monkeypatch, capsys, flags, message):
+    write_synthetic_sweep(tmp_path / "sweep", LossLaw(E=1.5, A=40.0, B=300.0, alpha=0.35, beta=0.4))
+    monkeypatch.chdir(tmp_path)
+    assert main(["scaling", "fit", str(tmp_path / "sweep"), "--bootstrap", "0", *flags]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""  # nothing fitted or printed first
+
+
+def test_fit_command_counts_each_run_once_and_names_unfinished_ones(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    points = write_synthetic_sweep(sweep, LossLaw(E=1.5, A=40.0, B=300.0, alpha=0.35, beta=0.4))
+    assert main(["scaling", "fit", str(sweep), points[0].run_dir, "--bootstrap", "0"]) == 2
+    assert "scaling.json given more than once" in capsys.readouterr().err
+    unfinished = sweep / "d999-l9-t1M"  # a run still training: config.yaml written, scaling.json not yet
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("name: d999-l9-t1M\n")
+    assert main(["scaling", "fit", str(sweep), "--bootstrap", "0", "--png", str(tmp_path / "fit")]) == 0
+    out = capsys.readouterr().out
+    assert "fitted on 25 runs" in out and f"note: left out 1 run(s) with no scaling.json yet: {unfinished}" in out
+    assert f"figure: {tmp_path / 'fit.png'}" in out and (tmp_path / "fit.png").is_file()

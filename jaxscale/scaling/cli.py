@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,6 +68,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         ModelShape,
         SweepFailed,
         SweepStopped,
+        parse_budgets,
         plan_sweep,
         run_sweep,
         run_sweep_parallel,
@@ -77,9 +79,9 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
     try:
         devices = worker_devices(args.workers)  # checked before planning: a bad count fails at once
-        shapes = [ModelShape.parse(s, preset.head_dim) for s in (args.sizes.split(",") if args.sizes
+        shapes = [ModelShape.parse(s, preset.head_dim) for s in (args.sizes.split(",") if args.sizes is not None
                                                                  else preset.shapes)]
-        budgets = [float(t) for t in args.tokens.split(",")] if args.tokens else list(preset.tokens)
+        budgets = parse_budgets(args.tokens) if args.tokens is not None else list(preset.tokens)
     except ValueError as e:
         print(f"jaxscale scaling sweep: error: {e}", file=sys.stderr)
         return 2
@@ -121,11 +123,18 @@ def child_command(args: argparse.Namespace, run: SweepRun) -> list[str]:
 
 
 def run_fit_command(args: argparse.Namespace) -> int:
+    from jaxscale.figures import figure_path
     from jaxscale.scaling.fit import bootstrap, fit_loss_law, holdout_largest
     from jaxscale.scaling.plot import plot_scaling
-    from jaxscale.scaling.points import find_points
+    from jaxscale.scaling.points import SCALING_FILE, find_points, unfinished_runs
 
-    try:
+    try:  # the options first: the fit and its bootstrap can take minutes
+        if args.bootstrap < 0:
+            raise ValueError(f"--bootstrap {args.bootstrap}: give the number of resamples, >= 0 (0: none)")
+        if args.budget is not None and not 0 < args.budget < math.inf:
+            raise ValueError(f"--budget {args.budget}: give a compute budget in FLOPs, a positive number such as "
+                             f"1e20 (default: the largest run's)")
+        png_path = figure_path(args.png, "--png", "scaling_fit.png")
         points = find_points(args.run_dirs)
         n = np.array([p.N for p in points])
         d = np.array([p.D for p in points])
@@ -139,9 +148,13 @@ def run_fit_command(args: argparse.Namespace) -> int:
         print(f"jaxscale scaling fit: error: {e}", file=sys.stderr)
         return 2
     kinds = sorted({p.loss_kind for p in points})
-    budget = args.budget or float(max(6 * n * d))
+    budget = args.budget if args.budget is not None else float(max(6 * n * d))
     law = fit.law
     print(f"fitted on {len(points)} runs; N = {N_DEFINITION}; D = tokens trained; loss = final {'/'.join(kinds)} loss")
+    unfinished = unfinished_runs(args.run_dirs)
+    if unfinished:  # a sweep still running, stopped or with failed runs
+        print(f"  note: left out {len(unfinished)} run(s) with no {SCALING_FILE} yet: "
+              f"{', '.join(str(r) for r in unfinished)}")
     if "train" in kinds:
         print("  note: some runs logged no eval loss; their final training loss was used")
     print(f"L(N, D) = E + A/N^alpha + B/D^beta   (sum of Huber losses {fit.objective:.3g})")
@@ -155,7 +168,8 @@ def run_fit_command(args: argparse.Namespace) -> int:
                      f"[{c.low:.4g}, {c.high:.4g}] over {len(boot.samples)} resamples")
         print(line)
     n_opt, d_opt = law.compute_optimal(budget)
-    print(f"compute-optimal at C = {budget:.3g} FLOPs{'' if args.budget else ' (the largest run; set --budget)'}: "
+    print(f"compute-optimal at C = {budget:.3g} FLOPs"
+          f"{'' if args.budget is not None else ' (the largest run; set --budget)'}: "
           f"N = {n_opt:.4g}, D = {d_opt:.4g} ({d_opt / n_opt:.3g} tokens per parameter), "
           f"predicted loss {float(law.loss(n_opt, d_opt)):.4f}")
     if boot:
@@ -166,7 +180,7 @@ def run_fit_command(args: argparse.Namespace) -> int:
         print(f"holdout: fitted without the largest-compute run (N={holdout.n:.4g}, D={holdout.d:.4g}); "
               f"predicted loss {holdout.predicted:.4f}, actual {holdout.actual:.4f}, "
               f"relative error {100 * holdout.relative_error:+.2f}%")
-    png = plot_scaling(n, d, loss, law, args.png, budget=budget,
+    png = plot_scaling(n, d, loss, law, png_path, budget=budget,
                        holdout=(holdout.n, holdout.d, holdout.actual, holdout.predicted) if holdout else None,
                        title=f"Scaling law fit, {len(points)} runs (Chinchilla approach 3)")
     print(f"figure: {png}")

@@ -33,6 +33,9 @@ EXPONENT_BOUNDS = (0.0, 3.0)  # a negative exponent would make loss grow with sc
 # and on data that prefer E = 0 L-BFGS would spend hundreds of iterations walking e towards -infinity.
 LOG_E_BOUNDS = (float(np.log(1e-3)), None)
 MIN_RUNS = 5  # five constants
+# L is a function of N plus a function of D, so each part needs 3 distinct values to fix its 3 constants (E, A,
+# alpha and E, B, beta); with fewer, the fit returns one of infinitely many equally good laws.
+MIN_DISTINCT = 3
 
 
 @dataclass(frozen=True)
@@ -156,8 +159,8 @@ def bootstrap(n, d, loss, resamples: int = 200, seed: int = 0, confidence: float
     samples = []
     for _ in range(resamples):
         idx = rng.integers(0, len(n), len(n))
-        if len(np.unique(idx)) < MIN_RUNS:
-            continue  # too few distinct runs to determine five constants
+        if len(np.unique(idx)) < MIN_RUNS or _too_few_distinct(n[idx], d[idx]):
+            continue  # too few distinct runs, sizes or budgets to determine five constants
         law = fit_loss_law(n[idx], d[idx], loss[idx], starts=starts,
                            extra_starts=[law_to_theta(full_fit.law)]).law
         samples.append([law.E, law.A, law.B, law.alpha, law.beta])
@@ -200,4 +203,16 @@ def _logs(n, d, loss) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise ValueError(f"fitting five constants needs at least {MIN_RUNS} runs, got {len(n)}")
     if np.any(n <= 0) or np.any(d <= 0) or np.any(loss <= 0) or not np.all(np.isfinite([n, d, loss])):
         raise ValueError("N, D and loss must be positive and finite")
+    problem = _too_few_distinct(n, d)
+    if problem:
+        raise ValueError(problem)
     return np.log(n), np.log(d), np.log(loss)
+
+
+def _too_few_distinct(n: np.ndarray, d: np.ndarray) -> str | None:
+    """Why the runs cannot determine the law (see MIN_DISTINCT), or None."""
+    sizes, budgets = len(np.unique(n)), len(np.unique(d))
+    if sizes < MIN_DISTINCT or budgets < MIN_DISTINCT:
+        return (f"the runs have {sizes} model size(s) N and {budgets} token count(s) D; the fit needs at least "
+                f"{MIN_DISTINCT} of each (e.g. scaling sweep --sizes 32x1,64x2,96x3 --tokens 2.5e5,5e5,1e6)")
+    return None

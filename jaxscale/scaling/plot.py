@@ -9,6 +9,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure  # no pyplot: nothing changes the backend of a notebook that imports this
 
+from jaxscale.figures import figure_path
 from jaxscale.scaling.law import LossLaw
 
 
@@ -63,7 +64,7 @@ def plot_scaling(n, d, loss, law: LossLaw, path: str | Path, budget: float | Non
             bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.9})
     ax.set_title(title or "Scaling law fit (Chinchilla approach 3)")
     fig.tight_layout()
-    path = Path(path)
+    path = figure_path(path, "path", "scaling_fit.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path

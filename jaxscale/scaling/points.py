@@ -35,15 +35,20 @@ class ScalingPoint:
 
 
 def final_loss(metrics_rows: list[dict]) -> tuple[float, str]:
-    """The last logged `eval_loss`; without one, the mean training `loss` of the last 5 log rows."""
-    evals = [r["eval_loss"] for r in metrics_rows if _finite(r.get("eval_loss"))]
-    if evals:
-        return float(evals[-1]), "eval"
-    train = [r["loss"] for r in metrics_rows if _finite(r.get("loss"))]
-    if not train:
+    """The last logged `eval_loss`; without one, the mean finite training `loss` of the last 5 log rows (a
+    non-finite one is a skipped update). A run that diverged has no final loss: an earlier one is not the run's."""
+    evals = [r["eval_loss"] for r in metrics_rows if "eval_loss" in r]
+    train = [r["loss"] for r in metrics_rows if "loss" in r]
+    if not evals and not train:
         raise ValueError("the run logged neither eval_loss nor loss")
-    tail = train[-5:]
-    return sum(tail) / len(tail), "train"
+    if evals:
+        kind, values, what = "eval", evals[-1:], f"eval_loss is {evals[-1]}"
+    else:
+        kind, values, what = "train", [v for v in train[-5:] if _finite(v)], f"training losses are {train[-5:]}"
+    if not values or not all(_finite(v) for v in values):
+        raise ValueError(f"its final {what}, not finite: the run diverged; lower optimizer.learning_rate (--set), "
+                         f"or leave this size or budget out")
+    return sum(values) / len(values), kind
 
 
 def write_point(point: ScalingPoint) -> Path:
@@ -76,7 +81,20 @@ def find_points(paths: list[str]) -> list[ScalingPoint]:
             files.extend(sorted(p.glob(f"*/{SCALING_FILE}")))
         else:
             raise FileNotFoundError(f"{p} has no {SCALING_FILE}, nor do its sub-directories")
+    resolved = [f.resolve() for f in files]
+    twice = sorted({str(f) for f, r in zip(files, resolved) if resolved.count(r) > 1})
+    if twice:  # a run counted twice weighs twice in the fit
+        raise ValueError(f"{', '.join(twice)} given more than once (a run directory and the sweep directory "
+                         f"above it?); give each run once")
     return [read_point(f) for f in files]
+
+
+def unfinished_runs(paths: list[str]) -> list[Path]:
+    """Run directories (they hold a config.yaml) inside the sweep directories among `paths` that have no
+    scaling.json yet: runs still training, stopped, or failed."""
+    sweeps = [p for p in map(Path, paths) if p.is_dir() and not (p / SCALING_FILE).is_file()]
+    return [run for sweep in sweeps for run in sorted(sweep.iterdir())
+            if (run / "config.yaml").is_file() and not (run / SCALING_FILE).is_file()]
 
 
 def _finite(value) -> bool:

@@ -11,6 +11,7 @@ child process of its own pinned to one GPU, its output in <run_dir>/sweep.log.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import shlex
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from jaxscale.errors import ConfigError
 from jaxscale.scaling.points import SCALING_FILE, ScalingPoint, final_loss, read_point, write_point
 from jaxscale.training.events import read_metrics
 
@@ -54,6 +56,21 @@ class ModelShape:
             raise ValueError(f"model size {text!r}: d_model must be positive and a multiple of the head size "
                              f"{head_dim}, and layers positive")
         return cls(d_model, n_layers, head_dim)
+
+
+def parse_budgets(text: str) -> list[float]:
+    """'2.5e5,1e6' -> [250000.0, 1000000.0]."""
+    budgets = []
+    for part in text.split(","):
+        try:
+            budget = float(part)
+        except ValueError:
+            budget = math.nan
+        if not 0 < budget < math.inf:  # NaN fails this too
+            raise ValueError(f"token budget {part.strip()!r} in --tokens {text!r} must be a positive number, e.g. "
+                             f"--tokens 2.5e5,1e6")
+        budgets.append(budget)
+    return budgets
 
 
 @dataclass(frozen=True)
@@ -118,10 +135,21 @@ def plan_sweep(experiment: str | None, preset: SweepPreset, shapes: list[ModelSh
     probe = load_config(experiment, base)  # for the tokens per step after the overrides
     tokens_per_step = probe.train.batch_size * probe.model.seq_len
     runs = []
+    planned: dict[Any, str] = {}  # a run directory, or a (shape, steps): the run planned there
     for shape in shapes:
         for budget in budgets:
-            steps = max(1, round(budget / tokens_per_step))
+            steps = round(budget / tokens_per_step)
+            if steps < 1:
+                raise ConfigError(f"token budget {budget:g} rounds to 0 steps of {tokens_per_step} tokens "
+                                  f"(train.batch_size x model.seq_len); give larger --tokens")
             run_dir = out / f"{shape.name}-t{_tokens_label(budget)}"
+            for key in (run_dir, (shape, steps)):  # one run trained twice, or two processes in one directory
+                if key in planned:
+                    raise ConfigError(f"--sizes/--tokens plan one run twice: {planned[key]} and {run_dir.name} "
+                                      f"(token budget {budget:g}) are both {shape.name} for {steps} steps; give "
+                                      f"each size once and token budgets at least one step ({tokens_per_step} "
+                                      f"tokens) apart")
+                planned[key] = f"{run_dir.name} (token budget {budget:g})"
             grid = (f"model.d_model={shape.d_model}", f"model.n_layers={shape.n_layers}",
                     f"model.n_heads={shape.n_heads}", "model.n_kv_heads=null", "model.d_ff=null",
                     f"train.steps={steps}", f"train.eval_every={steps}",  # evaluate exactly once, at the end
@@ -137,7 +165,10 @@ def recorded_point(run: SweepRun) -> ScalingPoint | None:
     if not done.is_file():
         return None
     log.info("%s: done already (%s), skipped", run.run_dir, done)
-    return read_point(done)
+    try:
+        return read_point(done)
+    except ValueError as e:
+        raise ConfigError(f"{e}; delete that file and rerun to record the run again from its metrics.jsonl") from e
 
 
 class SweepStopped(Exception):
@@ -161,7 +192,10 @@ def run_sweep(runs: list[SweepRun]) -> list[ScalingPoint]:
                                "signal, after saving a checkpoint")
         # From the run's whole log: a run killed after its final checkpoint but before scaling.json trains
         # nothing when rerun, and its earlier sessions logged the losses
-        point = point_from_run(run.config, read_metrics(run.run_dir / "metrics.jsonl"))
+        try:
+            point = point_from_run(run.config, read_metrics(run.run_dir / "metrics.jsonl"))
+        except ValueError as e:
+            raise ConfigError(f"{run.run_dir}: no scaling point: {e}") from e
         write_point(point)
         log.info("[%d/%d] %s: N=%d D=%d loss=%.4f (%s) in %.0f s", i, len(runs), run.run_dir, point.N, point.D,
                  point.loss, point.loss_kind, time.perf_counter() - started)
