@@ -90,6 +90,34 @@ def test_cli_trains_a_tokenizer(tmp_path, capsys):
         parser.parse_args(["tokenizer", "train", "--out", str(out)])  # --vocab-size is required
 
 
+def test_cli_refuses_an_output_path_before_training_and_keeps_what_is_there(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    from jaxscale.cli import main
+
+    text = tmp_path / "a.txt"
+    text.write_text("the training text\n")
+    (tmp_path / "dir").mkdir()
+    for out, message in [(text, "a.txt exists and is not a tokenizer.json, so it is not overwritten"),
+                         (tmp_path / "dir", "dir is a directory; give a file path such as"),
+                         ("", "the tokenizer's output path is empty"),
+                         (text / "tok.json", "cannot create the directory of")]:
+        assert main(["tokenizer", "train", str(text), "--vocab-size", "300", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert text.read_text() == "the training text\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "dir"]  # no tmp file left behind
+    out = tmp_path / "tok.json"
+    for vocab_size in ("300", "400"):  # retraining replaces a tokenizer.json
+        assert main(["tokenizer", "train", str(text), "--vocab-size", vocab_size, "--out", str(out)]) == 0
+    assert load_tokenizer(str(out)).vocab_size == 512
+
+
+def test_a_vocabulary_far_above_any_tokenizer_is_refused(tmp_path):
+    pytest.importorskip("tokenizers")
+    with pytest.raises(DataError, match="vocab_size 100,000,000 is larger than any tokenizer's"):
+        train_tokenizer("builtin", 100_000_000, str(tmp_path / "tok.json"))  # padding it would take ~100 GB
+
+
 def test_cli_help_names_only_the_command_there_is():
     parser = argparse.ArgumentParser(prog="jaxscale")
     tokenizer_cli.add_parser(parser.add_subparsers(dest="command"))

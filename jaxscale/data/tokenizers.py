@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
@@ -14,6 +15,9 @@ from jaxscale.data.errors import DataError
 COMMON_EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
 TRAINED_EOS_TOKEN = "<|endoftext|>"
 VOCAB_MULTIPLE = 128  # matmul-friendly vocabulary sizes on TPU/GPU
+# Far above any tokenizer in use (Llama 3: 128,256; Gemma: 262,144); a larger request is a typo, and padding a
+# small corpus up to it would take the memory of one special token per id.
+MAX_TRAINED_VOCAB = 2 ** 20
 INSTALL_HINT = "pip install tokenizers  (or: pip install 'jaxscale[data]')"
 
 
@@ -113,6 +117,10 @@ def train_tokenizer(files_or_source: str | Sequence[str], vocab_size: int, out_p
     if target < len(alphabet) + 1:
         raise DataError(f"vocab_size {vocab_size} is smaller than the 256 byte tokens + EOS "
                         "a byte-level BPE needs")
+    if vocab_size > MAX_TRAINED_VOCAB:
+        raise DataError(f"vocab_size {vocab_size:,} is larger than any tokenizer's (Gemma: 262,144); give at most "
+                        f"{MAX_TRAINED_VOCAB:,}")
+    out_path = _writable_tokenizer_path(os.path.expanduser(out_path))  # before training, which can take minutes
 
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -125,9 +133,33 @@ def train_tokenizer(files_or_source: str | Sequence[str], vocab_size: int, out_p
     if shortfall > 0:
         tok.add_special_tokens([f"<|unused_{i}|>" for i in range(shortfall)])
 
-    out_path = os.path.expanduser(out_path)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = f"{out_path}.tmp-{os.getpid()}"
-    tok.save(tmp)
-    os.replace(tmp, out_path)  # atomic: a killed run never leaves a truncated tokenizer.json
+    try:
+        tok.save(tmp)
+        os.replace(tmp, out_path)  # atomic: a killed run never leaves a truncated tokenizer.json
+    except Exception as e:  # the library raises a bare Exception when it cannot write
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise DataError(f"cannot write the tokenizer to {out_path}: {e}") from e
     return tok.get_vocab_size(with_added_tokens=True)
+
+
+def _writable_tokenizer_path(out_path: str) -> str:
+    """`out_path`, with its directory created; refused if it is a directory or a file other than a tokenizer.json
+    (a typo must not overwrite the training text or anything else)."""
+    if not out_path:
+        raise DataError("the tokenizer's output path is empty; give a file such as tokenizer.json")
+    if os.path.isdir(out_path):
+        raise DataError(f"{out_path} is a directory; give a file path such as "
+                        f"{os.path.join(out_path, 'tokenizer.json')}")
+    if os.path.exists(out_path):
+        with open(out_path, "rb") as f:
+            start = f.read(256)
+        if not re.match(rb'\s*\{\s*"version"', start):  # how every tokenizer.json the library writes begins
+            raise DataError(f"{out_path} exists and is not a tokenizer.json, so it is not overwritten; give another "
+                            f"output path, or delete the file first")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the directory of {out_path}: {e}") from e
+    return out_path
