@@ -85,30 +85,20 @@ def test_a_row_cut_short_by_a_kill_is_skipped_and_the_restart_continues_on_a_lin
         read_run(killed)
 
 
-@pytest.mark.parametrize("config_text,message", [
-    ("train: [\n", "config.yaml is not valid YAML"),
-    ("foo: 1\n", "config.yaml is not the config.yaml of a jaxscale train run"),
-    ("train: {batch_size: x}\nmodel: {seq_len: 32}\n", "must be positive whole numbers, got 'x' and 32"),
+@pytest.mark.parametrize("damaged_file,text,message", [
+    ("config.yaml", "train: [\n", "config.yaml is not valid YAML"),
+    ("config.yaml", "foo: 1\n", "config.yaml is not the config.yaml of a jaxscale train run"),
+    ("config.yaml", "train: {batch_size: x}\nmodel: {seq_len: 32}\n", "must be positive whole numbers, got 'x' and 32"),
+    ("metrics.jsonl", '{"loss": 3.0}\n', 'metrics.jsonl:1 has no whole-number "step"'),
+    ("metrics.jsonl", '{"step": 1, "loss": "abc"}\n', "step 1 has loss 'abc', not a number"),
+    ("metrics.jsonl", '{"step": 1, "loss": 3.0, "tokens_per_s": "fast"}\n', "step 1 has tokens_per_s 'fast', not a number"),
 ])
-def test_a_damaged_config_yaml_is_named(run_dir, tmp_path, config_text, message):
+def test_a_damaged_config_or_rows_jaxscale_did_not_write_are_named(run_dir, tmp_path, damaged_file, text, message):
     damaged = tmp_path / "damaged"
     shutil.copytree(run_dir, damaged)
-    (damaged / "config.yaml").write_text(config_text)
+    (damaged / damaged_file).write_text(text)
     with pytest.raises(ConfigError, match=message):
         read_run(damaged)
-
-
-@pytest.mark.parametrize("rows,message", [
-    ('{"loss": 3.0}\n', 'metrics.jsonl:1 has no whole-number "step"'),
-    ('{"step": 1, "loss": "abc"}\n', "step 1 has loss 'abc', not a number"),
-    ('{"step": 1, "loss": 3.0, "tokens_per_s": "fast"}\n', "step 1 has tokens_per_s 'fast', not a number"),
-])
-def test_rows_jaxscale_did_not_write_are_refused(run_dir, tmp_path, rows, message):
-    foreign = tmp_path / "foreign"
-    shutil.copytree(run_dir, foreign)
-    (foreign / "metrics.jsonl").write_text(rows)
-    with pytest.raises(ConfigError, match=message):
-        read_run(foreign)
 
 
 def test_one_row_is_drawn_as_a_point_and_a_diverged_evaluation_is_not_the_best(run_dir, tmp_path):
