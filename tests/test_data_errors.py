@@ -174,3 +174,27 @@ def test_check_vocab_asks_to_set_model_vocab_size(tmp_path):
     with pytest.raises(DataError, match=r"257 token ids but model.vocab_size is 256; "
                                         r"set model.vocab_size to at least 257 \(e.g. 384"):
         check_vocab(ds, 256)
+
+
+def test_infinite_mixture_weight():
+    with pytest.raises(DataError, match=r"data.mixture weight of 'builtin' must be >= 0 and finite, got inf"):
+        DataConfig(mixture={"builtin": float("inf"), "a.txt": 1.0})
+
+
+@pytest.mark.parametrize("setting, value", [("validation_source", "val.bin"),
+                                            ("mixture", {"builtin": 1.0, "val.bin": 1.0})])
+def test_missing_file_names_the_setting_it_came_from(tmp_path, setting, value):
+    with pytest.raises(DataError, match=rf"val\.bin does not exist; fix data\.{setting} "):
+        build(tmp_path, **{setting: value})
+
+
+def test_uint32_token_file_of_a_large_vocab_read_as_uint16(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"w{i}": i for i in range(70_000)} | {"<|endoftext|>": 70_000}
+    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(tmp_path / "big.json"))
+    # ids above 65535 too, as a large vocabulary has: then no uint16 half is always 0
+    np.random.default_rng(0).integers(0, 70_000, 5000).astype(np.uint32).tofile(tmp_path / "train.bin")
+    with pytest.raises(DataError, match=r"train\.bin is read as uint16 .* vocabulary of 70001; "
+                                        r"set data.token_dtype: uint32"):
+        build(tmp_path, source=str(tmp_path / "train.bin"), tokenizer=str(tmp_path / "big.json"))

@@ -61,6 +61,19 @@ def write_jsonl(d):
     return {"source": str(d / "*.jsonl"), "text_field": "body"}
 
 
+def write_windows_text(d):
+    # Notepad-style: a UTF-8 byte-order mark and CRLF line ends; both read as the plain text
+    for i, doc in enumerate(DOCS):
+        (d / f"{i:03d}.txt").write_bytes(b"\xef\xbb\xbf" + doc.replace("\n", "\r\n").encode())
+    return {"source": str(d / "*.txt")}
+
+
+def write_windows_jsonl(d):
+    lines = "".join(json.dumps({"text": doc}) + "\r\n" for doc in DOCS)
+    (d / "docs.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    return {"source": str(d / "docs.jsonl")}
+
+
 def write_parquet(d):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
@@ -91,8 +104,9 @@ def write_hf_saved(d):
     return {"source": str(d / "hf")}
 
 
-@pytest.mark.parametrize("write", [write_text_per_file, write_paragraphs, write_jsonl, write_parquet,
-                                   write_npy, write_bin_uint16, write_bin_uint32, write_hf_saved])
+@pytest.mark.parametrize("write", [write_text_per_file, write_paragraphs, write_jsonl, write_windows_text,
+                                   write_windows_jsonl, write_parquet, write_npy, write_bin_uint16,
+                                   write_bin_uint32, write_hf_saved])
 def test_each_format_yields_its_documents(write, tmp_path):
     (tmp_path / "data").mkdir()
     cfg = DataConfig(validation_fraction=0.25, **write(tmp_path / "data"))

@@ -1,6 +1,7 @@
 """Data settings: what to read, how to tokenize it, how to split and shuffle it."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from jaxscale.data.errors import DataError
@@ -60,8 +61,10 @@ class DataConfig:
         if not self.mixture and not self.source:
             raise DataError("data.source is empty; set it (e.g. 'builtin') or set data.mixture")
         for spec, weight in self.mixture.items():
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-                raise DataError(f"data.mixture weight of {spec!r} must be >= 0, got {weight}")
+            # math.isfinite: an infinite weight makes every share inf/inf = nan in the schedule
+            if (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0
+                    or not math.isfinite(weight)):
+                raise DataError(f"data.mixture weight of {spec!r} must be >= 0 and finite, got {weight}")
         if self.mixture and sum(self.mixture.values()) <= 0:
             raise DataError("data.mixture weights sum to zero; give at least one source a positive weight")
 

@@ -115,11 +115,13 @@ def build_dataset(cfg: DataConfig, seq_len: int, *, cache_dir: str | None = None
     row_tokens = seq_len + 1
     fraction = 0.0 if cfg.validation_source else cfg.validation_fraction
 
-    def load(spec: str, validation_fraction: float) -> TokenStreams:
-        return load_or_build(resolve_source(spec, cfg), tokenizer, cfg, validation_fraction, cache_dir)
+    def load(spec: str, validation_fraction: float, setting: str) -> TokenStreams:
+        return load_or_build(resolve_source(spec, cfg, setting), tokenizer, cfg, validation_fraction,
+                             cache_dir)
 
     weighted = cfg.weighted_sources()
-    built = {spec: load(spec, fraction) for spec in weighted}
+    setting = "data.mixture" if cfg.mixture else "data.source"
+    built = {spec: load(spec, fraction, setting) for spec in weighted}
     for spec, streams in built.items():
         if window_count(len(streams.train), row_tokens) == 0:
             meta = streams.meta
@@ -132,7 +134,8 @@ def build_dataset(cfg: DataConfig, seq_len: int, *, cache_dir: str | None = None
     splits = {"train": _split_data(cfg, "train", train, row_tokens)}
 
     if cfg.validation_source:
-        held_out = {cfg.validation_source: (load(cfg.validation_source, 1.0).validation, 1.0)}
+        validation = load(cfg.validation_source, 1.0, "data.validation_source").validation
+        held_out = {cfg.validation_source: (validation, 1.0)}
     else:
         held_out = {spec: (built[spec].validation, w) for spec, w in weighted.items() if fraction > 0}
     usable = {spec: sw for spec, sw in held_out.items() if window_count(len(sw[0]), row_tokens) > 0}

@@ -56,6 +56,10 @@ def write_splits(source: Source, tokenizer: Tokenizer, cfg: DataConfig, validati
         if source.kind == "tokens":
             for fmt, path in source.files:
                 tokens = open_token_file(fmt, path, cfg)
+                if fmt == "tokens" and tokens.dtype == np.uint16 and tokenizer.vocab_size > 1 << 16:
+                    # uint32 ids read as uint16 are all below 65536, so the vocabulary check passes them
+                    raise DataError(f"{path} is read as uint16 (data.token_dtype), which cannot hold the ids "
+                                    f"of a vocabulary of {tokenizer.vocab_size}; set data.token_dtype: uint32")
                 _split_token_file(tokens, path, tokenizer, validation_fraction, writers)
         else:
             _split_text_documents(source, tokenizer, cfg, validation_fraction, writers)

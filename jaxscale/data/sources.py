@@ -34,8 +34,8 @@ class Source:
     files: tuple[tuple[str, str], ...] = ()  # (format, path); for "hf" one entry with the dataset dir or name
 
 
-def resolve_source(spec: str, cfg: DataConfig) -> Source:
-    """Parse a spec and find its files; raise DataError when nothing is there."""
+def resolve_source(spec: str, cfg: DataConfig, setting: str = "data.source") -> Source:
+    """Parse a spec and find its files; raise DataError, naming `setting` to fix, when nothing is there."""
     if spec == "builtin":
         return Source(spec, "builtin")
     prefix, colon, rest = spec.partition(":")
@@ -43,7 +43,7 @@ def resolve_source(spec: str, cfg: DataConfig) -> Source:
     path = os.path.expanduser(rest if forced else spec)
     if forced == "hf" or (forced is None and _is_saved_hf_dataset(path)):
         return Source(spec, "hf", (("hf", path),))
-    files = tuple((forced or _format_of(p), p) for p in _expand(path, spec))
+    files = tuple((forced or _format_of(p), p) for p in _expand(path, spec, setting))
     kinds = {"tokens" if fmt in TOKEN_FORMATS else "text" for fmt, _ in files}
     if len(kinds) > 1:
         raise DataError(f"{spec!r} matches both token files (.bin/.npy) and text files; "
@@ -59,17 +59,18 @@ def _format_of(path: str) -> str:
     return EXTENSION_FORMATS.get(os.path.splitext(path)[1].lower(), "text")
 
 
-def _expand(path: str, spec: str) -> list[str]:
+def _expand(path: str, spec: str, setting: str) -> list[str]:
     if any(c in path for c in "*?["):
         matches = sorted(p for p in glob(path, recursive=True) if os.path.isfile(p))
         if not matches:
             raise DataError(f"data source {spec!r} matches no files (relative to {os.getcwd()}); "
-                            "fix the pattern")
+                            f"fix the pattern in {setting}")
         return matches
     if os.path.isdir(path):
-        raise DataError(f"data source {path} is a directory; use a glob such as '{path}/**/*.txt'")
+        raise DataError(f"data source {path} is a directory; use a glob such as '{path}/**/*.txt' "
+                        f"in {setting}")
     if not os.path.exists(path):
-        raise DataError(f"data file {path} does not exist; fix data.source (relative to {os.getcwd()})")
+        raise DataError(f"data file {path} does not exist; fix {setting} (relative to {os.getcwd()})")
     return [path]
 
 
@@ -118,7 +119,7 @@ def iter_documents(source: Source, cfg: DataConfig) -> Iterator[str]:
 def _read_text(path: str, cfg: DataConfig) -> Iterator[str]:
     found = False
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not text
             if cfg.text_documents == "file":
                 text = f.read()
                 if text.strip():
@@ -148,7 +149,8 @@ def _read_jsonl(path: str, cfg: DataConfig) -> Iterator[str]:
     with open(path, "rb") as f:  # decoded line by line, so that a bad byte is reported with its line
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                # A byte-order mark (Windows tools write one) may open the file; json.loads rejects it.
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the "
                                 "line); JSON Lines files must be UTF-8: re-encode it (e.g. iconv -f LATIN1 "
