@@ -129,10 +129,20 @@ def test_source_shorter_than_one_row(tmp_path):
         build(tmp_path, source=str(tmp_path / "short.txt"))
 
 
-def test_single_file_cannot_be_split_by_document(tmp_path):
-    (tmp_path / "book.txt").write_text(TEXT * 20)
+def test_a_single_file_holds_out_the_end_of_its_tokens(tmp_path):
+    (tmp_path / "book.txt").write_text(TEXT * 20)  # one document: held out whole or not at all
+    whole = build(tmp_path, source=str(tmp_path / "book.txt"))._splits["train"].streams[0]
+    split = build_dataset(DataConfig(source=str(tmp_path / "book.txt"), validation_fraction=0.1), SEQ_LEN,
+                          cache_dir=str(tmp_path / "cache"))
+    [train], [validation] = split._splits["train"].streams, split._splits["validation"].streams
+    assert len(validation) == round(0.1 * len(whole)) and len(train) + len(validation) == len(whole)
+    np.testing.assert_array_equal(np.concatenate([train, validation]), whole)  # the last tenth, as nanoGPT
+
+
+def test_a_file_too_short_for_a_row_of_each_split_is_refused(tmp_path):
+    (tmp_path / "note.txt").write_text(TEXT[:25])  # 26 tokens: one row of 17, not two
     with pytest.raises(DataError, match=r"no validation row .*text_documents: paragraph"):
-        build_dataset(DataConfig(source=str(tmp_path / "book.txt"), validation_fraction=0.1), SEQ_LEN,
+        build_dataset(DataConfig(source=str(tmp_path / "note.txt"), validation_fraction=0.1), SEQ_LEN,
                       cache_dir=str(tmp_path / "cache"))
 
 

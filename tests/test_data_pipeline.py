@@ -208,16 +208,17 @@ def test_permutation_is_a_bijection_chosen_by_key(n):
         assert not np.array_equal(a, b) and not np.array_equal(a, np.arange(n))
 
 
-def test_mixture_validation_skips_sources_without_held_out_rows(tmp_path):
+def test_mixture_validation_from_every_source_that_can_give_a_row(tmp_path):
     many = write_documents(tmp_path / "many", make_documents(200, "abcdefgh", seed=5))
-    # A single document is never split; pick a text whose content hash puts it in the training split.
-    book = next(t for t in (f"one long file {i} " * 400 for i in range(100))
-                if not validation_mask(np.uint64(text_hash(t)), 0.2))
-    (tmp_path / "book.txt").write_text(book)
-    cfg = DataConfig(mixture={many: 1.0, str(tmp_path / "book.txt"): 1.0}, validation_fraction=0.2)
-    with pytest.warns(UserWarning, match=r"book\.txt' has no full validation row"):
+    # A single document is never split; pick texts whose content hash puts them in the training split.
+    book, note = (next(t for t in (f"{stem} {i} " * repeat for i in range(100))
+                       if not validation_mask(np.uint64(text_hash(t)), 0.2))
+                  for stem, repeat in (("one long file", 400), ("note", 10)))
+    (tmp_path / "book.txt").write_text(book)  # held out from the end of its tokens instead
+    (tmp_path / "note.txt").write_text(note)  # too short for a row of each split: trains only
+    cfg = DataConfig(mixture={many: 1.0, str(tmp_path / "book.txt"): 1.0, str(tmp_path / "note.txt"): 1.0},
+                     validation_fraction=0.2)
+    with pytest.warns(UserWarning, match=r"note\.txt' has no full validation row"):
         ds = build_dataset(cfg, SEQ_LEN, cache_dir=str(tmp_path / "cache"))
-    assert list(ds.streams("validation")) == [many]
-    rows = ds.batch(0, 16, split="validation")["tokens"]
-    assert not np.isin(rows, np.frombuffer(b"lni", np.uint8)).any()  # no letter of the book
-    assert len(ds.streams("train")) == 2
+    assert sorted(ds.streams("validation")) == sorted([many, str(tmp_path / "book.txt")])
+    assert len(ds.streams("train")) == 3

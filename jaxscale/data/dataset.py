@@ -7,6 +7,8 @@ processes ask: a process whose devices hold block i of n reads rows [i*B/n, (i+1
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -22,6 +24,8 @@ from jaxscale.data.permutation import permute
 from jaxscale.data.preprocess import SPLITS
 from jaxscale.data.sources import resolve_source
 from jaxscale.data.tokenizers import Tokenizer, load_tokenizer
+
+log = logging.getLogger("jaxscale")
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,8 @@ def build_dataset(cfg: DataConfig, seq_len: int, *, cache_dir: str | None = None
 
     weighted = cfg.weighted_sources()
     setting = "data.mixture" if cfg.mixture else "data.source"
-    built = {spec: load(spec, fraction, setting) for spec in weighted}
+    built = {spec: with_validation_rows(spec, load(spec, fraction, setting), fraction, row_tokens)
+             for spec in weighted}
     for spec, streams in built.items():
         if window_count(len(streams.train), row_tokens) == 0:
             meta = streams.meta
@@ -149,6 +154,18 @@ def build_dataset(cfg: DataConfig, seq_len: int, *, cache_dir: str | None = None
                           "validation batches come from the other sources", stacklevel=2)
         splits["validation"] = _split_data(cfg, "validation", usable, row_tokens)
     return Dataset(tokenizer, seq_len, cfg.seed, splits)
+
+
+def with_validation_rows(spec: str, streams: TokenStreams, fraction: float, row_tokens: int) -> TokenStreams:
+    """A source whose held-out documents fill no row (one large file, a few books: documents are held out
+    whole) holds out the end of its token stream instead, `fraction` of its training tokens and at least one
+    row, as nanoGPT splits a single text file. A source too short for a row of each is left as it is."""
+    tail = max(row_tokens, round(fraction * len(streams.train)))
+    if not fraction or window_count(len(streams.validation), row_tokens) or len(streams.train) - tail < row_tokens:
+        return streams
+    log.info("data source %r: its held-out documents fill no row of %d tokens; the last %s of its %s training "
+             "tokens are held out instead", spec, row_tokens, f"{tail:,}", f"{len(streams.train):,}")
+    return dataclasses.replace(streams, train=streams.train[:-tail], validation=streams.train[-tail:])
 
 
 def _split_data(cfg: DataConfig, split: str, weighted_streams: dict[str, tuple[np.ndarray, float]],
