@@ -123,13 +123,14 @@ def plot_runs(run_dirs: list[str | Path], path: str | Path, x: str = "step", smo
     return save_figure(curves_figure(read_runs(run_dirs), x, smooth), path)
 
 
-def curves_figure(runs: list[RunCurves], x: str = "step", smooth: float = 0.6) -> Figure:
-    """The figure of `plot_runs`, for a notebook to show (a cell ending in it displays it)."""
+def curves_figure(runs: list[RunCurves], x: str = "step", smooth: float = 0.6, fig: Figure | None = None) -> Figure:
+    """The figure of `plot_runs`, drawn on `fig` if given: in a notebook pass `plt.figure(figsize=(9, 7))`, which
+    the notebook then shows."""
     if x not in ("step", "tokens"):
         raise ConfigError(f"x={x!r}: plot against 'step' or 'tokens'")
     if not 0 <= smooth < 1:
         raise ConfigError(f"smooth={smooth}: the moving-average weight must be in [0, 1) (0: no smoothing)")
-    fig = Figure(figsize=(9, 7), dpi=110)
+    fig = fig or Figure(figsize=(9, 7), dpi=110)
     ax_loss, ax_speed = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     colours = matplotlib.colormaps["tab10"]
     labelled_events: set[str] = set()
