@@ -171,8 +171,9 @@ def curves_figure(runs: list[RunCurves], x: str = "step", smooth: float = 0.6, f
     return fig
 
 
-def save_figure(fig: Figure, path: str | Path) -> Path:
-    path = figure_path(path, "path", "curves.png")
+def save_figure(fig: Figure, path: str | Path, option: str = "path") -> Path:
+    """`option`: what the user called the path, for the error messages (e.g. "--out")."""
+    path = figure_path(path, option, "curves.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
@@ -208,9 +209,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_plot(args: argparse.Namespace) -> int:
     out = args.out or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else Path("curves.png"))
-    out = figure_path(out, "--out", "curves.png")
     runs = read_runs(args.run_dirs)
-    path = save_figure(curves_figure(runs, x=args.x, smooth=args.smooth), out)
+    path = save_figure(curves_figure(runs, x=args.x, smooth=args.smooth), out, "--out")
     for run in runs:
         print(summary_line(run))
     print(f"wrote {path}")
