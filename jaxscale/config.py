@@ -81,17 +81,6 @@ class ShardingConfig:
     activations: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ACTIVATION_RULES))
 
     def __post_init__(self):
-        # The default tables name every logical axis that the model's parameters and activations use: a name
-        # not there would be ignored (a typo), so it is refused.
-        for table_name, table, known, what in (
-                ("sharding.params", self.params, DEFAULT_PARAM_RULES, "parameter"),
-                ("sharding.activations", self.activations, DEFAULT_ACTIVATION_RULES, "activation")):
-            for logical in table:
-                if logical not in known:
-                    close = difflib.get_close_matches(str(logical), list(known), n=1)
-                    hint = f"did you mean {table_name}.{close[0]}?" if close else f"known: {', '.join(known)}"
-                    raise ConfigError(f"unknown logical axis {table_name}.{logical}: no {what} dimension is "
-                                      f"named {logical!r}, so the rule would do nothing; {hint}")
         # A table in an experiment or `--set sharding.params.embed=...` changes the rules it names; the others keep
         # their defaults (map a name to null to replicate it).
         self.params = {**DEFAULT_PARAM_RULES, **self.params}
@@ -108,7 +97,11 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # global norm; 0 disables clipping
-    decay_embeddings: bool = False  # norms and biases never decay; embeddings only if this is true
+    # Weight decay: matrices decay, vectors and scalars don't (a stacked `layers` dimension doesn't count); a
+    # parameter's metadata `weight_decay=True/False` overrides that, and these path patterns (fnmatch, e.g.
+    # "*/embedding", "blocks/w_*") override both.
+    no_decay: list[str] = field(default_factory=list)
+    decay_embeddings: bool = False  # the built-in model's token and position tables decay only if this is true
 
 
 @dataclass
@@ -369,16 +362,16 @@ def resolve_mesh_sizes(mesh: MeshConfig, n_devices: int) -> dict[str, int]:
     return sizes
 
 
-def validate(config: Config, n_devices: int) -> dict[str, int]:
-    """Everything that can be wrong before compiling; returns the resolved mesh sizes."""
+def validate(config: Config, n_devices: int, builtin_model: bool = True) -> dict[str, int]:
+    """Everything that can be wrong before compiling; returns the resolved mesh sizes. `builtin_model`: the
+    run trains the built-in decoder that config.model describes (else a user's model, which it doesn't)."""
     sizes = resolve_mesh_sizes(config.mesh, n_devices)
     m, t = config.model, config.train
-    for name, count in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads)):
-        if count % sizes["tensor"]:
-            raise ConfigError(f"{name}={count} is not divisible by mesh.tensor={sizes['tensor']}; "
-                              f"choose a tensor size that divides it")
-    if m.d_ff % sizes["tensor"]:
-        raise ConfigError(f"model.d_ff={m.d_ff} is not divisible by mesh.tensor={sizes['tensor']}")
+    if builtin_model:
+        for name, count in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads), ("model.d_ff", m.d_ff)):
+            if count % sizes["tensor"]:
+                raise ConfigError(f"{name}={count} is not divisible by mesh.tensor={sizes['tensor']}; "
+                                  f"choose a tensor size that divides it")
     batch_shards = sizes["data"] * sizes["fsdp"]
     if t.batch_size < 1:
         raise ConfigError(f"train.batch_size={t.batch_size} must be >= 1 (sequences per step, e.g. "
@@ -389,7 +382,7 @@ def validate(config: Config, n_devices: int) -> dict[str, int]:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by mesh.data x mesh.fsdp x "
                           f"train.microbatches = {sizes['data']} x {sizes['fsdp']} x {t.microbatches}; "
                           f"try train.batch_size={batch_shards * t.microbatches * max(1, t.batch_size // (batch_shards * t.microbatches))}")
-    if sizes["pipeline"] > 1:
+    if sizes["pipeline"] > 1 and builtin_model:
         stages = sizes["pipeline"]
         plan = plan_from_config(config.pipeline, m.n_layers, stages)  # microbatches, layers against stages
         rule = config.sharding.params.get("layers")
