@@ -126,12 +126,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--run-dir", default="runs/digits")
     parser.add_argument("--mesh", default="data=2,fsdp=2,tensor=2", help="axis=size,... (its product = devices)")
     parser.add_argument("--linen", action="store_true", help="train the Linen MLP instead of the NNX Mixer")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other config key, e.g. --set checkpoint.every_steps=10")
     args = parser.parse_args(argv)
     mesh = [f"mesh.{kv}" for kv in args.mesh.split(",")]
     config = jaxscale.load_config("default", [
         f"train.steps={args.steps}", "train.batch_size=64", "train.eval_every=100", "train.eval_batches=6",
         "train.log_every=50", "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=20",
-        "checkpoint.every_steps=100", f"run_dir={args.run_dir}", *mesh, *(MLP_RULES if args.linen else MIXER_RULES)])
+        "checkpoint.every_steps=100", f"run_dir={args.run_dir}", *mesh, *(MLP_RULES if args.linen else MIXER_RULES), *args.overrides])
     train, held_out = digits_split()
     model = LinenMLP() if args.linen else (lambda rngs: Mixer(rngs))
     result = jaxscale.train(config, model=model, loss_fn=loss_fn, data=train, eval_data=held_out)

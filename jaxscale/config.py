@@ -29,7 +29,8 @@ class MeshConfig:
     """Sizes of the logical mesh axes. One axis may be -1: it takes the devices left over.
 
     `dcn_*` is the part of an axis that crosses slices / hosts (slow links); the rest stays inside a slice or
-    host (ICI / NVLink). Total axis size = in-slice part x dcn part.
+    host (ICI / NVLink). Total axis size = in-slice part x dcn part. `axes` adds named axes of a model's own
+    (e.g. `expert: 4`) for rule tables to map onto; they sit between fsdp and tensor and stay inside a slice.
     """
 
     data: int = -1
@@ -40,12 +41,25 @@ class MeshConfig:
     dcn_pipeline: int = 1
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
+    axes: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, size in self.axes.items():
+            if name in MESH_AXES or not str(name).isidentifier():
+                raise ConfigError(f"mesh.axes.{name}: an added axis needs a name of its own (letters, digits, _), "
+                                  f"not one of {', '.join(MESH_AXES)}, which are set as mesh.{name}")
+            if not isinstance(size, int) or isinstance(size, bool):
+                raise ConfigError(f"mesh.axes.{name}={size!r} must be an integer (or -1: the devices left over)")
+
+    def names(self) -> tuple[str, ...]:
+        """Outermost (slowest links) to innermost (fastest)."""
+        return ("data", "pipeline", "fsdp", *self.axes, "tensor")
 
     def sizes(self) -> dict[str, int]:
-        return {a: getattr(self, a) for a in MESH_AXES}
+        return {a: self.axes[a] if a in self.axes else getattr(self, a) for a in self.names()}
 
     def dcn_sizes(self) -> dict[str, int]:
-        return {a: getattr(self, f"dcn_{a}") for a in MESH_AXES}
+        return {a: 1 if a in self.axes else getattr(self, f"dcn_{a}") for a in self.names()}
 
 
 # Logical axis -> mesh axis (or list of mesh axes, or None = replicated). Parameters and activations get
@@ -424,7 +438,8 @@ def validate(config: Config, n_devices: int, builtin_model: bool = True) -> dict
         for logical, target in table.items():
             targets = target if isinstance(target, list) else [target]
             for ax in targets:
-                if ax is not None and ax not in MESH_AXES:
+                if ax is not None and ax not in config.mesh.names():
                     raise ConfigError(f"{table_name}.{logical}={target!r}: {ax!r} is not a mesh axis; "
-                                      f"use one of {', '.join(MESH_AXES)} or null")
+                                      f"use one of {', '.join(config.mesh.names())} or null (or add it: "
+                                      f"mesh.axes.{ax}=SIZE)")
     return sizes

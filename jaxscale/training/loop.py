@@ -34,7 +34,7 @@ from jaxscale.training.guards import GuardEvent, GuardMonitor
 from jaxscale.training.language_model import lm_batch_spec
 from jaxscale.training.metrics import MetricsLogger
 from jaxscale.training.preemption import EXIT_PREEMPTED, PreemptionWatcher
-from jaxscale.training.step import TrainState
+from jaxscale.training.step import TrainState, model_flops
 from jaxscale.training.trainer import Trainer, build, checkpoint_dir, plan_run
 
 log = logging.getLogger("jaxscale")
@@ -104,15 +104,6 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding, batch_size:
     """This process's rows of the global batch -> one global array sharded over the mesh."""
     return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size, *v.shape[1:]))
             for k, v in batch.items()}
-
-
-def step_flops(compiled) -> float | None:
-    """FLOPs of one step, all devices together, from XLA's cost analysis of the compiled program."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list):
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
-    return float(flops) * jax.device_count() if flops and flops > 0 else None
 
 
 def tokens_per_step(config: Config, example: dict | None) -> int:
@@ -209,7 +200,7 @@ def prepare(config: Config, model, loss_fn: LossFn | None, data, eval_data) -> R
                           for k, v in (example or lm_batch_spec(config)).items()}
         compiled = trainer.train_step.lower(trainer.abstract_state(), abstract_batch).compile()
         flops_per_token = (config.model.flops_per_token() if builtin else
-                           _per_token(step_flops(compiled), tokens_per_step(config, example)))
+                           user_flops_per_token(trainer, abstract_batch, tokens_per_step(config, example)))
         if not config.checkpoint.resume and store.steps():
             refuse_or_clear(config, store)
         return Run(trainer, dataset, store, compiled, tokens_per_step(config, example), flops_per_token)
@@ -218,7 +209,13 @@ def prepare(config: Config, model, loss_fn: LossFn | None, data, eval_data) -> R
         raise
 
 
-def _per_token(flops: float | None, tokens: int) -> float | None:
+def user_flops_per_token(trainer: Trainer, batch: dict, tokens: int) -> float | None:
+    """For MFU: FLOPs per token of a user's model, from XLA's cost analysis."""
+    flops, loops = model_flops(trainer.model, trainer.config, trainer.mesh, trainer.shardings, batch,
+                               trainer.plan.per_device_batch)
+    if loops:
+        log.warning("the model's program loops (a scan over layers, a while loop): XLA's cost analysis counts a "
+                    "loop's body once, so MFU is undercounted by about the loop's length")
     return flops / tokens if flops else None
 
 
@@ -243,12 +240,26 @@ def train(config: Config, model=None, loss_fn: LossFn | None = None, data=None, 
     config.model). loss_fn(model, batch, rngs) -> loss | (loss, metrics) (default: next-token cross entropy).
     data / eval_data: random-access sources of dicts of arrays, or grain.MapDatasets (default: config.data).
     """
+    show_log_lines()
     with PreemptionWatcher() as watcher:
         run = prepare(config, model, loss_fn, data, eval_data)
         try:
             return loop(run, watcher)
         finally:
             run.store.close()
+
+
+def show_log_lines() -> None:
+    """In a script or a notebook where nobody set up logging, the run's log lines (start, resume, checkpoints,
+    evaluation) still show: on stderr, at INFO. absl's handler, which importing orbax may install, doesn't count."""
+    configured = [h for h in logging.getLogger().handlers if type(h).__name__ != "ABSLHandler"]
+    if log.handlers or log.level != logging.NOTSET or configured:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s jaxscale: %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def restore(run: Run) -> tuple[TrainState, Restored | None]:

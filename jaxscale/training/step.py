@@ -133,6 +133,31 @@ def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule
                    donate_argnums=0)
 
 
+def model_flops(model: FlaxModel, config: Config, mesh: Mesh, shardings: TrainState, batch: dict,
+                per_device_batch: int) -> tuple[float | None, bool]:
+    """(FLOPs of the model's forward and backward pass over one global batch, all devices together, from XLA's
+    cost analysis; whether the program loops). XLA counts a loop's body once, so a model that scans over its
+    layers is undercounted: the gradient accumulation loop is left out here and multiplied back instead."""
+    count = config.train.microbatches
+    model_rules = traced_rules(config, mesh, per_device_batch)
+    micro = {k: jax.ShapeDtypeStruct((v.shape[0] // count, *v.shape[1:]), v.dtype, sharding=v.sharding)
+             for k, v in batch.items()}
+
+    def grads(params, batch):
+        with activation_rules(mesh, model_rules):
+            return jax.grad(lambda p: model.loss(p, batch, jax.random.key(0))[0])(params)
+
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), model.shapes,
+                            shardings.params)
+    compiled = jax.jit(grads).lower(abstract, micro).compile()
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    loops = " while(" in compiled.as_text()
+    return (float(flops) * mesh.size * count if flops and flops > 0 else None), loops
+
+
 def make_eval_step(model: FlaxModel, config: Config, mesh: Mesh, shardings: TrainState,
                    data_sharding: NamedSharding, per_device_batch: int) -> Callable:
     """(params, batch) -> {"loss": ..., **the loss function's metrics}, with a fixed key."""

@@ -152,9 +152,11 @@ def check_rules(config: Config, model: FlaxModel) -> None:
                               + (f"did you mean sharding.params.{close[0]}?" if close else
                                  f"the model's names are: {', '.join(sorted(used)) or 'none'}"))
     if model.unannotated:
+        shown = ", ".join(model.unannotated[:6]) + (f" and {len(model.unannotated) - 6} more"
+                                                    if len(model.unannotated) > 6 else "")
         log.warning("%d parameters carry no partitioning names and are replicated on every device: %s. Name "
                     "their dimensions (nnx.with_partitioning / nn.with_logical_partitioning) to shard them",
-                    len(model.unannotated), ", ".join(model.unannotated))
+                    len(model.unannotated), shown)
 
 
 def build(plan: RunPlan, devices: list, model=None, loss_fn: LossFn | None = None, example_batch=None) -> Trainer:
