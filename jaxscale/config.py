@@ -178,6 +178,8 @@ class GuardsConfig:
     spike_factor: float = 0.0  # a loss above spike_factor x its running average is a spike; 0: no spike check
     spike_window: int = 100  # steps in the running (exponential) average; spikes are checked after this many
     max_rollbacks: int = 3  # stop with an error after this many rollbacks to the same checkpoint
+    # stop (exit code 3) after this many updates skipped in a row: the run is not recovering by itself
+    max_consecutive_skips: int = 10
     # For testing only: the loss and gradients of this step (numbered as in metrics.jsonl) become NaN inside
     # the jitted step, a real fault through the real path. 0: never.
     inject_nan_at_step: int = 0
@@ -188,6 +190,8 @@ class GuardsConfig:
         if self.spike_factor < 0 or 0 < self.spike_factor <= 1:
             raise ConfigError(f"guards.spike_factor={self.spike_factor} must be > 1 (e.g. 2.0), or 0 to turn "
                               f"the spike check off")
+        if self.max_consecutive_skips < 1:
+            raise ConfigError(f"guards.max_consecutive_skips={self.max_consecutive_skips} must be >= 1")
         if self.spike_window < 1 or self.max_rollbacks < 1 or self.inject_nan_at_step < 0:
             raise ConfigError("guards.spike_window and guards.max_rollbacks must be >= 1, and "
                               "guards.inject_nan_at_step >= 0")

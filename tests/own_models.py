@@ -1,6 +1,7 @@
 """Small user models for the bring-your-own-model tests: their own logical names, nothing of jaxscale's."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -63,3 +64,45 @@ def batches(steps: int, batch_size: int, seed: int = 1) -> list[dict[str, np.nda
     data = Blobs(steps * batch_size, seed)
     return [{"x": data.x[s * batch_size:(s + 1) * batch_size], "y": data.y[s * batch_size:(s + 1) * batch_size]}
             for s in range(steps)]
+
+
+LAYERS = 4
+
+
+class Layer(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.lin = nnx.Linear(HIDDEN, HIDDEN, kernel_init=nnx.with_partitioning(INIT, ("hidden_in", "hidden")),
+                              bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("hidden",)), rngs=rngs)
+
+    def __call__(self, x):
+        return x + jnp.tanh(self.lin(x))
+
+
+class StackedNet(nnx.Module):
+    """Its repeated blocks kept as one module stacked over a leading `layers` dimension (nnx.vmap), run by
+    jaxscale.parallel.run_layers: a scan, or pipeline stages on a pipeline mesh."""
+
+    def __init__(self, rngs: nnx.Rngs, staged: bool = True):
+        from jaxscale.parallel import run_layers
+
+        self.run_layers, self.staged = run_layers, staged
+        self.w_in = nnx.Linear(FEATURES, HIDDEN, kernel_init=nnx.with_partitioning(INIT, ("features", "hidden")),
+                               use_bias=False, rngs=rngs)
+
+        @nnx.split_rngs(splits=LAYERS)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def blocks(rngs):
+            return Layer(rngs)
+
+        self.blocks = blocks(rngs)
+        self.w_out = nnx.Linear(HIDDEN, CLASSES, kernel_init=nnx.with_partitioning(INIT, ("hidden", "classes")),
+                                use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        graphdef, stack = nnx.split(self.blocks)
+        h = self.w_in(x)
+        if self.staged:
+            h = self.run_layers(lambda h, layer, _: nnx.merge(graphdef, layer)(h), stack, h)
+        else:  # a loop of its own: there is nothing for the pipeline to cut
+            h = jax.lax.scan(lambda h, layer: (nnx.merge(graphdef, layer)(h), None), h, stack)[0]
+        return self.w_out(h)

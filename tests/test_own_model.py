@@ -10,7 +10,7 @@ import logging
 import jax
 import numpy as np
 import pytest
-from own_models import RULES, Blobs, LinenNet, NNXNet, batches, classification_loss
+from own_models import RULES, Blobs, LinenNet, NNXNet, StackedNet, batches, classification_loss
 
 import jaxscale
 from jaxscale.config import load_config
@@ -171,3 +171,48 @@ def test_a_config_can_add_a_mesh_axis_for_its_own_rules():
 def test_bad_added_axes_are_named(bad, message):
     with pytest.raises(ConfigError, match=message):
         build_trainer(config(bad), jax.devices()[:1], model=lambda rngs: NNXNet(rngs), loss_fn=classification_loss)
+
+
+STACKED_RULES = ["sharding.params.hidden_in=null", "sharding.params.layers=pipeline"]
+
+
+@pytest.mark.parametrize("schedule", [["pipeline.schedule=gpipe"],
+                                      ["pipeline.schedule=circular", "pipeline.repeats=2"]])
+def test_a_user_model_with_stacked_blocks_is_staged_by_the_pipeline(schedule):
+    def losses_and_params(mesh, devices):
+        data = batches(STEPS, BATCH)
+        trainer = build_trainer(config(*mesh, *STACKED_RULES, *schedule), jax.devices()[:devices],
+                                model=lambda rngs: StackedNet(rngs), loss_fn=classification_loss)
+        state, losses = trainer.init_state(), []
+        for batch in data:
+            state, metrics = trainer.train_step(state, jax.device_put(batch, trainer.data_sharding))
+            losses.append(float(metrics["loss"]))
+        return losses, jax.device_get(state.params), trainer
+
+    ref_losses, ref_params, _ = losses_and_params(["mesh.data=1"], 1)
+    losses, params, trainer = losses_and_params(["mesh.data=2", "mesh.pipeline=2", "mesh.tensor=2",
+                                                 "pipeline.microbatches=4"], 8)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), params, ref_params)
+    stacked = trainer.init_state().params["blocks"]["lin"]["kernel"]  # (layers=4, 32, 32), layers over stages
+    assert {s.data.shape for s in stacked.addressable_shards} == {(2, 32, 16)}
+
+
+def test_a_user_model_that_does_not_run_its_layers_through_run_layers_is_refused_on_a_pipeline_mesh():
+    trainer = build_trainer(config("mesh.data=4", "mesh.pipeline=2", *STACKED_RULES), jax.devices(),
+                            model=lambda rngs: StackedNet(rngs, staged=False), loss_fn=classification_loss)
+    batch = jax.device_put(batches(1, BATCH)[0], trainer.data_sharding)
+    with pytest.raises(ConfigError, match=r"never ran its layers through jaxscale.parallel.run_layers"):
+        trainer.train_step(trainer.init_state(), batch)
+
+
+def test_trainer_save_and_restore_for_a_loop_of_ones_own(tmp_path):
+    trainer, data = trainer_for("nnx", [f"run_dir={tmp_path}"], 1)
+    state = trainer.init_state()
+    state, _ = trainer.train_step(state, jax.device_put(data[0], trainer.data_sharding))
+    trainer.save(state)
+    trainer.wait()
+    restored = trainer.restore()
+    assert restored.metadata.step == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.state), jax.device_get(state))
+    trainer.close()

@@ -12,12 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxscale import remat as remat_policies
 from jaxscale.model.config import ModelConfig
 from jaxscale.model.embedding import embedding_lookup
 from jaxscale.model.gelu import bias_gelu
 from jaxscale.model.norm import norm
-from jaxscale.parallel import PipelineConfig, active_plan, pipelined_layers
+from jaxscale.parallel import PipelineConfig, run_layers
 from jaxscale.sharding import constrain
 
 
@@ -166,14 +165,8 @@ class Transformer(nnx.Module):
         def apply_layer(x, layer_params, segment_ids):  # x: the whole batch, or one pipeline microbatch
             return layer(cfg, layer_params, x, positions[:x.shape[0]], segment_ids, compute_dtype)
 
-        plan = active_plan(cfg.n_layers, pipeline)  # None unless the mesh has a pipeline axis > 1
-        if plan is not None:  # remat applies to whole pipeline iterations there
-            x = pipelined_layers(apply_layer, self.blocks.stacked(), x, segment_ids, plan, remat, scan_unroll)
-        else:
-            if remat != "none":
-                apply_layer = jax.checkpoint(apply_layer, policy=remat_policies.POLICIES[remat], prevent_cse=False)
-            x, _ = jax.lax.scan(lambda x, p: (apply_layer(x, p, segment_ids), None), x, self.blocks.stacked(),
-                                unroll=scan_unroll)
+        x = run_layers(apply_layer, self.blocks.stacked(), x, segment_ids, remat=remat, unroll=scan_unroll,
+                       settings=pipeline)
 
         final_bias = self.final_norm_bias[...] if cfg.style == "gpt2" else None
         x = norm(x, self.final_norm[...], final_bias, cfg.norm_eps)

@@ -34,6 +34,7 @@ from jaxscale.training.guards import GuardEvent, GuardMonitor
 from jaxscale.training.language_model import lm_batch_spec
 from jaxscale.training.metrics import MetricsLogger
 from jaxscale.training.preemption import EXIT_PREEMPTED, PreemptionWatcher
+from jaxscale.training.run_lock import RunLock
 from jaxscale.training.step import TrainState, model_flops
 from jaxscale.training.trainer import Trainer, build, checkpoint_dir, plan_run
 
@@ -129,8 +130,11 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return changes
 
 
+EXIT_DIVERGED = 3  # `jaxscale train`'s exit code when bad updates keep coming (the newest checkpoint is kept)
+
+
 class TrainingDiverged(RuntimeError):
-    """Bad updates keep coming back after rollbacks; the message says what to try."""
+    """Bad updates keep coming back (in a row, or after rollbacks); the message says what to try."""
 
 
 @dataclass
@@ -159,6 +163,20 @@ def evaluate(trainer: Trainer, dataset, state: TrainState, shard: dict) -> dict[
         dataset.batch(i, t.batch_size, split="validation", **shard), trainer.data_sharding, t.batch_size))
         for i in range(t.eval_batches)])
     return {f"eval_{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
+
+
+def stop_diverged(logger: MetricsLogger, store: CheckpointStore, event: GuardEvent, skips: int) -> None:
+    """Too many updates skipped in a row: nothing more is saved (the newest checkpoint stays the last good one)."""
+    store.wait()
+    newest = store.steps()[-1] if store.steps() else None
+    kept = f"checkpoint {store.path(newest)} is the last good state" if newest is not None else "nothing was saved"
+    message = (f"{skips} updates in a row were skipped ({event.reason}, loss {event.loss:.4g}, gradient norm "
+               f"{event.grad_norm:.4g}) up to step {event.step}: the run is not recovering by itself; {kept}. "
+               f"Lower optimizer.learning_rate, check the data, or raise guards.max_consecutive_skips")
+    log_event(logger, event.step, "diverged", message, logging.ERROR, skips=skips, reason=event.reason,
+              checkpoint=None if newest is None else str(store.path(newest)), exit_code=EXIT_DIVERGED)
+    logger.close()
+    raise TrainingDiverged(message)
 
 
 def log_skipped_update(logger: MetricsLogger, event: GuardEvent) -> None:
@@ -241,7 +259,7 @@ def train(config: Config, model=None, loss_fn: LossFn | None = None, data=None, 
     data / eval_data: random-access sources of dicts of arrays, or grain.MapDatasets (default: config.data).
     """
     show_log_lines()
-    with PreemptionWatcher() as watcher:
+    with PreemptionWatcher() as watcher, RunLock(config.resolved_run_dir()):
         run = prepare(config, model, loss_fn, data, eval_data)
         try:
             return loop(run, watcher)
@@ -348,6 +366,8 @@ def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
                 events = [e for e in events if e is not None]
                 for event in events:
                     log_skipped_update(logger, event)
+                if monitor.consecutive_skips >= config.guards.max_consecutive_skips:
+                    stop_diverged(logger, store, events[-1], monitor.consecutive_skips)
                 if events and config.guards.on_nonfinite == "rollback":
                     store.wait()  # a save in flight is the newest good state
                     back = trainer.restore()
@@ -383,22 +403,26 @@ def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
                     break
     store.wait()
     close_logger(logger)
-    return finish(history, trainer, state, preempted, run_dir)
+    return finish(history, trainer, state, preempted, run_dir, logger.tokens_trained,
+                  time.perf_counter() - session_started)
 
 
-def finish(history: list[dict], trainer: Trainer, state: TrainState, preempted: bool, run_dir: Path) -> TrainResult:
+def finish(history: list[dict], trainer: Trainer, state: TrainState, preempted: bool, run_dir: Path,
+           tokens: int, wall_s: float) -> TrainResult:
+    """The session's summary: every step it trained counts, also those after the last log row (a preempted
+    run saves at the step it stopped at)."""
     rows = [row for row in history if "event" not in row]
-    summary = write_run_summary(rows, run_dir)
+    summary = write_run_summary(rows, run_dir, tokens, wall_s)
     return TrainResult(state, rows, trainer.config, [row for row in history if "event" in row], preempted, summary,
                        trainer.model)
 
 
-def write_run_summary(rows: list[dict], run_dir: Path) -> dict:
+def write_run_summary(rows: list[dict], run_dir: Path, tokens: int, wall_s: float) -> dict:
     """Tokens, time, measured energy and the cost at the catalog's price for this session of the run. A session
     that trained nothing (the run was already complete) leaves the previous session's summary.json as it is."""
     accelerator = accelerator_for_device_kind(jax.devices()[0].device_kind)
     trained = [r for r in rows if "loss" in r]
-    summary = run_summary(trained, accelerator, chips=jax.device_count())
+    summary = run_summary(trained, accelerator, chips=jax.device_count(), tokens=tokens, wall_s=wall_s)
     if not trained:
         return summary
     if jax.process_index() == 0:

@@ -1,7 +1,8 @@
 """The training state, its shardings, and the jitted train / eval steps, for any model (`FlaxModel`)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.struct
@@ -11,8 +12,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.config import Config
+from jaxscale.errors import ConfigError
 from jaxscale.model import FlaxModel
-from jaxscale.parallel import outer_rules, split_microbatches
+from jaxscale.parallel import outer_rules, pipeline_settings, split_microbatches
 from jaxscale.sharding import activation_rules, activation_sharding, constrain, param_shardings
 from jaxscale.training.guards import guard_metrics, inject_nan, squared_norm
 
@@ -76,6 +78,20 @@ def in_compute_dtype(grad_fn: Callable, compute_dtype) -> Callable:
     return lowered
 
 
+@contextlib.contextmanager
+def tracing_model(config: Config, mesh: Mesh, per_device_batch: int) -> Iterator[None]:
+    """The context the model is traced in: the activation rules (jaxscale's and Flax's) and the pipeline
+    settings. On a pipeline mesh, a model that never ran its layers through `run_layers` is refused."""
+    with activation_rules(mesh, traced_rules(config, mesh, per_device_batch)), \
+            pipeline_settings(config.pipeline) as staged_run:
+        yield
+    if mesh.shape.get("pipeline", 1) > 1 and not staged_run.staged:
+        raise ConfigError("mesh.pipeline > 1, but the model never ran its layers through "
+                          "jaxscale.parallel.run_layers, so there are no stages to cut: keep the repeated blocks "
+                          "stacked (nnx.vmap with transform_metadata={nnx.PARTITION_NAME: 'layers'}) and run them "
+                          "with run_layers (README: Bring your own model), or use mesh.pipeline=1")
+
+
 def traced_rules(config: Config, mesh: Mesh, per_device_batch: int) -> dict:
     """The activation rules the model is traced under: the configured ones, with the batch outside pipeline
     stages also split over the pipeline ranks (see `outer_rules`). The loaded batch keeps the configured
@@ -90,7 +106,6 @@ def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule
     if config.train.grad_reduce_dtype == "compute":
         grad_fn = in_compute_dtype(grad_fn, compute_dtype)
     count = config.train.microbatches
-    model_rules = traced_rules(config, mesh, per_device_batch)
 
     def accumulated_grads(params, batch, key):
         if count == 1:
@@ -113,7 +128,7 @@ def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule
         return jax.tree.map(lambda x: x / count, ((loss, metrics), grads))
 
     def train_step(state: TrainState, batch: dict):
-        with activation_rules(mesh, model_rules):
+        with tracing_model(config, mesh, per_device_batch):
             (loss, model_metrics), grads = accumulated_grads(state.params, batch,
                                                              step_key(config.train.seed, state.step))
         clash = set(model_metrics) & set(STEP_METRICS)
@@ -139,12 +154,11 @@ def model_flops(model: FlaxModel, config: Config, mesh: Mesh, shardings: TrainSt
     cost analysis; whether the program loops). XLA counts a loop's body once, so a model that scans over its
     layers is undercounted: the gradient accumulation loop is left out here and multiplied back instead."""
     count = config.train.microbatches
-    model_rules = traced_rules(config, mesh, per_device_batch)
     micro = {k: jax.ShapeDtypeStruct((v.shape[0] // count, *v.shape[1:]), v.dtype, sharding=v.sharding)
              for k, v in batch.items()}
 
     def grads(params, batch):
-        with activation_rules(mesh, model_rules):
+        with tracing_model(config, mesh, per_device_batch):
             return jax.grad(lambda p: model.loss(p, batch, jax.random.key(0))[0])(params)
 
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), model.shapes,
@@ -161,10 +175,9 @@ def model_flops(model: FlaxModel, config: Config, mesh: Mesh, shardings: TrainSt
 def make_eval_step(model: FlaxModel, config: Config, mesh: Mesh, shardings: TrainState,
                    data_sharding: NamedSharding, per_device_batch: int) -> Callable:
     """(params, batch) -> {"loss": ..., **the loss function's metrics}, with a fixed key."""
-    model_rules = traced_rules(config, mesh, per_device_batch)
 
     def eval_step(params, batch):
-        with activation_rules(mesh, model_rules):
+        with tracing_model(config, mesh, per_device_batch):
             loss, metrics = model.loss(params, batch, jax.random.key(config.train.seed), training=False)
         return {"loss": loss, **metrics}
 

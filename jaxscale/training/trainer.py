@@ -64,9 +64,6 @@ def plan_run(config: Config, n_devices: int, *, builtin_model: bool = True,
     if config.train.elastic:
         config, note = adapt_to_devices(config, n_devices, checkpoint_per_device_batch)
     sizes = validate(config, n_devices, builtin_model=builtin_model)
-    if not builtin_model and sizes["pipeline"] > 1:
-        raise ConfigError("mesh.pipeline > 1 stages the built-in decoder's stacked layers; a model passed to "
-                          "jaxscale.train cannot be staged yet: use mesh.fsdp / mesh.tensor / mesh.data instead")
     return RunPlan(config, sizes, per_device_batch(config, sizes), builtin_model, note)
 
 
