@@ -261,7 +261,7 @@ def load_config(experiment: str | None = None, overrides: list[str] | tuple[str,
     raw: dict = read_yaml(find_yaml(experiment or "default", "experiments"))
     raw.setdefault("name", Path(experiment or "default").stem)
     if any(o.split("=", 1)[0].strip() in ("model.preset", "model.init_from") for o in overrides):
-        raw["model"] = {}  # a preset or checkpoint chosen on the command line replaces the experiment's model section
+        raw["model"] = {}  # a preset or checkpoint on the command line replaces the experiment's model section
     for o in overrides:
         if o.startswith("mesh.") and isinstance(raw.get("mesh"), str):  # a key inside a preset: expand it first
             raw["mesh"] = read_yaml(find_yaml(raw["mesh"], "meshes"))

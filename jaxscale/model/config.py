@@ -64,9 +64,9 @@ class ModelConfig:
         if scaling is not None:
             if cfg.style != "llama":
                 raise ConfigError("model.rope_scaling applies to RoPE: set model.style=llama or drop it")
-            if not (scaling.factor > 0 and 0 <= scaling.low_freq_factor < scaling.high_freq_factor
+            if not (scaling.factor > 0 and 0 < scaling.low_freq_factor < scaling.high_freq_factor
                     and scaling.original_max_positions > 0):
-                raise ConfigError(f"model.rope_scaling={scaling}: needs factor > 0, 0 <= low_freq_factor < "
+                raise ConfigError(f"model.rope_scaling={scaling}: needs factor > 0, 0 < low_freq_factor < "
                                   f"high_freq_factor and original_max_positions > 0")
         d_ff = cfg.d_ff if cfg.d_ff is not None else (
             4 * cfg.d_model if cfg.style == "gpt2" else 256 * -(-8 * cfg.d_model // 3 // 256))
