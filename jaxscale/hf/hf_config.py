@@ -97,7 +97,7 @@ def model_fields(directory: Path) -> dict:
         f.require("scale_attn_by_inverse_layer_idx", (False,), False)
         f.require("add_cross_attention", (False,), False)
         fields = dict(style="gpt2", vocab_size=f.number("vocab_size"), seq_len=f.number("n_positions"),
-                      d_model=d, n_layers=f.number("n_layer"), n_heads=f.number("n_head"), n_kv_heads=None,
+                      d_model=d, n_layers=f.number("n_layer"), n_heads=f.number("n_head"), n_kv_heads=f.number("n_head"),
                       d_ff=4 * d if n_inner is None else f.number("n_inner"),
                       tie_embeddings=raw.get("tie_word_embeddings", True) is not False,
                       norm_eps=f.number("layer_norm_epsilon", float, 1e-5), rope_scaling=None)

@@ -51,7 +51,8 @@ def load(path: str | Path, config: Config | None = None) -> tuple[Model, dict]:
 def initial_params(config: Config, abstract_params: dict) -> dict:
     """The parameters that `config.model.init_from` (hf:<dir>) names, laid out as `abstract_params` (a tree of
     jax.ShapeDtypeStruct with shardings, e.g. a trainer's abstract state's params). `load_config` has already
-    taken the model's shape from that directory's config.json."""
+    taken the model's shape from that directory's config.json; a config built otherwise must agree with it."""
+    resolve_init_from(dataclasses.asdict(config.model))  # raises where a model key disagrees with config.json
     return read_params(model_directory(config.model.init_from, "model.init_from"), config.model, abstract_params)
 
 
