@@ -12,6 +12,7 @@ safetensors pages, which the kernel can drop at any time).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -76,7 +77,10 @@ if __name__ == "__main__":
     written = write_checkpoint(directory)
     size = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
     print(f"transformers wrote {directory} ({size / 1e9:.2f} GB of safetensors) in {written:.1f} s")
-    run = subprocess.run([sys.executable, "-c", LOAD, str(directory)], capture_output=True, text=True)
+    # python -c puts the working directory first on sys.path: run where no other jaxscale checkout is
+    path = os.pathsep.join(str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
+    run = subprocess.run([sys.executable, "-c", LOAD, str(directory.resolve())], capture_output=True, text=True,
+                         cwd=work, env={**os.environ, "PYTHONPATH": path})
     if run.returncode:
         sys.exit(f"loading failed:\n{run.stderr[-4000:]}")
     print(json.dumps(json.loads(run.stdout.strip().splitlines()[-1]), indent=1))
