@@ -1,8 +1,8 @@
 """Hugging Face checkpoints -> jaxscale parameters, each tensor placed straight onto its shards of the mesh.
 
 Every device's block of every parameter is read from the memory-mapped safetensors files by itself
-(`jax.make_array_from_callback`), so no host holds much more than its own shards: at most about one HF tensor
-beyond them, when a shard needs a few rows of a tensor that is fused or transposed on the way.
+(`jax.make_array_from_callback`): a host reads its own devices' blocks, and beyond them at most the rest of one
+HF tensor's rows, where a block cuts across a tensor that is fused or transposed on the way.
 """
 from __future__ import annotations
 
