@@ -1,4 +1,5 @@
-"""The `jaxscale` command: train, and the tools around training (bench, estimate, plot, scaling, tokenizer)."""
+"""The `jaxscale` command: train, and the tools around training (bench, estimate, plot, scaling, tokenizer,
+export)."""
 from __future__ import annotations
 
 import argparse
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxscale.bench import add_parser as add_bench
     from jaxscale.cost.cli import add_parser as add_estimate
     from jaxscale.data.tokenizer_cli import add_parser as add_tokenizer
+    from jaxscale.hf.exporter import add_parser as add_export
     from jaxscale.scaling.cli import add_parser as add_scaling
     from jaxscale.training.curves import add_parser as add_plot
 
@@ -115,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot(commands)
     add_scaling(commands)
     add_tokenizer(commands)
+    add_export(commands)
     return parser
 
 
