@@ -5,6 +5,7 @@ GPU machine's CPU): tiny GPT-2 and Llama models with every parameter random, and
 for fixed tokens. No torch is needed here. Logits must match to 1e-4 in float32; they differ by at most 2.2e-6
 (logits up to 3.8), while a wrong rope theta or scaling moves them by 1.6 and a wrong norm eps by 4e-3.
 """
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -17,9 +18,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+import jaxscale
 import jaxscale.hf as hf
 from jaxscale import cli
-from jaxscale.checkpointing import CheckpointStore
 from jaxscale.config import Config, load_config, save_config
 from jaxscale.data import DataError, load_tokenizer, train_tokenizer
 from jaxscale.errors import ConfigError
@@ -27,8 +28,7 @@ from jaxscale.hf.hf_config import model_fields
 from jaxscale.hf.importer import NOT_WEIGHTS, read_params
 from jaxscale.hf.safetensors_io import MAX_SHARD_BYTES
 from jaxscale.training import build_trainer
-from jaxscale.training.loop import run_info
-from jaxscale.training.step import TrainState
+from jaxscale.training.loop import open_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 NAMES = ("gpt2", "llama", "llama-tied")
@@ -80,17 +80,14 @@ def fine_tune_config(name: str, tmp_path: Path, *overrides: str) -> Config:
 def imported_state(config: Config, devices) -> tuple:
     """A trainer and its state started from config.model.init_from, as the training loop starts it."""
     trainer = build_trainer(config, devices)
-    params = hf.initial_params(config, trainer.abstract_state().params)
-    opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.shardings.opt_state)(params)
-    return trainer, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+    return trainer, trainer.init_state()
 
 
 def save_run(config: Config, trainer, state) -> Path:
     run_dir = config.resolved_run_dir()
     save_config(config, run_dir / "config.yaml")
-    store = CheckpointStore(run_dir / "checkpoints", config.checkpoint)
-    store.save(int(state.step), state, run_info(config, set()))
-    store.close()
+    trainer.save(state)
+    trainer.close()
     return run_dir
 
 
@@ -404,3 +401,20 @@ def test_any_block_of_a_fused_parameter_reads_as_the_whole(name):
     again = read_params(directory, model.cfg, abstract)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), again, params)
     assert len({str(s.index) for s in again["blocks"]["wqkv"].addressable_shards}) == 8
+
+
+def test_jaxscale_train_fine_tunes_from_the_imported_weights(tmp_path):
+    """The training loop starts from model.init_from: its first loss is the imported model's on that batch, not
+    a randomly initialized model's."""
+    config = fine_tune_config("gpt2", tmp_path, "train.steps=2", "train.eval_every=0", "train.log_every=1",
+                              "train.batch_size=8",
+                              "train.progress=false", "optimizer.learning_rate=1e-6")
+    first = jaxscale.train(config).metrics[0]["loss"]
+    random_start = jaxscale.train(dataclasses.replace(
+        config, model=dataclasses.replace(config.model, init_from=""),
+        run_dir=str(tmp_path / "random"))).metrics[0]["loss"]
+    trainer, state = imported_state(config, jax.devices())
+    assert first != random_start
+    batch = open_dataset(config).batch(0, config.train.batch_size)
+    _, metrics = trainer.train_step(state, jax.device_put(batch, trainer.data_sharding))
+    assert first == pytest.approx(float(metrics["loss"]), rel=1e-6)

@@ -49,6 +49,13 @@ def init_state(model: FlaxModel, tx: optax.GradientTransformation, shardings: Tr
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
+def state_from_params(params: dict, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """The state at step 0 for parameters given (a pretrained model): fresh optimizer moments beside them."""
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
+                      opt_state=opt_state)
+
+
 def batch_sharding(mesh: Mesh, activation_rules_table: dict) -> NamedSharding:
     """Every array of a batch is split along its first dimension as the `batch` rule says; the rest of each
     array is whole on every device that holds its rows."""

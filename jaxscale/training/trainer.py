@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxscale.checkpointing import CheckpointStore, Restored, RunInfo
 from jaxscale.config import DEFAULT_PARAM_RULES, Config, validate
 from jaxscale.errors import ConfigError
+from jaxscale.hf import initial_params
 from jaxscale.mesh import build_mesh
 from jaxscale.model import FlaxModel, LossFn, flax_model
 from jaxscale.sharding import names_used
@@ -39,6 +40,7 @@ from jaxscale.training.step import (
     init_state,
     make_eval_step,
     make_train_step,
+    state_from_params,
     state_shardings,
 )
 
@@ -84,6 +86,11 @@ class Trainer:
     _store: CheckpointStore | None = field(default=None, repr=False)
 
     def init_state(self) -> TrainState:
+        """The state at step 0, created sharded: drawn from the seed, or, with model.init_from=hf:<dir> and the
+        built-in decoder, the Hugging Face model's weights, each device reading only its own blocks."""
+        if self.plan.builtin_model and self.config.model.init_from:
+            return state_from_params(initial_params(self.config, self.abstract_state().params), self.tx,
+                                     self.shardings)
         return init_state(self.model, self.tx, self.shardings, self.config.train.seed)
 
     def abstract_state(self) -> TrainState:
@@ -117,8 +124,10 @@ class Trainer:
         self.store.wait()
 
     def close(self) -> None:
+        """Waits for saves in flight and lets the checkpoint directory go (the next save opens it again)."""
         if self._store is not None:
             self._store.close()
+            self._store = None
 
 
 def checkpoint_dir(config: Config) -> Path:
