@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from jaxscale.data import DataConfig
-from jaxscale.errors import ConfigError
+from jaxscale.data import DataConfig, DataError
+from jaxscale.errors import ConfigError, check_range
 from jaxscale.model.config import ModelConfig, preset_values
 from jaxscale.parallel.plan import PipelineConfig, plan_from_config
 
@@ -110,6 +110,18 @@ class OptimizerConfig:
     grad_clip: float = 1.0  # global norm; 0 disables clipping
     decay_embeddings: bool = False  # norms and biases never decay; embeddings only if this is true
 
+    def __post_init__(self):
+        check_range("optimizer.learning_rate", self.learning_rate, 0, low_open=True)
+        check_range("optimizer.warmup_steps", self.warmup_steps, 0)
+        check_range("optimizer.min_lr_ratio", self.min_lr_ratio, 0, 1,
+                    note=" (the final learning rate as a fraction of the peak)")
+        for key in ("b1", "b2"):
+            check_range(f"optimizer.{key}", getattr(self, key), 0, 1, high_open=True)
+        check_range("optimizer.eps", self.eps, 0, low_open=True,
+                    note=" (Adam divides by sqrt(v) + eps, and v is 0 where a gradient always is)")
+        check_range("optimizer.weight_decay", self.weight_decay, 0)
+        check_range("optimizer.grad_clip", self.grad_clip, 0, note=" (0 turns clipping off)")
+
 
 @dataclass
 class TrainConfig:
@@ -133,6 +145,29 @@ class TrainConfig:
     progress: bool = True
     elastic: bool = False  # on another device count: refit the mesh; microbatches keep the per-device batch
 
+    def __post_init__(self):
+        check_range("train.steps", self.steps, 1)
+        check_range("train.batch_size", self.batch_size, 1,
+                    note=" (sequences per step, a multiple of mesh.data x mesh.fsdp x train.microbatches)")
+        check_range("train.microbatches", self.microbatches, 1, note=" (1: no gradient accumulation)")
+        # JAX keys hold 32 bits of the seed: a larger one would start from the same weights as a smaller one
+        check_range("train.seed", self.seed, 0, 2**32 - 1)
+        check_range("train.scan_unroll", self.scan_unroll, 1, note=" (1: a rolled loop over layers)")
+        check_range("train.log_every", self.log_every, 1)
+        check_range("train.eval_every", self.eval_every, 0, note=" (0 turns evaluation off)")
+        if self.eval_every and self.eval_batches < 1:
+            raise ConfigError(f"train.eval_batches={self.eval_batches} must be >= 1 while evaluation is on "
+                              f"(train.eval_every={self.eval_every}); or set train.eval_every=0 to turn it off")
+        if self.grad_reduce_dtype not in ("float32", "compute"):
+            raise ConfigError(f"train.grad_reduce_dtype={self.grad_reduce_dtype!r}; choose float32 or compute")
+        if self.remat not in ("none", "dots", "full"):
+            raise ConfigError(f"train.remat={self.remat!r}; choose none, dots or full")
+        for key in ("param_dtype", "compute_dtype"):
+            if getattr(self, key) not in ("auto", "float32", "bfloat16", "float16") or (
+                    key == "param_dtype" and self.param_dtype == "auto"):
+                raise ConfigError(f"train.{key}={getattr(self, key)!r}; choose float32, bfloat16"
+                                  + (", float16 or auto" if key == "compute_dtype" else " or float16"))
+
 
 @dataclass
 class CheckpointConfig:
@@ -149,16 +184,11 @@ class CheckpointConfig:
     time_check_every: int = 10  # several processes agree on time-based saves every this many steps
 
     def __post_init__(self):
-        for key in ("every_steps", "keep_every"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"checkpoint.{key}={getattr(self, key)} must be >= 0 (0 turns it off)")
-        if self.every_minutes < 0:
-            raise ConfigError(f"checkpoint.every_minutes={self.every_minutes} must be >= 0 (0 turns it off)")
-        if self.keep_last < 1:
-            raise ConfigError(f"checkpoint.keep_last={self.keep_last} must be >= 1: the newest checkpoint "
-                              f"is the one a restart continues from")
-        if self.time_check_every < 1:
-            raise ConfigError(f"checkpoint.time_check_every={self.time_check_every} must be >= 1")
+        for key in ("every_steps", "every_minutes", "keep_every"):
+            check_range(f"checkpoint.{key}", getattr(self, key), 0, note=" (0 turns it off)")
+        check_range("checkpoint.keep_last", self.keep_last, 1,
+                    note=": the newest checkpoint is the one a restart continues from")
+        check_range("checkpoint.time_check_every", self.time_check_every, 1)
 
 
 @dataclass
@@ -178,12 +208,12 @@ class GuardsConfig:
     def __post_init__(self):
         if self.on_nonfinite not in ("skip", "rollback"):
             raise ConfigError(f"guards.on_nonfinite={self.on_nonfinite!r}; choose skip or rollback")
-        if self.spike_factor < 0 or 0 < self.spike_factor <= 1:
-            raise ConfigError(f"guards.spike_factor={self.spike_factor} must be > 1 (e.g. 2.0), or 0 to turn "
-                              f"the spike check off")
-        if self.spike_window < 1 or self.max_rollbacks < 1 or self.inject_nan_at_step < 0:
-            raise ConfigError("guards.spike_window and guards.max_rollbacks must be >= 1, and "
-                              "guards.inject_nan_at_step >= 0")
+        if self.spike_factor != 0:
+            check_range("guards.spike_factor", self.spike_factor, 1, low_open=True,
+                        note=" (e.g. 2.0), or 0 to turn the spike check off")
+        check_range("guards.spike_window", self.spike_window, 1)
+        check_range("guards.max_rollbacks", self.max_rollbacks, 1)
+        check_range("guards.inject_nan_at_step", self.inject_nan_at_step, 0, note=" (0: never)")
 
 
 @dataclass
@@ -292,7 +322,10 @@ def from_dict(cls, raw: dict, prefix: str):
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
         kwargs[key] = coerce(hints[key], value, prefix + key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except DataError as e:  # DataConfig's own checks: a configuration problem like any other here
+        raise ConfigError(str(e)) from e
 
 
 def coerce(tp, value, key: str):
@@ -380,11 +413,6 @@ def validate(config: Config, n_devices: int) -> dict[str, int]:
     if m.d_ff % sizes["tensor"]:
         raise ConfigError(f"model.d_ff={m.d_ff} is not divisible by mesh.tensor={sizes['tensor']}")
     batch_shards = sizes["data"] * sizes["fsdp"]
-    if t.batch_size < 1:
-        raise ConfigError(f"train.batch_size={t.batch_size} must be >= 1 (sequences per step, e.g. "
-                          f"train.batch_size={batch_shards * max(1, t.microbatches)})")
-    if t.microbatches < 1:
-        raise ConfigError(f"train.microbatches={t.microbatches} must be >= 1 (1: no gradient accumulation)")
     if t.batch_size % (batch_shards * t.microbatches):
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by mesh.data x mesh.fsdp x "
                           f"train.microbatches = {sizes['data']} x {sizes['fsdp']} x {t.microbatches}; "
@@ -408,24 +436,6 @@ def validate(config: Config, n_devices: int) -> dict[str, int]:
                               f"{t.microbatches}); "
                               + (f"pipeline.microbatches={fits} would work" if fits else
                                  f"try train.batch_size={batch_shards * t.microbatches * plan.microbatches}"))
-    if t.scan_unroll < 1:
-        raise ConfigError(f"train.scan_unroll={t.scan_unroll} must be >= 1 (1: a rolled loop over layers)")
-    if t.grad_reduce_dtype not in ("float32", "compute"):
-        raise ConfigError(f"train.grad_reduce_dtype={t.grad_reduce_dtype!r}; choose float32 or compute")
-    if t.remat not in ("none", "dots", "full"):
-        raise ConfigError(f"train.remat={t.remat!r}; choose none, dots or full")
-    for key in ("param_dtype", "compute_dtype"):
-        if getattr(t, key) not in ("auto", "float32", "bfloat16", "float16") or (key == "param_dtype" and t.param_dtype == "auto"):
-            raise ConfigError(f"train.{key}={getattr(t, key)!r}; choose float32, bfloat16"
-                              + (", float16 or auto" if key == "compute_dtype" else " or float16"))
-    for key in ("steps", "log_every"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
-    if t.eval_every < 0:
-        raise ConfigError(f"train.eval_every={t.eval_every} must be >= 0 (0 turns evaluation off)")
-    if t.eval_every and t.eval_batches < 1:
-        raise ConfigError(f"train.eval_batches={t.eval_batches} must be >= 1 while evaluation is on "
-                          f"(train.eval_every={t.eval_every}); or set train.eval_every=0 to turn it off")
     for table_name, table in (("sharding.params", config.sharding.params),
                               ("sharding.activations", config.sharding.activations)):
         for logical, target in table.items():

@@ -158,7 +158,8 @@ def test_missing_tokenizer_file(tmp_path):
 
 
 @pytest.mark.parametrize("setting, value, message", [
-    ("validation_fraction", 1.5, r"data.validation_fraction must be in \[0, 1\)"),
+    ("validation_fraction", 1.5, r"data.validation_fraction=1.5 must be in \[0, 1\)"),
+    ("prefetch", -1, r"data.prefetch=-1 must be >= 0"),
     ("text_documents", "line", r"data.text_documents must be one of"),
     ("token_dtype", "float32", r"data.token_dtype must be one of \('uint16', 'uint32'\)"),
     ("mixture", {"builtin": -1.0}, r"data.mixture weight of 'builtin' must be >= 0"),
