@@ -170,3 +170,16 @@ def test_values_at_the_ends_of_their_ranges_load():
                                 "guards.spike_factor=0", "checkpoint.every_minutes=0",
                                 "data.validation_fraction=0", "data.prefetch=0", "train.eval_every=0"])
     assert config.optimizer.learning_rate == 1e-9 and config.train.seed == 2**32 - 1
+
+
+def test_an_experiment_or_mesh_file_that_is_not_utf8_is_named(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("train:\n  steps: 10  # café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml is not UTF-8 text \(invalid continuation byte at byte "
+                                          r"\d+\); save it as UTF-8$"):
+        load_config(str(latin1))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml is not UTF-8 text"):
+        load_config(None, [f"mesh={latin1}"])
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"cannot read .*folder\.yaml: Is a directory"):
+        load_config(str(tmp_path / "folder.yaml"))
