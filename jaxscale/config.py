@@ -244,15 +244,20 @@ class Config:
 def find_yaml(name_or_path: str, folder: str) -> Path:
     """A path to a YAML file, or a preset name looked up in `folder` (cwd first, then the jaxscale checkout)."""
     kind = {"experiments": "experiment", "meshes": "mesh"}[folder]
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ConfigError(f"{kind} {name_or_path!r}: give the name of a preset or a path to a .yaml file")
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.exists():
-            raise ConfigError(f"{kind} file {path} does not exist")
-        return path
-    candidates = [Path.cwd() / folder / f"{name_or_path}.yaml", REPO_ROOT / folder / f"{name_or_path}.yaml"]
-    for c in candidates:
-        if c.exists():
-            return c
+    try:
+        if path.suffix in (".yaml", ".yml") or path.is_file():
+            if not path.exists():
+                raise ConfigError(f"{kind} file {path} does not exist")
+            return path
+        candidates = [Path.cwd() / folder / f"{name_or_path}.yaml", REPO_ROOT / folder / f"{name_or_path}.yaml"]
+        for c in candidates:
+            if c.exists():
+                return c
+    except OSError as e:  # e.g. a name too long for the file system
+        raise ConfigError(f"{kind} {name_or_path!r}: {e.strerror or e}") from e
     known = sorted({p.stem for d in {Path.cwd() / folder, REPO_ROOT / folder} if d.is_dir() for p in d.glob("*.yaml")})
     raise ConfigError(f"no {kind} named {name_or_path!r}; known: {', '.join(known) or 'none'} "
                       f"(or give a path to a .yaml file)")
@@ -321,6 +326,9 @@ def from_dict(cls, raw: dict, prefix: str):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
+        if not isinstance(key, str):  # YAML reads `1:`, `null:`, `? x` as keys of other types
+            raise ConfigError(f"config key {key!r} in {prefix.rstrip('.') or 'the config'} is not a name; "
+                              f"known keys: {', '.join(names)}")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
@@ -353,7 +361,8 @@ def coerce(tp, value, key: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
+        key_type, value_type = args or (Any, Any)
+        return {coerce(key_type, k, f"a key of {key}"): coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")

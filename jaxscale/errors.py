@@ -18,6 +18,6 @@ def check_range(key: str, value: float, low: float, high: float | None = None, *
     else:
         rule = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         below = value < high if high_open else value <= high
-    finite = math.isfinite(value)
+    finite = not isinstance(value, float) or math.isfinite(value)  # ints are finite (and may not fit a float)
     if not (above and below and finite):
         raise error(f"{key}={value} must be {'' if finite else 'a finite number '}{rule}{note}")

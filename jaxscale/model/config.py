@@ -102,6 +102,6 @@ PRESETS: dict[str, dict] = {
 
 
 def preset_values(name: str) -> dict:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"model.preset={name!r} is unknown; choose one of {', '.join(PRESETS)}")
     return dict(PRESETS[name])
