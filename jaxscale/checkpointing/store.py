@@ -112,7 +112,7 @@ class CheckpointStore:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-        self.writing: int | None = None  # the step of the save in flight
+        self._writing: int | None = None  # the step of the save in flight
 
     def steps(self) -> list[int]:
         """Finalized checkpoints, oldest first."""
@@ -147,16 +147,16 @@ class CheckpointStore:
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata.to_json())))
         except Exception as e:  # the file system's error, as whichever layer met it raised it
             raise self._write_failed(step, f"{type(e).__name__}: {first_line(e)}") from e
-        self.writing = step
+        self._writing = step
 
     def wait(self) -> None:
         """Until every started save is finalized (committed and visible as a step)."""
         try:
             self.manager.wait_until_finished()
         except Exception as e:
-            raise self._write_failed(self.writing, f"{type(e).__name__}: {first_line(e)}") from e
+            raise self._write_failed(self._writing, f"{type(e).__name__}: {first_line(e)}") from e
         finally:
-            self.writing = None
+            self._writing = None
 
     def _check_writable(self, step: int) -> None:
         """Orbax creates a save's directory in a background thread; when that fails, the threads waiting for it
