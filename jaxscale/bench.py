@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import math
+import os
 import statistics
 import sys
 import time
@@ -28,6 +29,7 @@ from jaxscale.trace_summary import DeviceTime, format_summary, summarize
 from jaxscale.training import build_trainer
 from jaxscale.training.loop import batch_shard, open_dataset, to_global
 from jaxscale.training.metrics import device_peak_flops
+from jaxscale.training.rows import encode_row
 
 
 def peak_memory_bytes() -> int | None:
@@ -44,18 +46,48 @@ PROFILE_STEPS = 3
 
 
 def check_bench_arguments(*, warmup: int, windows: int, steps_per_window: int, profile_dir: str | None,
-                          profile_steps: int) -> None:
-    """Refuse counts that leave nothing to time, before anything is built."""
+                          profile_steps: int, warmup_s: float | None = None) -> None:
+    """Refuse counts that leave nothing to time, and a trace folder that cannot be written, before anything is
+    built."""
     if warmup < 0:
         raise ConfigError(f"warmup={warmup}: warm-up steps cannot be negative (--warmup 0 or more)")
+    if warmup_s is not None and not (warmup_s >= 0 and math.isfinite(warmup_s)):
+        raise ConfigError(f"warmup_s={warmup_s}: the warm-up time must be a finite number of seconds, 0 or more "
+                          f"(--warmup-s 0 or more)")
     if windows < 1:
         raise ConfigError(f"windows={windows}: time at least one window (--windows 1 or more)")
     if steps_per_window < 1:
         raise ConfigError(f"steps_per_window={steps_per_window}: time at least one step per window "
                           f"(--steps-per-window 1 or more)")
-    if profile_dir and profile_steps < 1:
-        raise ConfigError(f"profile_steps={profile_steps}: trace at least one step "
-                          f"(--profile-steps 1 or more)")
+    if profile_dir is not None:
+        if profile_steps < 1:
+            raise ConfigError(f"profile_steps={profile_steps}: trace at least one step "
+                              f"(--profile-steps 1 or more)")
+        if Path(profile_dir).exists() and not Path(profile_dir).is_dir():
+            raise ConfigError(f"--profile {profile_dir} is a file; give a folder for the trace")
+        _check_can_create(Path(profile_dir), "--profile")
+
+
+def check_out_file(out: str, force: bool) -> None:
+    """`--out` must be a file that can be written, and not one already there unless --force says so."""
+    path = Path(out)
+    if not out or path.is_dir():
+        raise ConfigError(f"--out {out!r} is " + ("empty" if not out else "a folder")
+                          + f"; give a file such as {path / 'bench.json' if out else 'bench.json'}")
+    if path.exists() and not force:
+        raise ConfigError(f"--out {out} exists; add --force to replace it, or give another file")
+    _check_can_create(path, "--out")
+
+
+def _check_can_create(path: Path, option: str) -> None:
+    """The nearest folder of `path` that exists must be one this user can write into (it creates the rest)."""
+    existing = path.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {path}: {existing} is a file, so nothing can be created inside it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: {existing} is not writable by this user")
 
 
 def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None, windows: int = 5,
@@ -66,7 +98,7 @@ def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None,
     there (under process_<i>/ when there are several processes); the result's "profile" says where their device
     time went (`trace_summary`)."""
     check_bench_arguments(warmup=warmup, windows=windows, steps_per_window=steps_per_window,
-                          profile_dir=profile_dir, profile_steps=profile_steps)
+                          profile_dir=profile_dir, profile_steps=profile_steps, warmup_s=warmup_s)
     if warmup_s is None:
         warmup_s = 0.0 if jax.default_backend() == "cpu" else ACCELERATOR_WARMUP_S
     warmup = max(1, warmup)
@@ -161,6 +193,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"steps to trace with --profile (default {PROFILE_STEPS}); the first steps after the timing "
                         "run at a recovered clock, more steps read nearer the sustained step")
     p.add_argument("--out", metavar="FILE", help="write the result as JSON here too")
+    p.add_argument("--force", action="store_true", help="replace the --out file if it exists")
     p.set_defaults(func=_run)
     return p
 
@@ -169,7 +202,18 @@ def _run(args: argparse.Namespace) -> int:
     from jaxscale.cli import initialize_distributed
     from jaxscale.config import load_config
 
+    # Every flag is checked before any work: a bad one must not cost a whole benchmark.
+    check_bench_arguments(warmup=args.warmup, windows=args.windows, steps_per_window=args.steps_per_window,
+                          profile_dir=args.profile, profile_steps=args.profile_steps, warmup_s=args.warmup_s)
     initialize_distributed(args)
+    problem = None
+    if args.out is not None and jax.process_index() == 0:  # process 0 writes it
+        try:
+            check_out_file(args.out, args.force)
+        except ConfigError as e:
+            problem = str(e)
+    if any_process(problem is not None):
+        raise ConfigError(problem or "--out: process 0 cannot write it")
     config = load_config(args.experiment, args.overrides + ["train.progress=false"])
     result = run_bench(config, warmup=args.warmup, warmup_s=args.warmup_s, windows=args.windows,
                        steps_per_window=args.steps_per_window, profile_dir=args.profile,
@@ -177,9 +221,9 @@ def _run(args: argparse.Namespace) -> int:
     if result["profile"] is not None:  # the JSON line stays last on stdout
         print(format_summary([DeviceTime(**device) for device in result["profile"]]), file=sys.stderr)
         print(f"timed step (median window): {result['step_s'] * 1e3:.2f} ms", file=sys.stderr)
-    line = json.dumps(result)
+    line = encode_row(result)  # strict JSON: a NaN loss is written as null (see training/rows.py)
     print(line)  # every process: its own device's peak memory and its own view of the timing
-    if args.out and jax.process_index() == 0:
+    if args.out is not None and jax.process_index() == 0:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(line + "\n")
     return 0

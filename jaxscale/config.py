@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from jaxscale.data import DataConfig
-from jaxscale.errors import ConfigError
+from jaxscale.data import DataConfig, DataError
+from jaxscale.errors import ConfigError, check_range
 from jaxscale.model.config import ModelConfig, preset_values
 from jaxscale.parallel.plan import PipelineConfig, plan_from_config
 
@@ -117,6 +117,18 @@ class OptimizerConfig:
     no_decay: list[str] = field(default_factory=list)
     decay_embeddings: bool = False  # the built-in model's token and position tables decay only if this is true
 
+    def __post_init__(self):
+        check_range("optimizer.learning_rate", self.learning_rate, 0, low_open=True)
+        check_range("optimizer.warmup_steps", self.warmup_steps, 0)
+        check_range("optimizer.min_lr_ratio", self.min_lr_ratio, 0, 1,
+                    note=" (the final learning rate as a fraction of the peak)")
+        for key in ("b1", "b2"):
+            check_range(f"optimizer.{key}", getattr(self, key), 0, 1, high_open=True)
+        check_range("optimizer.eps", self.eps, 0, low_open=True,
+                    note=" (Adam divides by sqrt(v) + eps, and v is 0 where a gradient always is)")
+        check_range("optimizer.weight_decay", self.weight_decay, 0)
+        check_range("optimizer.grad_clip", self.grad_clip, 0, note=" (0 turns clipping off)")
+
 
 @dataclass
 class TrainConfig:
@@ -140,6 +152,29 @@ class TrainConfig:
     progress: bool = True
     elastic: bool = False  # on another device count: refit the mesh; microbatches keep the per-device batch
 
+    def __post_init__(self):
+        check_range("train.steps", self.steps, 1)
+        check_range("train.batch_size", self.batch_size, 1,
+                    note=" (sequences per step, a multiple of mesh.data x mesh.fsdp x train.microbatches)")
+        check_range("train.microbatches", self.microbatches, 1, note=" (1: no gradient accumulation)")
+        # JAX keys hold 32 bits of the seed: a larger one would start from the same weights as a smaller one
+        check_range("train.seed", self.seed, 0, 2**32 - 1)
+        check_range("train.scan_unroll", self.scan_unroll, 1, note=" (1: a rolled loop over layers)")
+        check_range("train.log_every", self.log_every, 1)
+        check_range("train.eval_every", self.eval_every, 0, note=" (0 turns evaluation off)")
+        if self.eval_every and self.eval_batches < 1:
+            raise ConfigError(f"train.eval_batches={self.eval_batches} must be >= 1 while evaluation is on "
+                              f"(train.eval_every={self.eval_every}); or set train.eval_every=0 to turn it off")
+        if self.grad_reduce_dtype not in ("float32", "compute"):
+            raise ConfigError(f"train.grad_reduce_dtype={self.grad_reduce_dtype!r}; choose float32 or compute")
+        if self.remat not in ("none", "dots", "full"):
+            raise ConfigError(f"train.remat={self.remat!r}; choose none, dots or full")
+        for key in ("param_dtype", "compute_dtype"):
+            if getattr(self, key) not in ("auto", "float32", "bfloat16", "float16") or (
+                    key == "param_dtype" and self.param_dtype == "auto"):
+                raise ConfigError(f"train.{key}={getattr(self, key)!r}; choose float32, bfloat16"
+                                  + (", float16 or auto" if key == "compute_dtype" else " or float16"))
+
 
 @dataclass
 class CheckpointConfig:
@@ -156,16 +191,11 @@ class CheckpointConfig:
     time_check_every: int = 10  # several processes agree on time-based saves every this many steps
 
     def __post_init__(self):
-        for key in ("every_steps", "keep_every"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"checkpoint.{key}={getattr(self, key)} must be >= 0 (0 turns it off)")
-        if self.every_minutes < 0:
-            raise ConfigError(f"checkpoint.every_minutes={self.every_minutes} must be >= 0 (0 turns it off)")
-        if self.keep_last < 1:
-            raise ConfigError(f"checkpoint.keep_last={self.keep_last} must be >= 1: the newest checkpoint "
-                              f"is the one a restart continues from")
-        if self.time_check_every < 1:
-            raise ConfigError(f"checkpoint.time_check_every={self.time_check_every} must be >= 1")
+        for key in ("every_steps", "every_minutes", "keep_every"):
+            check_range(f"checkpoint.{key}", getattr(self, key), 0, note=" (0 turns it off)")
+        check_range("checkpoint.keep_last", self.keep_last, 1,
+                    note=": the newest checkpoint is the one a restart continues from")
+        check_range("checkpoint.time_check_every", self.time_check_every, 1)
 
 
 @dataclass
@@ -187,14 +217,13 @@ class GuardsConfig:
     def __post_init__(self):
         if self.on_nonfinite not in ("skip", "rollback"):
             raise ConfigError(f"guards.on_nonfinite={self.on_nonfinite!r}; choose skip or rollback")
-        if self.spike_factor < 0 or 0 < self.spike_factor <= 1:
-            raise ConfigError(f"guards.spike_factor={self.spike_factor} must be > 1 (e.g. 2.0), or 0 to turn "
-                              f"the spike check off")
-        if self.max_consecutive_skips < 1:
-            raise ConfigError(f"guards.max_consecutive_skips={self.max_consecutive_skips} must be >= 1")
-        if self.spike_window < 1 or self.max_rollbacks < 1 or self.inject_nan_at_step < 0:
-            raise ConfigError("guards.spike_window and guards.max_rollbacks must be >= 1, and "
-                              "guards.inject_nan_at_step >= 0")
+        if self.spike_factor != 0:
+            check_range("guards.spike_factor", self.spike_factor, 1, low_open=True,
+                        note=" (e.g. 2.0), or 0 to turn the spike check off")
+        check_range("guards.spike_window", self.spike_window, 1)
+        check_range("guards.max_rollbacks", self.max_rollbacks, 1)
+        check_range("guards.inject_nan_at_step", self.inject_nan_at_step, 0, note=" (0: never)")
+        check_range("guards.max_consecutive_skips", self.max_consecutive_skips, 1)
 
 
 @dataclass
@@ -225,15 +254,20 @@ class Config:
 def find_yaml(name_or_path: str, folder: str) -> Path:
     """A path to a YAML file, or a preset name looked up in `folder` (cwd first, then the jaxscale checkout)."""
     kind = {"experiments": "experiment", "meshes": "mesh"}[folder]
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ConfigError(f"{kind} {name_or_path!r}: give the name of a preset or a path to a .yaml file")
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.exists():
-            raise ConfigError(f"{kind} file {path} does not exist")
-        return path
-    candidates = [Path.cwd() / folder / f"{name_or_path}.yaml", REPO_ROOT / folder / f"{name_or_path}.yaml"]
-    for c in candidates:
-        if c.exists():
-            return c
+    try:
+        if path.suffix in (".yaml", ".yml") or path.is_file():
+            if not path.exists():
+                raise ConfigError(f"{kind} file {path} does not exist")
+            return path
+        candidates = [Path.cwd() / folder / f"{name_or_path}.yaml", REPO_ROOT / folder / f"{name_or_path}.yaml"]
+        for c in candidates:
+            if c.exists():
+                return c
+    except OSError as e:  # e.g. a name too long for the file system
+        raise ConfigError(f"{kind} {name_or_path!r}: {e.strerror or e}") from e
     known = sorted({p.stem for d in {Path.cwd() / folder, REPO_ROOT / folder} if d.is_dir() for p in d.glob("*.yaml")})
     raise ConfigError(f"no {kind} named {name_or_path!r}; known: {', '.join(known) or 'none'} "
                       f"(or give a path to a .yaml file)")
@@ -241,9 +275,13 @@ def find_yaml(name_or_path: str, folder: str) -> Path:
 
 def read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     return data
@@ -301,12 +339,18 @@ def from_dict(cls, raw: dict, prefix: str):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
+        if not isinstance(key, str):  # YAML reads `1:`, `null:`, `? x` as keys of other types
+            raise ConfigError(f"config key {key!r} in {prefix.rstrip('.') or 'the config'} is not a name; "
+                              f"known keys: {', '.join(names)}")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
         kwargs[key] = coerce(hints[key], value, prefix + key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except DataError as e:  # DataConfig's own checks: a configuration problem like any other here
+        raise ConfigError(str(e)) from e
 
 
 def coerce(tp, value, key: str):
@@ -330,7 +374,8 @@ def coerce(tp, value, key: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
+        key_type, value_type = args or (Any, Any)
+        return {coerce(key_type, k, f"a key of {key}"): coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -394,11 +439,6 @@ def validate(config: Config, n_devices: int, builtin_model: bool = True) -> dict
                 raise ConfigError(f"{name}={count} is not divisible by mesh.tensor={sizes['tensor']}; "
                                   f"choose a tensor size that divides it")
     batch_shards = sizes["data"] * sizes["fsdp"]
-    if t.batch_size < 1:
-        raise ConfigError(f"train.batch_size={t.batch_size} must be >= 1 (sequences per step, e.g. "
-                          f"train.batch_size={batch_shards * max(1, t.microbatches)})")
-    if t.microbatches < 1:
-        raise ConfigError(f"train.microbatches={t.microbatches} must be >= 1 (1: no gradient accumulation)")
     if t.batch_size % (batch_shards * t.microbatches):
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by mesh.data x mesh.fsdp x "
                           f"train.microbatches = {sizes['data']} x {sizes['fsdp']} x {t.microbatches}; "
@@ -422,24 +462,6 @@ def validate(config: Config, n_devices: int, builtin_model: bool = True) -> dict
                               f"{t.microbatches}); "
                               + (f"pipeline.microbatches={fits} would work" if fits else
                                  f"try train.batch_size={batch_shards * t.microbatches * plan.microbatches}"))
-    if t.scan_unroll < 1:
-        raise ConfigError(f"train.scan_unroll={t.scan_unroll} must be >= 1 (1: a rolled loop over layers)")
-    if t.grad_reduce_dtype not in ("float32", "compute"):
-        raise ConfigError(f"train.grad_reduce_dtype={t.grad_reduce_dtype!r}; choose float32 or compute")
-    if t.remat not in ("none", "dots", "full"):
-        raise ConfigError(f"train.remat={t.remat!r}; choose none, dots or full")
-    for key in ("param_dtype", "compute_dtype"):
-        if getattr(t, key) not in ("auto", "float32", "bfloat16", "float16") or (key == "param_dtype" and t.param_dtype == "auto"):
-            raise ConfigError(f"train.{key}={getattr(t, key)!r}; choose float32, bfloat16"
-                              + (", float16 or auto" if key == "compute_dtype" else " or float16"))
-    for key in ("steps", "log_every"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
-    if t.eval_every < 0:
-        raise ConfigError(f"train.eval_every={t.eval_every} must be >= 0 (0 turns evaluation off)")
-    if t.eval_every and t.eval_batches < 1:
-        raise ConfigError(f"train.eval_batches={t.eval_batches} must be >= 1 while evaluation is on "
-                          f"(train.eval_every={t.eval_every}); or set train.eval_every=0 to turn it off")
     for table_name, table in (("sharding.params", config.sharding.params),
                               ("sharding.activations", config.sharding.activations)):
         for logical, target in table.items():

@@ -29,11 +29,12 @@ def test_gpt2_124m_flops_per_token_by_hand():
 
 def test_bench_runs_on_cpu_and_writes_json_and_a_trace(tmp_path):
     out, trace = tmp_path / "bench.json", tmp_path / "trace"
+    out.write_text("an earlier result\n")  # replaced: --force
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
            "JAXSCALE_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(
         [sys.executable, "-m", "jaxscale.cli", "bench", *TINY, "--set", "mesh.data=2", "--warmup", "1",
-         "--warmup-s", "0.5", "--windows", "2", "--steps-per-window", "2", "--out", str(out),
+         "--warmup-s", "0.5", "--windows", "2", "--steps-per-window", "2", "--out", str(out), "--force",
          "--profile", str(trace), "--profile-steps", "2"],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -81,6 +82,9 @@ def test_profile_of_no_steps_is_refused_before_anything_runs(tmp_path):
     (["--steps-per-window", "0"], "steps_per_window=0: time at least one step per window"),
     (["--warmup", "-1"], "warmup=-1: warm-up steps cannot be negative (--warmup 0 or more)"),
     (["--profile", "trace", "--profile-steps", "0"], "profile_steps=0: trace at least one step"),
+    (["--warmup-s", "-1"], "warmup_s=-1.0: the warm-up time must be a finite number of seconds, 0 or more"),
+    (["--warmup-s", "nan"], "warmup_s=nan: the warm-up time must be"),
+    (["--out", "."], "--out '.' is a folder; give a file such as bench.json"),
 ])
 def test_counts_that_leave_nothing_to_time_exit_2_before_anything_runs(tmp_path, args, message):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXSCALE_CACHE": str(tmp_path / "cache")}
@@ -89,3 +93,18 @@ def test_counts_that_leave_nothing_to_time_exit_2_before_anything_runs(tmp_path,
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"jaxscale: error: {message}" in result.stderr and "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())  # no data cache, no trace
+
+
+def test_an_existing_out_file_is_kept_without_force_and_a_trace_path_that_is_a_file_refused(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXSCALE_CACHE": str(tmp_path / "cache")}
+    (tmp_path / "taken.json").write_text("earlier result\n")
+    for args, message in [(["--out", "taken.json"], "--out taken.json exists; add --force to replace it"),
+                          (["--profile", "taken.json"], "--profile taken.json is a file; give a folder"),
+                          (["--out", "taken.json/bench.json"],
+                           f"--out taken.json/bench.json: {tmp_path / 'taken.json'} is a file, so nothing can be "
+                           f"created inside it")]:
+        result = subprocess.run([sys.executable, "-m", "jaxscale.cli", "bench", *TINY, *args],
+                                capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+        assert result.returncode == 2 and f"jaxscale: error: {message}" in result.stderr, result.stderr[-2000:]
+    assert (tmp_path / "taken.json").read_text() == "earlier result\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.json"]  # no data cache: nothing ran

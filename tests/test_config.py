@@ -95,7 +95,7 @@ def test_unset_kv_heads_and_d_ff_take_their_defaults():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("train.batch_size=0", r"train\.batch_size=0 must be >= 1 .*train\.batch_size=1\b"),
+    ("train.batch_size=0", r"train\.batch_size=0 must be >= 1 \(sequences per step, a multiple of mesh\.data"),
     ("train.batch_size=-4", r"train\.batch_size=-4 must be >= 1"),
     ("train.steps=-1", r"train\.steps=-1 must be >= 1"),
     ("train.microbatches=0", r"train\.microbatches=0 must be >= 1"),
@@ -129,3 +129,57 @@ def test_no_eval_batches_are_fine_without_evaluation():
 def test_unknown_logical_names_in_the_rules_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.learning_rate=-1", r"optimizer\.learning_rate=-1\.0 must be > 0$"),
+    ("optimizer.learning_rate=0", r"optimizer\.learning_rate=0\.0 must be > 0$"),
+    ("optimizer.learning_rate=nan", r"optimizer\.learning_rate=nan must be a finite number > 0$"),
+    ("optimizer.learning_rate=1e999", r"optimizer\.learning_rate=inf must be a finite number > 0$"),
+    ("optimizer.warmup_steps=-1", r"optimizer\.warmup_steps=-1 must be >= 0$"),
+    ("optimizer.min_lr_ratio=1.5", r"optimizer\.min_lr_ratio=1\.5 must be in \[0, 1\] \(the final learning"),
+    ("optimizer.b1=1", r"optimizer\.b1=1\.0 must be in \[0, 1\)$"),
+    ("optimizer.b2=-0.1", r"optimizer\.b2=-0\.1 must be in \[0, 1\)$"),
+    ("optimizer.eps=0", r"optimizer\.eps=0\.0 must be > 0 \(Adam divides"),
+    ("optimizer.weight_decay=-0.1", r"optimizer\.weight_decay=-0\.1 must be >= 0$"),
+    ("optimizer.grad_clip=-1", r"optimizer\.grad_clip=-1\.0 must be >= 0 \(0 turns clipping off\)$"),
+    ("train.seed=-1", r"train\.seed=-1 must be in \[0, 4294967295\]$"),
+    ("train.seed=4294967296", r"train\.seed=4294967296 must be in \[0, 4294967295\]$"),
+    ("train.scan_unroll=0", r"train\.scan_unroll=0 must be >= 1 \(1: a rolled loop over layers\)$"),
+    ("train.remat=some", r"train\.remat='some'; choose none, dots or full$"),
+    ("model.rope_theta=0", r"model\.rope_theta=0\.0 must be > 0$"),
+    ("model.norm_eps=-1e-5", r"model\.norm_eps=-1e-05 must be > 0$"),
+    ("model.init_std=nan", r"model\.init_std=nan must be a finite number > 0$"),
+    ("checkpoint.every_minutes=nan", r"checkpoint\.every_minutes=nan must be a finite number >= 0 \(0 turns"),
+    ("checkpoint.keep_last=0", r"checkpoint\.keep_last=0 must be >= 1: the newest checkpoint"),
+    ("guards.spike_factor=0.5", r"guards\.spike_factor=0\.5 must be > 1 \(e\.g\. 2\.0\), or 0 to turn"),
+    ("guards.spike_factor=nan", r"guards\.spike_factor=nan must be a finite number > 1"),
+    ("guards.spike_window=0", r"guards\.spike_window=0 must be >= 1$"),
+    ("guards.max_rollbacks=0", r"guards\.max_rollbacks=0 must be >= 1$"),
+    ("data.validation_fraction=nan", r"data\.validation_fraction=nan must be a finite number in \[0, 1\)$"),
+    ("data.prefetch=-2", r"data\.prefetch=-2 must be >= 0 \(0: no background loading\)$"),
+])
+def test_out_of_range_values_are_refused_at_load_naming_the_key_and_the_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_values_at_the_ends_of_their_ranges_load():
+    config = load_config(None, ["optimizer.learning_rate=1e-9", "optimizer.b1=0", "optimizer.min_lr_ratio=1",
+                                "optimizer.grad_clip=0", "optimizer.warmup_steps=0", "train.seed=4294967295",
+                                "guards.spike_factor=0", "checkpoint.every_minutes=0",
+                                "data.validation_fraction=0", "data.prefetch=0", "train.eval_every=0"])
+    assert config.optimizer.learning_rate == 1e-9 and config.train.seed == 2**32 - 1
+
+
+def test_an_experiment_or_mesh_file_that_is_not_utf8_is_named(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("train:\n  steps: 10  # café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml is not UTF-8 text \(invalid continuation byte at byte "
+                                          r"\d+\); save it as UTF-8$"):
+        load_config(str(latin1))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml is not UTF-8 text"):
+        load_config(None, [f"mesh={latin1}"])
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"cannot read .*folder\.yaml: Is a directory"):
+        load_config(str(tmp_path / "folder.yaml"))

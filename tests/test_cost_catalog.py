@@ -118,3 +118,15 @@ def test_a_broken_user_catalog_does_not_stop_training(tmp_path, monkeypatch):
 def test_unknown_hardware_name_suggests_the_closest():
     with pytest.raises(CatalogError, match="did you mean 'h100-sxm'"):
         get_accelerator("h100sxm", load_catalog())
+
+
+def test_estimate_with_a_catalog_that_is_not_utf8_names_the_file_and_the_flag(tmp_path, capsys):
+    from jaxscale.cli import main
+
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("accelerators:\n  h100-sxm:\n    name: H100 café\n".encode("latin-1"))
+    assert main(["estimate", "gpt2-124m", "--tokens", "1e9", "--hardware", "h100-sxm", "--chips", "8",
+                 "--catalog", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"hardware catalog {path} (the file given by --catalog or $JAXSCALE_HARDWARE): not UTF-8 text" in err
+    assert "Traceback" not in err

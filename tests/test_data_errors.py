@@ -158,7 +158,8 @@ def test_missing_tokenizer_file(tmp_path):
 
 
 @pytest.mark.parametrize("setting, value, message", [
-    ("validation_fraction", 1.5, r"data.validation_fraction must be in \[0, 1\)"),
+    ("validation_fraction", 1.5, r"data.validation_fraction=1.5 must be in \[0, 1\)"),
+    ("prefetch", -1, r"data.prefetch=-1 must be >= 0"),
     ("text_documents", "line", r"data.text_documents must be one of"),
     ("token_dtype", "float32", r"data.token_dtype must be one of \('uint16', 'uint32'\)"),
     ("mixture", {"builtin": -1.0}, r"data.mixture weight of 'builtin' must be >= 0"),
@@ -208,3 +209,18 @@ def test_uint32_token_file_of_a_large_vocab_read_as_uint16(tmp_path):
     with pytest.raises(DataError, match=r"train\.bin is read as uint16 .* vocabulary of 70001; "
                                         r"set data.token_dtype: uint32"):
         build(tmp_path, source=str(tmp_path / "train.bin"), tokenizer=str(tmp_path / "big.json"))
+
+
+def test_an_hf_source_directory_that_is_no_saved_dataset_names_the_setting(tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "a.txt").write_text(TEXT)
+    with pytest.raises(DataError, match=r"plain is a directory, but not a dataset written by Hugging Face datasets' "
+                                        r"save_to_disk .*in data.source give the directory save_to_disk wrote"):
+        build(tmp_path, source=f"hf:{tmp_path / 'plain'}")
+
+
+def test_a_damaged_saved_hf_dataset_is_a_data_error(tmp_path):
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "state.json").write_text("{}")  # looks saved, holds nothing
+    with pytest.raises(DataError, match=r"cannot read the Hugging Face dataset saved in .*saved: .*write it again"):
+        build(tmp_path, source=f"hf:{tmp_path / 'saved'}")

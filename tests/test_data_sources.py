@@ -154,6 +154,37 @@ def test_second_build_reuses_the_cache_and_a_changed_source_rebuilds(tmp_path):
     assert len(cache_entries(cache)) == 3  # the split is part of the key too
 
 
+CACHE_DAMAGE = {
+    "meta.json deleted": lambda d: (d / "meta.json").unlink(),
+    "meta.json garbled": lambda d: (d / "meta.json").write_text('{"format": 1, "ke'),
+    "meta.json not UTF-8": lambda d: (d / "meta.json").write_bytes(b"\xff\xfe{}"),
+    "meta.json of another cache": lambda d: (d / "meta.json").write_text(
+        (d / "meta.json").read_text().replace('"key": "', '"key": "0')),
+    "train.bin truncated": lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-3]),
+    "validation.bin deleted": lambda d: (d / "validation.bin").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", CACHE_DAMAGE)
+def test_a_damaged_cache_is_rebuilt_with_one_warning(tmp_path, damage, caplog):
+    (tmp_path / "docs").mkdir()
+    source = write_text_per_file(tmp_path / "docs")["source"]
+    cache = tmp_path / "cache"
+    config = DataConfig(source=source, validation_fraction=0.2)
+    first = build_dataset(config, SEQ_LEN, cache_dir=str(cache))
+    built = {split: np.array(first.streams(split)[source]) for split in ("train", "validation")}  # not the memmap
+    (entry,) = cache_entries(cache)
+    CACHE_DAMAGE[damage](cache / entry)
+    with caplog.at_level("WARNING", logger="jaxscale"):
+        again = build_dataset(config, SEQ_LEN, cache_dir=str(cache))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"token cache {cache / entry} is damaged" in warnings[0]
+    assert warnings[0].endswith("rebuilding it")
+    assert cache_entries(cache) == [entry]  # rebuilt in place; the damaged copy is gone
+    for split in ("train", "validation"):
+        np.testing.assert_array_equal(again.streams(split)[source], built[split])
+
+
 def test_cache_dir_comes_from_argument_then_environment_then_home(tmp_path, monkeypatch):
     monkeypatch.delenv("JAXSCALE_CACHE", raising=False)
     assert resolve_cache_dir() == os.path.expanduser("~/.cache/jaxscale/data")

@@ -147,3 +147,20 @@ def test_tokenizer_without_a_known_eos_token(bpe_path, tmp_path):
     bad.write_text("{}")
     with pytest.raises(DataError, match=r"bad\.json is not a valid Hugging Face tokenizer.json"):
         load_tokenizer(str(bad))
+
+
+def test_cli_errors_name_the_flags_the_user_gave_not_config_keys(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    from jaxscale.cli import main
+
+    (tmp_path / "x.jsonl").write_text('{"body": "some text"}\n')
+    out = str(tmp_path / "tok.json")
+    for arguments, message in [
+            ([str(tmp_path / "x.jsonl")], "record has no field 'text' (its keys: ['body']); set --text-field to"),
+            ([str(tmp_path / "*.nomatch")], "fix the pattern in the sources given to `jaxscale tokenizer train`"),
+            ([str(tmp_path / "nothere.txt")], "fix the sources given to `jaxscale tokenizer train`"),
+            (["builtin", "--vocab-size", "100"], "--vocab-size 100 is smaller than the 256 byte tokens")]:
+        assert main(["tokenizer", "train", *arguments, "--out", out] + (
+            [] if "--vocab-size" in arguments else ["--vocab-size", "300"])) == 2
+        err = capsys.readouterr().err
+        assert message in err and "data." not in err and "Traceback" not in err

@@ -5,7 +5,8 @@ Orbax writes each checkpoint to a temporary directory and renames it into place 
 done, so a save cut short never shows up as a step. A finalized checkpoint can still be damaged later
 (truncated, corrupted, half-deleted); restoring checks each one against the fingerprints saved with it, and
 a damaged one is moved to `<dir>/damaged/` (never deleted: it may be worth a look) before the previous one is
-tried. A checkpoint written by a different model or optimizer is not damage: that is an error to fix.
+tried. Damage visible in the files is found before Orbax reads any (`files`), so it costs one warning. A
+checkpoint written by a different model or optimizer is not damage: that is an error to fix.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxscale.checkpointing.files import DamagedFiles, check_array_files
 from jaxscale.checkpointing.fingerprint import summarize
 from jaxscale.checkpointing.metadata import CheckpointMetadata, RunInfo, array_layout, layout_differences
 from jaxscale.config import CheckpointConfig
@@ -113,6 +115,7 @@ class CheckpointStore:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        self._writing: int | None = None  # the step of the save in flight
 
     def steps(self) -> list[int]:
         """Finalized checkpoints, oldest first."""
@@ -127,7 +130,10 @@ class CheckpointStore:
 
     def save(self, step: int, state, run: RunInfo) -> None:
         """Start saving `state` (the result of `step` updates). Returns once the state is copied to host
-        memory (the caller may then donate its buffers); the write to disk goes on in the background."""
+        memory (the caller may then donate its buffers); the write to disk goes on in the background.
+        A write that fails raises CheckpointError, here or from the next save or `wait`."""
+        self.wait()  # the previous save first (Orbax would wait too), so that a failure names its own step
+        self._check_writable(step)
         fingerprints, finite = summarize(state)
         if not finite:
             newest = self.steps()[-1] if self.steps() else None
@@ -139,12 +145,50 @@ class CheckpointStore:
                   for (path, fingerprint), leaf in zip(fingerprints.items(), jax.tree.leaves(state))}
         metadata = CheckpointMetadata(**vars(run), step=step, data_position=step, arrays=arrays,
                                       saved_at=datetime.datetime.now(datetime.UTC).isoformat())
-        self.manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata.to_json())))
+        try:
+            self.manager.save(step, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata.to_json())))
+        except Exception as e:  # the file system's error, as whichever layer met it raised it
+            raise self._write_failed(step, f"{type(e).__name__}: {first_line(e)}") from e
+        self._writing = step
 
     def wait(self) -> None:
         """Until every started save is finalized (committed and visible as a step)."""
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_failed(self._writing, f"{type(e).__name__}: {first_line(e)}") from e
+        finally:
+            self._writing = None
+
+    def _check_writable(self, step: int) -> None:
+        """Orbax creates a save's directory in a background thread; when that fails, the threads waiting for it
+        wait out the coordination timeout (minutes) and hold up the process's exit. So process 0, which
+        creates the directories, tries first (the processes must call this together)."""
+        problem = None
+        if jax.process_index() == 0:
+            probe = self.directory / f".write-check-{os.getpid()}"
+            try:
+                probe.mkdir()
+                probe.rmdir()
+            except OSError as e:
+                problem = f"{type(e).__name__}: {e}"
+        if any_process(problem is not None):
+            raise self._write_failed(step, problem or "process 0 of the run cannot write there")
+
+    def _write_failed(self, step: int | None, problem: str) -> CheckpointError:
+        """Orbax writes a checkpoint under a temporary name and renames it only when complete, so a failed write
+        leaves the finalized checkpoints as they were (and the next run removes the unfinished one)."""
+        self.manager.reload()
+        steps = self.steps()
+        kept = (f"the newest good checkpoint is still step {steps[-1]}" if steps else
+                "there is no earlier checkpoint")
+        free = shutil.disk_usage(self.directory).free / 1e9
+        return CheckpointError(
+            f"writing checkpoint {self.path(step) if step is not None else 'in ' + str(self.directory)} failed: "
+            f"{problem}. Nothing saved before was changed: {kept}. Make {self.directory} writable (its disk "
+            f"has {free:.2f} GB free), or set checkpoint.dir to another directory, and rerun the same command "
+            f"to continue")
 
     def read_metadata(self, step: int) -> CheckpointMetadata:
         raw = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -178,6 +222,10 @@ class CheckpointStore:
                 + "\n  ".join(differences)
                 + "\nUse another run_dir, or start over with --set checkpoint.resume=false "
                   "--set checkpoint.overwrite=true")
+        try:  # before Orbax reads them: see checkpointing/files.py
+            check_array_files(self.path(step) / "state")
+        except DamagedFiles as e:
+            raise DamagedCheckpoint(f"array files damaged: {e}") from e
         try:
             state = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state))).state

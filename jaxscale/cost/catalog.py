@@ -100,10 +100,14 @@ def get_accelerator(key: str, catalog: dict[str, Accelerator]) -> Accelerator:
 
 
 def _read_entries(path: Path) -> dict[str, dict]:
+    user_file = "" if path == BUILTIN_CATALOG else f" (the file given by --catalog or ${CATALOG_ENV_VAR})"
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise CatalogError(f"hardware catalog {path}: cannot read it: {e}") from e
+        raise CatalogError(f"hardware catalog {path}{user_file}: cannot read it: {e}") from e
+    except UnicodeDecodeError as e:
+        raise CatalogError(f"hardware catalog {path}{user_file}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                           f"save it as UTF-8 YAML") from e
     except yaml.YAMLError as e:
         raise CatalogError(f"hardware catalog {path}: not valid YAML: {e}") from e
     if not isinstance(data, dict) or set(data) != {"accelerators"}:

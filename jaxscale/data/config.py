@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 from jaxscale.data.errors import DataError
+from jaxscale.errors import check_range
 
 TEXT_DOCUMENT_UNITS = ("file", "paragraph")
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -50,15 +51,13 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise DataError naming the setting when a value is out of range."""
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise DataError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        check_range("data.validation_fraction", self.validation_fraction, 0, 1, high_open=True, error=DataError)
         if self.text_documents not in TEXT_DOCUMENT_UNITS:
             raise DataError(f"data.text_documents must be one of {TEXT_DOCUMENT_UNITS}, "
                             f"got {self.text_documents!r}")
         if self.token_dtype not in TOKEN_DTYPES:
             raise DataError(f"data.token_dtype must be one of {TOKEN_DTYPES}, got {self.token_dtype!r}")
-        if self.prefetch < 0:
-            raise DataError(f"data.prefetch must be >= 0, got {self.prefetch}")
+        check_range("data.prefetch", self.prefetch, 0, note=" (0: no background loading)", error=DataError)
         if not self.mixture and not self.source:
             raise DataError("data.source is empty; set it (e.g. 'builtin') or set data.mixture")
         for spec, weight in self.mixture.items():

@@ -41,6 +41,10 @@ def resolve_source(spec: str, cfg: DataConfig, setting: str = "data.source") -> 
     prefix, colon, rest = spec.partition(":")
     forced = prefix if colon and prefix in FORMAT_PREFIXES else None
     path = os.path.expanduser(rest if forced else spec)
+    if forced == "hf" and os.path.isdir(path) and not _is_saved_hf_dataset(path):
+        raise DataError(f"data source {spec!r}: {path} is a directory, but not a dataset written by Hugging Face "
+                        f"datasets' save_to_disk (it holds no {' or '.join(HF_SAVED_MARKERS)}); in {setting} give "
+                        f"the directory save_to_disk wrote, or for plain files a glob such as '{path}/**/*.txt'")
     if forced == "hf" or (forced is None and _is_saved_hf_dataset(path)):
         return Source(spec, "hf", (("hf", path),))
     files = tuple((forced or _format_of(p), p) for p in _expand(path, spec, setting))
@@ -211,7 +215,12 @@ def _load_hf(source: Source, cfg: DataConfig):
                           "(or: pip install 'jaxscale[hf]')") from e
     location = source.files[0][1]
     if os.path.isdir(location):
-        loaded = datasets.load_from_disk(location)
+        try:
+            loaded = datasets.load_from_disk(location)
+        except Exception as e:  # a damaged save raises whatever its first unreadable file does
+            raise DataError(f"cannot read the Hugging Face dataset saved in {location}: {type(e).__name__}: "
+                            f"{str(e).rstrip('.')}; "
+                            f"write it again with save_to_disk") from e
     else:  # a hub name: read from the local datasets cache (set HF_HUB_OFFLINE=1 to forbid downloads)
         try:
             loaded = datasets.load_dataset(location, split=cfg.hf_split)

@@ -2,8 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import re
 
+from jaxscale.data.errors import DataError
 from jaxscale.data.tokenizers import train_tokenizer
+
+# The data package's messages name the config keys (and train_tokenizer's arguments) to fix; here the user gave
+# these instead.
+FLAG_FOR = {"data.source": "the sources given to `jaxscale tokenizer train`", "data.text_field": "--text-field",
+            "data.text_documents": "--text-documents", "data.hf_split": "--hf-split", "vocab_size": "--vocab-size"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -21,13 +28,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     train.add_argument("--text-field", default="text", help="text field of JSON Lines / Parquet records")
     train.add_argument("--text-documents", choices=("file", "paragraph"), default="file",
                        help="plain text files are one document per file or per blank-line paragraph")
+    train.add_argument("--hf-split", default="train", help="split of a Hugging Face dataset source (hf:...)")
     train.set_defaults(func=_run_train)
     return parser
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    vocab_size = train_tokenizer(args.sources, args.vocab_size, args.out, text_field=args.text_field,
-                                 text_documents=args.text_documents)
+    try:
+        vocab_size = train_tokenizer(args.sources, args.vocab_size, args.out, text_field=args.text_field,
+                                     text_documents=args.text_documents, hf_split=args.hf_split)
+    except DataError as e:
+        raise DataError(in_flag_terms(str(e))) from e
     print(f"wrote {args.out}: {vocab_size} tokens; use it with data.tokenizer: {args.out} "
           f"and model.vocab_size: {vocab_size}")
     return 0
+
+
+def in_flag_terms(message: str) -> str:
+    """`message` with each config key it names replaced by the flag of this command that sets it."""
+    keys = "|".join(re.escape(key) for key in FLAG_FOR)
+    return re.sub(rf"(?<![\w.-])({keys})\b", lambda m: FLAG_FOR[m.group(1)], message)

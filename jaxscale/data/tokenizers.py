@@ -99,7 +99,7 @@ def _import_tokenizers(purpose: str):
 
 
 def train_tokenizer(files_or_source: str | Sequence[str], vocab_size: int, out_path: str, *,
-                    text_field: str = "text", text_documents: str = "file") -> int:
+                    text_field: str = "text", text_documents: str = "file", hf_split: str = "train") -> int:
     """Fit a byte-level BPE on text and save it as a tokenizer.json; return its vocabulary size.
 
     `files_or_source` is a list of text files or one source spec as in DataConfig.source (e.g. "builtin").
@@ -113,7 +113,7 @@ def train_tokenizer(files_or_source: str | Sequence[str], vocab_size: int, out_p
     specs = [files_or_source] if isinstance(files_or_source, str) else list(files_or_source)
     if not specs:
         raise DataError("train_tokenizer got no files; pass text files or a source such as 'builtin'")
-    cfg = DataConfig(text_field=text_field, text_documents=text_documents)
+    cfg = DataConfig(text_field=text_field, text_documents=text_documents, hf_split=hf_split)
     sources = [resolve_source(spec, cfg) for spec in specs]
     for source in sources:
         if source.kind == "tokens":

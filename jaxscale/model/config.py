@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from jaxscale.errors import ConfigError
+from jaxscale.errors import ConfigError, check_range
 
 
 @dataclass
@@ -39,20 +39,24 @@ class ModelConfig:
     mask_vocab_padding: bool = False
     init_from: str = ""  # "hf:<dir>": start from a Hugging Face checkpoint; the shape comes from its config.json
 
+    def __post_init__(self):
+        if self.style not in ("gpt2", "llama"):
+            raise ConfigError(f"model.style={self.style!r}; choose gpt2 or llama")
+        if self.attention not in ("auto", "cudnn", "xla"):
+            raise ConfigError(f"model.attention={self.attention!r}; choose auto, cudnn or xla")
+        if self.init_from and not self.init_from.startswith("hf:"):
+            raise ConfigError(f"model.init_from={self.init_from!r}; give hf:<directory of a Hugging Face model>")
+        for key in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+            value = getattr(self, key)
+            if value is not None:  # n_kv_heads, d_ff: None means the default; 0 is a mistake
+                check_range(f"model.{key}", value, 1,
+                            note=" (or null for the default)" if key in ("n_kv_heads", "d_ff") else "")
+        for key in ("rope_theta", "norm_eps", "init_std"):
+            check_range(f"model.{key}", getattr(self, key), 0, low_open=True)
+
     def resolved(self) -> ModelConfig:
         """Fill the None defaults, check the combination."""
         cfg = self
-        if cfg.style not in ("gpt2", "llama"):
-            raise ConfigError(f"model.style={cfg.style!r}; choose gpt2 or llama")
-        if cfg.attention not in ("auto", "cudnn", "xla"):
-            raise ConfigError(f"model.attention={cfg.attention!r}; choose auto, cudnn or xla")
-        if cfg.init_from and not cfg.init_from.startswith("hf:"):
-            raise ConfigError(f"model.init_from={cfg.init_from!r}; give hf:<directory of a Hugging Face model>")
-        for key in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
-            value = getattr(cfg, key)
-            if value is not None and value < 1:  # n_kv_heads, d_ff: None means the default; 0 is a mistake
-                raise ConfigError(f"model.{key}={value} must be >= 1"
-                                  + (" (or null for the default)" if key in ("n_kv_heads", "d_ff") else ""))
         n_kv = cfg.n_kv_heads if cfg.n_kv_heads is not None else cfg.n_heads
         if cfg.d_model % cfg.n_heads:
             raise ConfigError(f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}")
@@ -124,6 +128,6 @@ PRESETS: dict[str, dict] = {
 
 
 def preset_values(name: str) -> dict:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"model.preset={name!r} is unknown; choose one of {', '.join(PRESETS)}")
     return dict(PRESETS[name])

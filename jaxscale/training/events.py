@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxscale.training.metrics import MetricsLogger
+from jaxscale.training.rows import decode_row
 
 log = logging.getLogger("jaxscale")
 
@@ -31,7 +32,8 @@ def log_event(logger: MetricsLogger, step: int, event: str, message: str, level:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of metrics.jsonl (given the file or its run directory) as the surviving run wrote them: where
-    a restart continued from step s, earlier metric rows with a step above s are dropped."""
+    a restart continued from step s, earlier metric rows with a step above s are dropped. Non-finite values,
+    written as null and named in the row's "nonfinite" field, are NaN or Inf again."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
@@ -57,6 +59,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}:{number} is not JSON: {e}") from e
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{number} must be a JSON object, got {line[:60]!r}")
+        try:
+            row = decode_row(row)
+        except ValueError as e:
+            raise ValueError(f"{path}:{number}: {e}") from e
         if isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
             raise ValueError(f"{path}:{number} has no whole-number \"step\", as every row jaxscale train writes "
                              f"has: {line[:60]!r}")

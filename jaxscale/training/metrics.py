@@ -1,9 +1,8 @@
 """Step metrics: fetched from the device one step late (so the next step is already queued), written as JSON
-lines to <run_dir>/metrics.jsonl and shown on a progress bar. Energy comes from the GPUs' own counters (NVML)
+lines to <run_dir>/metrics.jsonl (strict JSON: see `rows`) and shown on a progress bar. Energy comes from the GPUs' own counters (NVML)
 where there are any, summed over all processes; elsewhere its fields are null."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jaxscale.cost.energy import EnergyMeter
+from jaxscale.training.rows import encode_row
 
 
 def device_peak_flops() -> float | None:
@@ -95,7 +95,7 @@ class MetricsLogger:
     def write(self, row: dict[str, Any]) -> None:
         self.history.append(row)
         if self.file:
-            self.file.write(json.dumps(row) + "\n")
+            self.file.write(encode_row(row) + "\n")
             self.file.flush()
 
     def close(self) -> None:
