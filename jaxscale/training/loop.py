@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -451,7 +452,8 @@ def write_run_summary(rows: list[dict], run_dir: Path, tokens: int, wall_s: floa
     if not trained:
         return summary
     if jax.process_index() == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
+        (run_dir / "summary.json").write_text(json.dumps(finite, indent=1, allow_nan=False) + "\n")
     known = {k: v for k, v in summary.items() if v is not None}
     log.info("run summary: %s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in known.items()))
