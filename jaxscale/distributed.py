@@ -77,7 +77,11 @@ class PeerWatchdog:
     def __enter__(self) -> PeerWatchdog:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is not None and self._thread is not None:
+            # A collective fails at once when a peer's connection drops (gloo: "Connection closed by peer"):
+            # give the watchdog the time to tell a lost peer (it exits with its line and code) from another error.
+            self._thread.join(self.timeout + 3 * self.interval)
         self.stop()
 
     def _watch(self) -> None:

@@ -207,32 +207,51 @@ class Run:
 
 
 def prepare(config: Config, model, loss_fn: LossFn | None, data, eval_data) -> Run:
-    """plan -> data -> build, and the checkpoints: every check, nothing written."""
+    """plan -> data -> build -> compile, then the checkpoints: every check before anything is written."""
     builtin = model is None
+    newest = newest_metadata(config)
+    plan = plan_run(config, jax.device_count(), builtin_model=builtin,
+                    checkpoint_per_device_batch=newest.per_device_batch if newest else None)
+    dataset = open_data(plan.config, data, eval_data, builtin)
+    config = plan.config
+    example = None
+    if data is not None:
+        example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                   for k, v in dataset.example_batch(config.train.batch_size).items()}
+    trainer = build(plan, jax.devices(), model, loss_fn, example)
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.data_sharding)
+                      for k, v in (example or lm_batch_spec(config)).items()}
+    compiled = trainer.train_step.lower(trainer.abstract_state(), abstract_batch).compile()
+    flops_per_token = (config.model.flops_per_token() if builtin else
+                       user_flops_per_token(trainer, abstract_batch, tokens_per_step(config, example)))
+    trainer._store = open_checkpoints(config)
+    return Run(trainer, dataset, trainer.store, compiled, tokens_per_step(config, example), flops_per_token)
+
+
+def newest_metadata(config: Config):
+    """The metadata of the checkpoint a resume would continue from (an elastic restart sizes its microbatches
+    by it), read without creating or cleaning up anything."""
+    directory = checkpoint_dir(config)
+    if not config.checkpoint.resume or not directory.is_dir():
+        return None
+    reader = CheckpointStore(directory, config.checkpoint, read_only=True)
+    try:
+        return reader.newest_metadata()
+    finally:
+        reader.close()
+
+
+def open_checkpoints(config: Config) -> CheckpointStore:
+    """The run's checkpoints, to resume from and save to. Starting over (checkpoint.resume=false) where a run
+    already saved some deletes them only if checkpoint.overwrite=true says so."""
     store = CheckpointStore(checkpoint_dir(config), config.checkpoint)
     try:
-        newest = store.newest_metadata() if config.checkpoint.resume else None
-        plan = plan_run(config, jax.device_count(), builtin_model=builtin,
-                        checkpoint_per_device_batch=newest.per_device_batch if newest else None)
-        dataset = open_data(plan.config, data, eval_data, builtin)
-        config = plan.config
-        example = None
-        if data is not None:
-            example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                       for k, v in dataset.example_batch(config.train.batch_size).items()}
-        trainer = build(plan, jax.devices(), model, loss_fn, example)
-        trainer._store = store
-        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.data_sharding)
-                          for k, v in (example or lm_batch_spec(config)).items()}
-        compiled = trainer.train_step.lower(trainer.abstract_state(), abstract_batch).compile()
-        flops_per_token = (config.model.flops_per_token() if builtin else
-                           user_flops_per_token(trainer, abstract_batch, tokens_per_step(config, example)))
         if not config.checkpoint.resume and store.steps():
             refuse_or_clear(config, store)
-        return Run(trainer, dataset, store, compiled, tokens_per_step(config, example), flops_per_token)
     except BaseException:
         store.close()
         raise
+    return store
 
 
 def user_flops_per_token(trainer: Trainer, batch: dict, tokens: int) -> float | None:
