@@ -8,7 +8,7 @@ import sys
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", nargs="?", default=None,
-                        help="experiment name in experiments/ or a YAML path (default: default)")
+                        help="experiment preset name (`jaxscale presets` lists them) or a YAML path (default: default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=100 --set mesh.fsdp=8 (repeatable)")
 
@@ -76,6 +76,13 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_presets(args: argparse.Namespace) -> int:
+    from jaxscale.presets import list_presets
+
+    print(list_presets())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxscale.bench import add_parser as add_bench
     from jaxscale.cost.cli import add_parser as add_estimate
@@ -93,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
     add_distributed_arguments(train)
     train.set_defaults(func=run_train)
+    commands.add_parser("presets", help="list the experiment and mesh presets, one line each").set_defaults(
+        func=run_presets)
     add_bench(commands)
     add_estimate(commands)
     add_plot(commands)
