@@ -115,12 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     from jaxscale.cost.catalog import CatalogError
     from jaxscale.data import DataError
     from jaxscale.errors import ConfigError
+    from jaxscale.platforms import skip_absent_tpu
     from jaxscale.training.loop import TrainingDiverged
 
+    skip_absent_tpu()
     # force: importing orbax already configured logging (absl does on its first message)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save at INFO; jaxscale does too
+    # JAX tries every backend it knows and reports each one missing (no libtpu: "Unable to initialize backend
+    # 'tpu'") at INFO; a failure of a platform that was asked for is still an error.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

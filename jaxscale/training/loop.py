@@ -26,6 +26,7 @@ from jaxscale.errors import ConfigError
 from jaxscale.mesh import build_mesh, describe
 from jaxscale.model import Model
 from jaxscale.parallel import describe_plan, plan_from_config
+from jaxscale.platforms import devices_platform
 from jaxscale.training.elastic import adapt_to_devices, fit_mesh, per_device_batch
 from jaxscale.training.events import log_event
 from jaxscale.training.guards import GuardEvent, GuardMonitor, guard_updates
@@ -54,10 +55,11 @@ class TrainResult:
     summary: dict = field(default_factory=dict)  # tokens, time, energy, cost (also <run_dir>/summary.json)
 
 
-def compute_dtype_for(config: Config):
+def compute_dtype_for(config: Config, platform: str):
+    """`platform`: that of the devices the step is compiled for (not the host's default backend)."""
     name = config.train.compute_dtype
     if name == "auto":
-        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        name = "float32" if platform == "cpu" else "bfloat16"
     return jnp.dtype(name)
 
 
@@ -128,7 +130,7 @@ def build_trainer(config: Config, devices: list | None = None) -> Trainer:
     tx, schedule = build_optimizer(config.optimizer, t.steps, model.shapes)
     tx = guard_updates(tx, config.guards)
     shardings = state_shardings(model, tx, mesh, config.sharding.params)
-    compute_dtype = compute_dtype_for(config)
+    compute_dtype = compute_dtype_for(config, devices_platform(mesh.devices))
     return Trainer(config, mesh, model, tx, schedule, shardings,
                    data_sharding=batch_sharding(mesh, config.sharding.activations),
                    train_step=make_train_step(model, tx, schedule, config, mesh, shardings, compute_dtype),
