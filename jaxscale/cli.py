@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxscale.cost.cli import add_parser as add_estimate
     from jaxscale.data.tokenizer_cli import add_parser as add_tokenizer
     from jaxscale.scaling.cli import add_parser as add_scaling
+    from jaxscale.tpu_compile import add_parser as add_compile
     from jaxscale.training.curves import add_parser as add_plot
 
     parser = argparse.ArgumentParser(prog="jaxscale", description=__doc__)
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("presets", help="list the experiment and mesh presets, one line each").set_defaults(
         func=run_presets)
     add_bench(commands)
+    add_compile(commands)
     add_estimate(commands)
     add_plot(commands)
     add_scaling(commands)
