@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxscale.data.tokenizer_cli import add_parser as add_tokenizer
     from jaxscale.scaling.cli import add_parser as add_scaling
     from jaxscale.tpu_compile import add_parser as add_compile
+    from jaxscale.tpu_vm import add_parser as add_tpu
     from jaxscale.training.curves import add_parser as add_plot
 
     parser = argparse.ArgumentParser(prog="jaxscale", description=__doc__)
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot(commands)
     add_scaling(commands)
     add_tokenizer(commands)
+    add_tpu(commands)
     return parser
 
 
