@@ -18,4 +18,4 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
     except ImportError as e:
         package = module.partition(".")[0]
         raise MissingDependency(f"{purpose} needs {package}, which is not installed: pip install "
-                                f"'jaxscale[{extra}]' (or pip install {package})") from e
+                                f"'jaxscale[{extra}]'") from e
