@@ -26,7 +26,8 @@ import jax
 from jaxscale.checkpointing import CheckpointStore
 from jaxscale.config import CheckpointConfig, load_config
 from jaxscale.training import build_trainer
-from jaxscale.training.loop import batch_shard, open_dataset, run_info, to_global
+from jaxscale.training.loop import batch_shard, open_dataset, to_global
+from jaxscale.training.trainer import run_info
 
 TINY = ["model.seq_len=32", "model.n_layers=1", "model.d_model=32", "train.batch_size=8", "mesh.data=-1"]
 
@@ -48,7 +49,7 @@ def bench_model(experiment: str, overrides: list[str], *, save_every: int, windo
     batches = [to_global(dataset.batch(i, t.batch_size, **shard), trainer.data_sharding, t.batch_size)
                for i in range(step_count)]
     store = CheckpointStore(directory, CheckpointConfig(keep_last=2))
-    info = run_info(config, set())
+    info = run_info(trainer.plan, set())
     state = trainer.init_state()
 
     step = 0

@@ -15,5 +15,5 @@ from jaxscale.lazy import lazy_exports
 __all__ = ["Config", "ConfigError", "TrainResult", "build_trainer", "load_config", "train"]
 __getattr__, __dir__ = lazy_exports(__name__, {
     "Config": "jaxscale.config", "load_config": "jaxscale.config",
-    "TrainResult": "jaxscale.training.loop", "build_trainer": "jaxscale.training.loop",
+    "TrainResult": "jaxscale.training.loop", "build_trainer": "jaxscale.training.trainer",
     "train": "jaxscale.training.loop"})

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train a model (default: a small model on built-in text)",
         epilog="Rerunning the same command continues from the newest good checkpoint of the run_dir. Exit "
-               "codes: 0 done; 2 a configuration or checkpoint problem (the message says what to do); 75 "
+               "codes: 0 done; 2 a configuration or checkpoint problem (the message says what to do); 3 bad updates "
+               "kept coming (the newest checkpoint is the last good state); 75 "
                "stopped by SIGTERM or SIGINT after saving a checkpoint: rerun to continue.")
     add_config_arguments(train)
     add_distributed_arguments(train)
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxscale.data import DataError
     from jaxscale.errors import ConfigError
     from jaxscale.platforms import skip_absent_tpu
-    from jaxscale.training.loop import TrainingDiverged
+    from jaxscale.training.loop import EXIT_DIVERGED, TrainingDiverged
 
     skip_absent_tpu()
     # force: importing orbax already configured logging (absl does on its first message)
@@ -133,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CatalogError, CheckpointError, TrainingDiverged) as e:
+    except TrainingDiverged as e:
+        print(f"jaxscale: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except (ConfigError, DataError, CatalogError, CheckpointError) as e:
         print(f"jaxscale: error: {e}", file=sys.stderr)
         return 2
 

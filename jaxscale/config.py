@@ -29,7 +29,8 @@ class MeshConfig:
     """Sizes of the logical mesh axes. One axis may be -1: it takes the devices left over.
 
     `dcn_*` is the part of an axis that crosses slices / hosts (slow links); the rest stays inside a slice or
-    host (ICI / NVLink). Total axis size = in-slice part x dcn part.
+    host (ICI / NVLink). Total axis size = in-slice part x dcn part. `axes` adds named axes of a model's own
+    (e.g. `expert: 4`) for rule tables to map onto; they sit between fsdp and tensor and stay inside a slice.
     """
 
     data: int = -1
@@ -40,12 +41,25 @@ class MeshConfig:
     dcn_pipeline: int = 1
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
+    axes: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, size in self.axes.items():
+            if name in MESH_AXES or not str(name).isidentifier():
+                raise ConfigError(f"mesh.axes.{name}: an added axis needs a name of its own (letters, digits, _), "
+                                  f"not one of {', '.join(MESH_AXES)}, which are set as mesh.{name}")
+            if not isinstance(size, int) or isinstance(size, bool):
+                raise ConfigError(f"mesh.axes.{name}={size!r} must be an integer (or -1: the devices left over)")
+
+    def names(self) -> tuple[str, ...]:
+        """Outermost (slowest links) to innermost (fastest)."""
+        return ("data", "pipeline", "fsdp", *self.axes, "tensor")
 
     def sizes(self) -> dict[str, int]:
-        return {a: getattr(self, a) for a in MESH_AXES}
+        return {a: self.axes[a] if a in self.axes else getattr(self, a) for a in self.names()}
 
     def dcn_sizes(self) -> dict[str, int]:
-        return {a: getattr(self, f"dcn_{a}") for a in MESH_AXES}
+        return {a: 1 if a in self.axes else getattr(self, f"dcn_{a}") for a in self.names()}
 
 
 # Logical axis -> mesh axis (or list of mesh axes, or None = replicated). Parameters and activations get
@@ -81,17 +95,6 @@ class ShardingConfig:
     activations: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ACTIVATION_RULES))
 
     def __post_init__(self):
-        # The default tables name every logical axis that the model's parameters and activations use: a name
-        # not there would be ignored (a typo), so it is refused.
-        for table_name, table, known, what in (
-                ("sharding.params", self.params, DEFAULT_PARAM_RULES, "parameter"),
-                ("sharding.activations", self.activations, DEFAULT_ACTIVATION_RULES, "activation")):
-            for logical in table:
-                if logical not in known:
-                    close = difflib.get_close_matches(str(logical), list(known), n=1)
-                    hint = f"did you mean {table_name}.{close[0]}?" if close else f"known: {', '.join(known)}"
-                    raise ConfigError(f"unknown logical axis {table_name}.{logical}: no {what} dimension is "
-                                      f"named {logical!r}, so the rule would do nothing; {hint}")
         # A table in an experiment or `--set sharding.params.embed=...` changes the rules it names; the others keep
         # their defaults (map a name to null to replicate it).
         self.params = {**DEFAULT_PARAM_RULES, **self.params}
@@ -108,7 +111,11 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # global norm; 0 disables clipping
-    decay_embeddings: bool = False  # norms and biases never decay; embeddings only if this is true
+    # Weight decay: matrices decay, vectors and scalars don't (a stacked `layers` dimension doesn't count); a
+    # parameter's metadata `weight_decay=True/False` overrides that, and these path patterns (fnmatch, e.g.
+    # "*/embedding", "blocks/w_*") override both.
+    no_decay: list[str] = field(default_factory=list)
+    decay_embeddings: bool = False  # the built-in model's token and position tables decay only if this is true
 
 
 @dataclass
@@ -171,6 +178,8 @@ class GuardsConfig:
     spike_factor: float = 0.0  # a loss above spike_factor x its running average is a spike; 0: no spike check
     spike_window: int = 100  # steps in the running (exponential) average; spikes are checked after this many
     max_rollbacks: int = 3  # stop with an error after this many rollbacks to the same checkpoint
+    # stop (exit code 3) after this many updates skipped in a row: the run is not recovering by itself
+    max_consecutive_skips: int = 10
     # For testing only: the loss and gradients of this step (numbered as in metrics.jsonl) become NaN inside
     # the jitted step, a real fault through the real path. 0: never.
     inject_nan_at_step: int = 0
@@ -181,6 +190,8 @@ class GuardsConfig:
         if self.spike_factor < 0 or 0 < self.spike_factor <= 1:
             raise ConfigError(f"guards.spike_factor={self.spike_factor} must be > 1 (e.g. 2.0), or 0 to turn "
                               f"the spike check off")
+        if self.max_consecutive_skips < 1:
+            raise ConfigError(f"guards.max_consecutive_skips={self.max_consecutive_skips} must be >= 1")
         if self.spike_window < 1 or self.max_rollbacks < 1 or self.inject_nan_at_step < 0:
             raise ConfigError("guards.spike_window and guards.max_rollbacks must be >= 1, and "
                               "guards.inject_nan_at_step >= 0")
@@ -367,16 +378,16 @@ def resolve_mesh_sizes(mesh: MeshConfig, n_devices: int) -> dict[str, int]:
     return sizes
 
 
-def validate(config: Config, n_devices: int) -> dict[str, int]:
-    """Everything that can be wrong before compiling; returns the resolved mesh sizes."""
+def validate(config: Config, n_devices: int, builtin_model: bool = True) -> dict[str, int]:
+    """Everything that can be wrong before compiling; returns the resolved mesh sizes. `builtin_model`: the
+    run trains the built-in decoder that config.model describes (else a user's model, which it doesn't)."""
     sizes = resolve_mesh_sizes(config.mesh, n_devices)
     m, t = config.model, config.train
-    for name, count in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads)):
-        if count % sizes["tensor"]:
-            raise ConfigError(f"{name}={count} is not divisible by mesh.tensor={sizes['tensor']}; "
-                              f"choose a tensor size that divides it")
-    if m.d_ff % sizes["tensor"]:
-        raise ConfigError(f"model.d_ff={m.d_ff} is not divisible by mesh.tensor={sizes['tensor']}")
+    if builtin_model:
+        for name, count in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads), ("model.d_ff", m.d_ff)):
+            if count % sizes["tensor"]:
+                raise ConfigError(f"{name}={count} is not divisible by mesh.tensor={sizes['tensor']}; "
+                                  f"choose a tensor size that divides it")
     batch_shards = sizes["data"] * sizes["fsdp"]
     if t.batch_size < 1:
         raise ConfigError(f"train.batch_size={t.batch_size} must be >= 1 (sequences per step, e.g. "
@@ -387,7 +398,7 @@ def validate(config: Config, n_devices: int) -> dict[str, int]:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by mesh.data x mesh.fsdp x "
                           f"train.microbatches = {sizes['data']} x {sizes['fsdp']} x {t.microbatches}; "
                           f"try train.batch_size={batch_shards * t.microbatches * max(1, t.batch_size // (batch_shards * t.microbatches))}")
-    if sizes["pipeline"] > 1:
+    if sizes["pipeline"] > 1 and builtin_model:
         stages = sizes["pipeline"]
         plan = plan_from_config(config.pipeline, m.n_layers, stages)  # microbatches, layers against stages
         rule = config.sharding.params.get("layers")
@@ -429,7 +440,8 @@ def validate(config: Config, n_devices: int) -> dict[str, int]:
         for logical, target in table.items():
             targets = target if isinstance(target, list) else [target]
             for ax in targets:
-                if ax is not None and ax not in MESH_AXES:
+                if ax is not None and ax not in config.mesh.names():
                     raise ConfigError(f"{table_name}.{logical}={target!r}: {ax!r} is not a mesh axis; "
-                                      f"use one of {', '.join(MESH_AXES)} or null")
+                                      f"use one of {', '.join(config.mesh.names())} or null (or add it: "
+                                      f"mesh.axes.{ax}=SIZE)")
     return sizes

@@ -11,14 +11,15 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from jaxscale.config import MESH_AXES, MeshConfig, resolve_mesh_sizes
+from jaxscale.config import MeshConfig, resolve_mesh_sizes
 
 
 def build_mesh(mesh_config: MeshConfig, devices: list | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     sizes = resolve_mesh_sizes(mesh_config, len(devices))
-    shape = [sizes[a] for a in MESH_AXES]
-    dcn = [mesh_config.dcn_sizes()[a] for a in MESH_AXES]
+    names = mesh_config.names()
+    shape = [sizes[a] for a in names]
+    dcn = [mesh_config.dcn_sizes()[a] for a in names]
     if np.prod(dcn) > 1:
         in_slice = [s // d for s, d in zip(shape, dcn)]
         # On GPUs and CPUs each process (host) is a granule; TPU devices carry their slice index.
@@ -31,7 +32,7 @@ def build_mesh(mesh_config: MeshConfig, devices: list | None = None) -> Mesh:
             grid = np.asarray(devices).reshape(shape)
     # Auto axes: shardings are annotations that XLA propagates (GSPMD/Shardy), not part of the array types.
     # The model stays free of explicit out_sharding arguments, so one model runs under every layout.
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
 
 
 def describe(mesh: Mesh) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+from flax.core import spmd as flax_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.errors import ConfigError
@@ -29,6 +30,16 @@ def rule_axes(target: str | Sequence[str] | None) -> list[str]:
     return [target] if isinstance(target, str) else list(target or ())
 
 
+def rule_target(name: str | None, rules: Rules, mesh: Mesh | None = None):
+    """What a logical name maps to: its rule; with no rule, the mesh axis of that name (a model may annotate with
+    mesh axis names directly, as `nn.with_partitioning` does), else None (replicated)."""
+    if name is None:
+        return None
+    if name in rules:
+        return rules[name]
+    return name if mesh is not None and name in mesh.shape else None
+
+
 def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None = None) -> PartitionSpec:
     """PartitionSpec for an array whose dimensions carry `names`.
 
@@ -38,7 +49,7 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh | None
     used: set[str] = set()
     spec = []
     for name in names:
-        axes = rule_axes(rules.get(name) if name is not None else None)
+        axes = rule_axes(rule_target(name, rules, mesh))
         axes = [a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1)]
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
@@ -50,24 +61,47 @@ def split_count(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
     return math.prod(mesh.shape[axis] for axis in rule_axes(axes))
 
 
+def _is_names(x) -> bool:
+    return isinstance(x, tuple)
+
+
 def param_shardings(logical_axes: Any, shapes: Any, mesh: Mesh, rules: Rules) -> Any:
-    """NamedSharding for each parameter; a dimension a rule splits must divide evenly over its mesh axes."""
+    """NamedSharding for each parameter. Every logical name needs a rule (or must be a mesh axis), and a
+    dimension a rule splits must divide evenly over its mesh axes."""
 
     def one(path, names, shape):
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        for dim, name in enumerate(names):
+            if name is not None and name not in rules and name not in mesh.shape:
+                raise ConfigError(
+                    f"parameter {where} dimension {dim} is named {name!r}, which has no rule "
+                    f"in sharding.params; add one, e.g. --set sharding.params.{name}=null (replicated) or "
+                    f"=fsdp / =tensor (split over that mesh axis)")
         spec = logical_to_spec(names, rules, mesh)
         for dim, (size, axes) in enumerate(zip(shape.shape, spec)):
             ways = split_count(mesh, axes)
             if size % ways:
                 raise ConfigError(
-                    f"parameter {jax.tree_util.keystr(path)} dimension {dim} ({names[dim]}={size}) cannot be split "
+                    f"parameter {where} dimension {dim} ({names[dim]}={size}) cannot be split "
                     f"{ways} ways over mesh axes {axes}; change sharding.params.{names[dim]} or the mesh sizes")
         return NamedSharding(mesh, spec)
 
-    return jax.tree_util.tree_map_with_path(one, logical_axes, shapes, is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree_util.tree_map_with_path(one, logical_axes, shapes, is_leaf=_is_names)
 
 
-# Activation annotations: the train step installs the mesh and rules while it is traced, and the model calls
-# `constrain(x, names)` at the points where the layout must be pinned. Outside that context it is a no-op,
+def names_used(logical_axes: Any) -> set[str]:
+    """Every logical name some parameter's dimension carries."""
+    return {n for names in jax.tree.leaves(logical_axes, is_leaf=_is_names) for n in names if n is not None}
+
+
+def flax_rules(rules: Rules) -> tuple:
+    """A rule table in the form of Flax's logical axis rules: ((name, mesh axis | (mesh axes) | None), ...)."""
+    return tuple((name, tuple(target) if isinstance(target, list) else target) for name, target in rules.items())
+
+
+# Activation annotations: the train step installs the mesh and rules while it is traced, both for jaxscale's
+# `constrain(x, names)` and as Flax's logical axis rules and mesh, so that `nn.with_logical_constraint` and
+# `jax.lax.with_sharding_constraint` inside any model take effect. Outside that context `constrain` is a no-op,
 # which is what a plain single-device forward pass wants.
 _ACTIVATION_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
     "jaxscale_activation_rules", default=None)
@@ -77,7 +111,8 @@ _ACTIVATION_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = context
 def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
     token = _ACTIVATION_CONTEXT.set((mesh, rules))
     try:
-        yield
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), flax_spmd.logical_axis_rules(flax_rules(rules)):
+            yield
     finally:
         _ACTIVATION_CONTEXT.reset(token)
 

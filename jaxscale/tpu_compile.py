@@ -168,17 +168,16 @@ def collective_counts(hlo_text: str) -> dict[str, int]:
 def compile_for_topology(config, topology: Topology, slices: int = 1) -> CompileReport:
     """Compile the train step of `config` for `slices` x `topology` and measure the program."""
     import jax
-    import jax.numpy as jnp
 
     from jaxscale.cost.catalog import accelerator_for_device_kind
     from jaxscale.mesh import describe
-    from jaxscale.training.loop import build_trainer
+    from jaxscale.training.language_model import lm_batch_spec
+    from jaxscale.training.trainer import build_trainer
 
     devices = tpu_devices(topology, slices)
     trainer = build_trainer(config, devices=devices)
-    rows = (config.train.batch_size, config.model.seq_len + 1)
-    batch = {key: jax.ShapeDtypeStruct(rows, jnp.int32, sharding=trainer.data_sharding)
-             for key in ("tokens", "segment_ids")}
+    batch = {key: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=trainer.data_sharding)
+             for key, spec in lm_batch_spec(config).items()}
     start = time.perf_counter()
     with quiet_stderr() as held:
         try:

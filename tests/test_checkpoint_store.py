@@ -15,7 +15,19 @@ from jaxscale.checkpointing import CheckpointError, CheckpointStore, RunInfo
 from jaxscale.checkpointing.store import DAMAGED_DIR
 from jaxscale.config import CheckpointConfig, load_config
 from jaxscale.training import build_trainer
-from jaxscale.training.loop import open_checkpoints
+from jaxscale.training.loop import refuse_or_clear
+from jaxscale.training.trainer import checkpoint_dir
+
+
+def open_checkpoints(config):
+    store = CheckpointStore(checkpoint_dir(config), config.checkpoint)
+    if store.steps() and not config.checkpoint.resume:
+        try:
+            refuse_or_clear(config, store)
+        except BaseException:
+            store.close()
+            raise
+    return store
 
 TINY = ["model.seq_len=32", "model.n_layers=1", "model.d_model=32", "train.batch_size=16",
         "train.progress=false"]

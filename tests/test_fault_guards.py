@@ -64,3 +64,22 @@ def test_an_early_high_loss_is_not_a_spike_before_the_window_is_full():
     for loss in (1.0, 9.0):
         _, state = tx.update({"w": jnp.ones(3)}, state, params, value=jnp.float32(loss))
         assert int(state.skip_reason) == 0
+
+
+def test_a_run_whose_updates_keep_being_skipped_stops_with_exit_code_3_and_keeps_its_checkpoint(tmp_path, capsys):
+    """learning_rate=1e6: the loss turns NaN within a few steps and every later update is skipped. The run stops
+    at guards.max_consecutive_skips with exit code 3 and a `diverged` event; the newest checkpoint is a good one."""
+    from fault_helpers import TINY, checkpoint_steps, cli_args
+
+    from jaxscale.cli import main
+    from jaxscale.training.events import read_metrics
+
+    run_dir = tmp_path / "run"
+    code = main(["train", *cli_args([*TINY, f"run_dir={run_dir}", "optimizer.learning_rate=1e6", "train.steps=100",
+                                     "checkpoint.every_steps=5", "guards.max_consecutive_skips=4"])])
+    assert code == 3
+    assert "updates in a row were skipped" in capsys.readouterr().err
+    diverged = [row for row in read_metrics(run_dir) if row.get("event") == "diverged"]
+    assert len(diverged) == 1 and diverged[0]["skips"] >= 4 and diverged[0]["exit_code"] == 3
+    newest = checkpoint_steps(run_dir)[-1]
+    assert diverged[0]["checkpoint"] == str(run_dir / "checkpoints" / str(newest)) and newest < diverged[0]["step"]

@@ -86,3 +86,71 @@ def test_evaluation_without_validation_data_is_refused_before_the_run_writes_any
     with pytest.raises(ConfigError, match="train.eval_every=0"):
         train(config)
     assert not run_dir.exists()
+
+
+def test_a_resume_refused_for_a_changed_model_leaves_the_run_directory_as_it_was(tmp_path, capsys):
+    """Every check, the restore of the checkpoint included, runs before anything in the run directory changes."""
+    from fault_helpers import TINY, cli_args
+
+    from jaxscale.cli import main
+
+    run_dir = tmp_path / "run"
+    settings = [*TINY, f"run_dir={run_dir}", "train.steps=3"]
+    assert main(["train", *cli_args(settings)]) == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert main(["train", *cli_args([*settings, "train.steps=6", "model.d_model=64"])]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
+def test_a_preempted_runs_summary_counts_every_step_it_trained(tmp_path):
+    """SIGTERM between two log rows (one every 4 steps): summary.json counts up to the step that was saved."""
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    from fault_helpers import TINY, logged_steps
+
+    import jaxscale
+
+    run_dir = tmp_path / "run"
+    config = jaxscale.load_config(None, [*TINY, f"run_dir={run_dir}", "train.steps=100000", "train.log_every=4",
+                                         "checkpoint.every_steps=0", "checkpoint.every_minutes=0"])
+
+    def preempt_after_step_5():
+        while logged_steps(run_dir) < 5:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=preempt_after_step_5, daemon=True).start()
+    result = jaxscale.train(config)
+    assert result.preempted
+    saved = int(result.state.step)
+    assert json.loads((run_dir / "summary.json").read_text())["tokens"] == saved * 16 * 32
+
+
+def test_a_second_run_on_a_busy_run_directory_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, capsys):
+    import signal
+
+    from fault_helpers import TINY, cli_args, logged_steps, start_train, wait_for
+
+    from jaxscale.cli import main
+
+    run_dir = tmp_path / "run"
+    settings = [*TINY, f"run_dir={run_dir}", "train.steps=100000", "checkpoint.every_steps=5"]
+    process, log_path = start_train(settings, tmp_path)
+    try:
+        wait_for(lambda: logged_steps(run_dir) >= 3, process, 300, "step 3", log_path)
+        metrics_before = (run_dir / "metrics.jsonl").stat().st_size
+        assert main(["train", *cli_args(settings)]) == 2
+        err = capsys.readouterr().err
+        assert f"{run_dir} is in use by another jaxscale run (pid {process.pid} on " in err
+        assert process.poll() is None  # the holder trains on
+        assert (run_dir / "metrics.jsonl").stat().st_size >= metrics_before
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    # the OS dropped the killed holder's lock: the same command continues the run
+    assert main(["train", *cli_args([*settings[:-2], "train.steps=8", "checkpoint.every_steps=5"])]) == 0

@@ -81,17 +81,19 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def run_summary(metrics_rows: list[dict], hardware_entry: Accelerator | None, chips: int = 1) -> dict:
+def run_summary(metrics_rows: list[dict], hardware_entry: Accelerator | None, chips: int = 1, *,
+                tokens: float | None = None, wall_s: float | None = None) -> dict:
     """End-of-training totals from metrics.jsonl rows.
 
     Reads, from the rows: `tokens` (cumulative tokens trained, last row), `elapsed_s` (wall seconds since the
-    start of training, last row) and `energy_j` (joules since the previous log row, null when unmeasured).
-    `chips` is the number of chips the run used (jax.device_count()), for the cost and the TDP bound.
-    Figures that cannot be computed are None.
+    start of training, last row) and `energy_j` (joules since the previous log row, null when unmeasured);
+    `tokens` and `wall_s` given here take the place of the last row's (a run that stopped between log rows
+    trained more than its last row says). `chips` is the number of chips the run used (jax.device_count()), for
+    the cost and the TDP bound. Figures that cannot be computed are None.
     """
     last = metrics_rows[-1] if metrics_rows else {}
-    tokens = _number(last.get("tokens"))
-    wall_s = _number(last.get("elapsed_s"))
+    tokens = _number(last.get("tokens")) if tokens is None else tokens
+    wall_s = _number(last.get("elapsed_s")) if wall_s is None else wall_s
     measured = [_number(r.get("energy_j")) for r in metrics_rows]
     measured = [j for j in measured if j is not None]
     energy_j = sum(measured) if measured else None

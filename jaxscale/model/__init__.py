@@ -1,8 +1,9 @@
-"""The model as the trainer sees it: pure parameter dicts in, logits out.
+"""Models as the trainer sees them, and the built-in decoder.
 
-`Model` wraps the Flax NNX `Transformer` once: its graph definition, the logical axis names and shapes of
-every parameter, and two pure functions, `init(key)` and `apply(params, tokens)`. Parameters travel through
-jit, optax and Orbax as plain nested dicts of arrays.
+`FlaxModel` (flax_model.py) wraps any Flax model, NNX or Linen, into shapes, logical axis names, `init` and
+`loss`. The built-in GPT-2 / Llama decoder (`Transformer`) goes through the same wrapper; `Model` is a
+convenience for using it alone: `init(key)` returns a plain dict of parameters and `apply(params, tokens)` the
+logits.
 """
 from __future__ import annotations
 
@@ -11,47 +12,48 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxscale.model.config import PRESETS, ModelConfig
+from jaxscale.model.flax_model import FlaxModel, LossFn, flax_model, linen_model, nnx_model
 from jaxscale.model.transformer import Transformer
-from jaxscale.parallel import PipelineConfig
 
-__all__ = ["Model", "ModelConfig", "PRESETS", "Transformer"]
+__all__ = ["PRESETS", "FlaxModel", "LossFn", "Model", "ModelConfig", "Transformer", "flax_model", "linen_model",
+           "nnx_model"]
 
 
-def _is_param(x) -> bool:
-    return isinstance(x, nnx.Variable)
+def transformer_factory(cfg: ModelConfig, param_dtype=jnp.float32, decay_embeddings: bool = False):
+    """rngs -> the built-in decoder, as a model factory for `nnx_model` / `jaxscale.train(model=...)`."""
+    return lambda rngs: Transformer(cfg, rngs=rngs, param_dtype=param_dtype, decay_embeddings=decay_embeddings)
 
 
 @dataclass(frozen=True)
 class Model:
+    """The built-in decoder on its own: `init(key)` -> parameters, `apply(params, tokens)` -> logits."""
+
     cfg: ModelConfig
-    param_dtype: Any
-    graphdef: Any
-    state_def: Any  # tree structure of the NNX state, to rebuild it from a pure dict
-    logical_axes: dict  # same tree as the params: a tuple of logical names per parameter
-    shapes: dict  # same tree: jax.ShapeDtypeStruct per parameter
+    flax: FlaxModel
 
     @classmethod
     def build(cls, cfg: ModelConfig, param_dtype=jnp.float32) -> Model:
-        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
-        graphdef, state = nnx.split(abstract)
-        axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.logical_axes, state, is_leaf=_is_param))
-        shapes = nnx.to_pure_dict(state)
-        return cls(cfg, param_dtype, graphdef, jax.tree.structure(state), axes, shapes)
+        def logits(model, batch, rngs):  # the wrapper needs a loss; apply() calls the model directly
+            return model(batch["tokens"]).mean()
+
+        return cls(cfg, nnx_model(transformer_factory(cfg, param_dtype), logits))
+
+    @property
+    def logical_axes(self) -> dict:
+        return self.flax.logical_axes
+
+    @property
+    def shapes(self) -> dict:
+        return self.flax.shapes
 
     def init(self, key: jax.Array) -> dict:
-        model = Transformer(self.cfg, rngs=nnx.Rngs(key), param_dtype=self.param_dtype)
-        return nnx.to_pure_dict(nnx.state(model))
+        return self.flax.init(key)
 
-    def apply(self, params: dict, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
-              compute_dtype=jnp.float32, remat: str = "none", scan_unroll: int = 1,
-              pipeline: PipelineConfig | None = None) -> jax.Array:
-        state = jax.tree.unflatten(self.state_def, jax.tree.leaves(params))
-        model = nnx.merge(self.graphdef, state)
-        return model(tokens, segment_ids, compute_dtype=compute_dtype, remat=remat, scan_unroll=scan_unroll,
-                     pipeline=pipeline)
+    def apply(self, params: dict, tokens: jax.Array, segment_ids: jax.Array | None = None, **options: Any) -> jax.Array:
+        """Logits (batch, length, padded vocab); `options` are Transformer.__call__'s (compute_dtype, remat, ...)."""
+        return self.flax.bind(params)(tokens, segment_ids, **options)
 
     def param_count(self) -> int:
-        return sum(x.size for x in jax.tree.leaves(self.shapes))
+        return self.flax.param_count()

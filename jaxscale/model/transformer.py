@@ -2,7 +2,7 @@
 
 The layers' weights are stacked along a leading `layers` axis and the forward pass scans over them, so the
 compiled program (and the compile time) is the same size for 2 layers or 96. Every parameter carries the
-logical names of its dimensions (`logical_axes`); `jaxscale.sharding` maps those onto the mesh.
+logical names of its dimensions (Flax's `out_sharding` metadata); `jaxscale.sharding` maps those onto the mesh.
 """
 from __future__ import annotations
 
@@ -12,25 +12,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxscale import remat as remat_policies
 from jaxscale.model.config import ModelConfig
 from jaxscale.model.embedding import embedding_lookup
 from jaxscale.model.gelu import bias_gelu
 from jaxscale.model.norm import norm
-from jaxscale.parallel import PipelineConfig, active_plan, pipelined_layers
+from jaxscale.parallel import PipelineConfig, run_layers
 from jaxscale.sharding import constrain
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float | None,
-          dtype=jnp.float32) -> nnx.Param:
-    """std=None: ones (norm scales); std=0: zeros (biases); else a normal draw."""
+          dtype=jnp.float32, **metadata) -> nnx.Param:
+    """std=None: ones (norm scales); std=0: zeros (biases); else a normal draw. `axes` names each dimension
+    (Flax's `out_sharding` metadata)."""
     if std is None:
         value = jnp.ones(shape, dtype)
     elif std == 0:
         value = jnp.zeros(shape, dtype)
     else:
         value = std * jax.random.normal(rngs.params(), shape, dtype)
-    return nnx.Param(value, logical_axes=axes)
+    return nnx.Param(value, out_sharding=axes, **metadata)
 
 
 class Blocks(nnx.Module):
@@ -128,12 +128,14 @@ def layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, se
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, decay_embeddings: bool = False):
         self.cfg = cfg
         d, V = cfg.d_model, cfg.padded_vocab
-        self.embed = param(rngs, (V, d), ("vocab", "embed"), cfg.init_std, param_dtype)
+        table = dict(weight_decay=decay_embeddings)  # lookup tables: by default no decay, as in GPT-2 / nanoGPT
+        self.embed = param(rngs, (V, d), ("vocab", "embed"), cfg.init_std, param_dtype, **table)
         if cfg.style == "gpt2":
-            self.positions = param(rngs, (cfg.seq_len, d), ("position", "embed"), cfg.init_std / 2, param_dtype)
+            self.positions = param(rngs, (cfg.seq_len, d), ("position", "embed"), cfg.init_std / 2, param_dtype,
+                                   **table)
         self.blocks = Blocks(cfg, rngs, param_dtype)
         self.final_norm = param(rngs, (d,), ("norm",), None, param_dtype)
         if cfg.style == "gpt2":
@@ -163,14 +165,8 @@ class Transformer(nnx.Module):
         def apply_layer(x, layer_params, segment_ids):  # x: the whole batch, or one pipeline microbatch
             return layer(cfg, layer_params, x, positions[:x.shape[0]], segment_ids, compute_dtype)
 
-        plan = active_plan(cfg.n_layers, pipeline)  # None unless the mesh has a pipeline axis > 1
-        if plan is not None:  # remat applies to whole pipeline iterations there
-            x = pipelined_layers(apply_layer, self.blocks.stacked(), x, segment_ids, plan, remat, scan_unroll)
-        else:
-            if remat != "none":
-                apply_layer = jax.checkpoint(apply_layer, policy=remat_policies.POLICIES[remat], prevent_cse=False)
-            x, _ = jax.lax.scan(lambda x, p: (apply_layer(x, p, segment_ids), None), x, self.blocks.stacked(),
-                                unroll=scan_unroll)
+        x = run_layers(apply_layer, self.blocks.stacked(), x, segment_ids, remat=remat, unroll=scan_unroll,
+                       settings=pipeline)
 
         final_bias = self.final_norm_bias[...] if cfg.style == "gpt2" else None
         x = norm(x, self.final_norm[...], final_bias, cfg.norm_eps)

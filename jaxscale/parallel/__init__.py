@@ -1,5 +1,12 @@
 """Parallelism beyond sharding rules: pipeline stages over the `pipeline` mesh axis."""
-from jaxscale.parallel.pipeline import active_plan, outer_rules, pipelined_layers, split_microbatches
+from jaxscale.parallel.pipeline import (
+    active_plan,
+    outer_rules,
+    pipeline_settings,
+    pipelined_layers,
+    run_layers,
+    split_microbatches,
+)
 from jaxscale.parallel.plan import (
     PipelineConfig,
     PipelinePlan,
@@ -10,4 +17,4 @@ from jaxscale.parallel.plan import (
 )
 
 __all__ = ["PipelineConfig", "PipelinePlan", "active_plan", "bubble_fraction", "describe_plan",
-           "outer_rules", "pipelined_layers", "plan_from_config", "plan_pipeline", "split_microbatches"]
+           "outer_rules", "pipeline_settings", "pipelined_layers", "run_layers", "plan_from_config", "plan_pipeline", "split_microbatches"]

@@ -23,7 +23,10 @@ result is never used (SPMD: every rank runs the same program).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +37,34 @@ from jaxscale.parallel.plan import PipelineConfig, PipelinePlan, plan_from_confi
 from jaxscale.remat import POLICIES, dots_and_attention_saveable
 from jaxscale.sharding import Rules, activation_rules, constrain, current_activation_rules, rule_axes
 
-STATE_AXES = ("stage", "batch", "length", "embed")
+STATE_AXES = ("stage", "batch", "length", "embed")  # cut to the activation's rank, (batch, length) or (batch,)
 STREAM_AXES = ("stage", None, "batch", "length", "embed")
 
 # apply_layer(x, layer_params, segment_ids) -> x: one layer on one microbatch.
 LayerFn = Callable[[jax.Array, dict, "jax.Array | None"], jax.Array]
+
+
+@dataclass
+class StagedRun:
+    """The pipeline settings of the step being traced, and whether the model ran its layers through
+    `run_layers` (a model that didn't cannot be staged)."""
+
+    settings: PipelineConfig
+    staged: bool = False
+
+
+_STAGED_RUN: contextvars.ContextVar[StagedRun | None] = contextvars.ContextVar("jaxscale_staged_run", default=None)
+
+
+@contextlib.contextmanager
+def pipeline_settings(settings: PipelineConfig) -> Iterator[StagedRun]:
+    """The trainer traces the step inside this: `run_layers` takes its schedule from here."""
+    record = StagedRun(settings)
+    token = _STAGED_RUN.set(record)
+    try:
+        yield record
+    finally:
+        _STAGED_RUN.reset(token)
 
 
 def active_plan(n_layers: int, settings: PipelineConfig | None) -> PipelinePlan | None:
@@ -47,7 +73,26 @@ def active_plan(n_layers: int, settings: PipelineConfig | None) -> PipelinePlan 
     stages = context[0].shape.get("pipeline", 1) if context else 1
     if stages == 1:
         return None
-    return plan_from_config(settings or PipelineConfig(), n_layers, stages)
+    record = _STAGED_RUN.get()
+    if record is not None:
+        record.staged = True
+    return plan_from_config(settings or (record.settings if record else PipelineConfig()), n_layers, stages)
+
+
+def run_layers(apply_layer: LayerFn, stack, x: jax.Array, segment_ids: jax.Array | None = None, *,
+               remat: str = "none", unroll: int = 1, settings: PipelineConfig | None = None) -> jax.Array:
+    """x through every layer of `stack` (a pytree of weights stacked over a leading `layers` dimension, e.g.
+    the state of an `nnx.vmap`-made module): a scan over the layers, or, on a mesh whose pipeline axis is > 1,
+    pipeline stages scheduled as `settings` (default: the run's `pipeline.*` config) says. `apply_layer(x,
+    layer, segment_ids)` runs one layer; `remat` is a train.remat policy name. This is how a model of one's own
+    is staged."""
+    n_layers = jax.tree.leaves(stack)[0].shape[0]
+    plan = active_plan(n_layers, settings)
+    if plan is not None:  # remat applies to whole pipeline iterations there
+        return pipelined_layers(apply_layer, stack, x, segment_ids, plan, remat, unroll)
+    if remat != "none":
+        apply_layer = jax.checkpoint(apply_layer, policy=POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(lambda x, p: (apply_layer(x, p, segment_ids), None), x, stack, unroll=unroll)[0]
 
 
 def stage_rules(rules: Rules) -> Rules:
@@ -135,10 +180,10 @@ def stage_remat_policy(remat: str, unrolled: bool):
     return dots_and_attention_saveable
 
 
-def pipelined_layers(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.Array,
+def pipelined_layers(apply_layer: LayerFn, stack, x: jax.Array,
                      segment_ids: jax.Array | None, plan: PipelinePlan, remat: str = "none",
                      unroll: int = 1) -> jax.Array:
-    """x (batch, length, embed) through every layer of `stack`, pipelined: the same result as scanning them.
+    """x (batch, ...) through every layer of `stack`, pipelined: the same result as scanning them.
     `remat` (train.remat) applies to each iteration of all stages, see `stage_remat_policy`; `unroll`
     (train.scan_unroll) is how many of a chunk's layers each step of its loop runs.
 
@@ -151,24 +196,25 @@ def pipelined_layers(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.A
     mesh, rules = context
     with activation_rules(mesh, stage_rules(rules)):
         y = run_schedule(apply_layer, stack, x, segment_ids, plan, remat, unroll, mesh)
-    return constrain(y, ("batch", "length", "embed"))
+    return constrain(y, STATE_AXES[1:x.ndim + 1])
 
 
-def run_schedule(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.Array,
+def run_schedule(apply_layer: LayerFn, stack, x: jax.Array,
                  segment_ids: jax.Array | None, plan: PipelinePlan, remat: str, unroll: int,
                  mesh: Mesh | None) -> jax.Array:
     stages, repeats, count = plan.stages, plan.repeats, plan.microbatches
     if x.shape[0] % count:
         raise ValueError(f"a batch of {x.shape[0]} rows does not split into {count} pipeline microbatches")
     stage = jnp.arange(stages)
-    on_stage0 = (stage == 0)[:, None, None, None]
-    weights = {name: by_stage(w, plan, mesh) for name, w in stack.items()}
+    on_stage0 = (stage == 0).reshape(stages, *[1] * x.ndim)  # broadcasts against the (stages, ...) buffer
+    weights = jax.tree.map(lambda w: by_stage(w, plan, mesh), stack)
     real = jnp.asarray(plan.slot_layers().swapaxes(0, 1) >= 0)  # (stages, repeats, layers per chunk)
     segments = None if segment_ids is None else split_microbatches(segment_ids, count)
 
     inputs = split_microbatches(x, count)
-    stream = constrain(jnp.where(on_stage0[:, None], inputs[None], jnp.zeros_like(inputs)[None]), STREAM_AXES)
-    state = constrain(jnp.zeros((stages, *inputs.shape[1:]), x.dtype), STATE_AXES)
+    state_axes, stream_axes = STATE_AXES[:x.ndim + 1], STREAM_AXES[:x.ndim + 2]
+    stream = constrain(jnp.where(on_stage0[:, None], inputs[None], jnp.zeros_like(inputs)[None]), stream_axes)
+    state = constrain(jnp.zeros((stages, *inputs.shape[1:]), x.dtype), state_axes)
 
     def run_chunk(w, real, x, seg):  # one stage: its chunk's layers in order; padding slots leave x as it was
         def body(x, slot):
@@ -196,8 +242,8 @@ def run_schedule(apply_layer: LayerFn, stack: dict[str, jax.Array], x: jax.Array
         state = jnp.where(on_stage0 & (i < repeats * count), starting, state)
         position = i - stage  # each stage's place in the stream of (repeat, microbatch)
         seg = None if segments is None else segments[position % count]
-        out = run_stages(constrain(state, STATE_AXES), jnp.clip(position // count, 0, repeats - 1), seg)
-        state = constrain(next_stage(out), STATE_AXES)  # stage s -> s + 1; the last stage -> stage 0
+        out = run_stages(constrain(state, state_axes), jnp.clip(position // count, 0, repeats - 1), seg)
+        state = constrain(next_stage(out), state_axes)  # stage s -> s + 1; the last stage -> stage 0
         arrived = i + 1 - stages  # stream position of what the last stage just handed to stage 0
         slot = arrived % count
         kept = jax.lax.dynamic_index_in_dim(stream, slot, 1, keepdims=False)

@@ -5,6 +5,6 @@ from jaxscale.lazy import lazy_exports
 # (events, curves) and the commands built on them do not need.
 __all__ = ["Trainer", "TrainResult", "TrainState", "build_trainer", "train"]
 __getattr__, __dir__ = lazy_exports(__name__, {
-    "Trainer": "jaxscale.training.loop", "TrainResult": "jaxscale.training.loop",
-    "build_trainer": "jaxscale.training.loop", "train": "jaxscale.training.loop",
+    "Trainer": "jaxscale.training.trainer", "build_trainer": "jaxscale.training.trainer",
+    "TrainResult": "jaxscale.training.loop", "train": "jaxscale.training.loop",
     "TrainState": "jaxscale.training.step"})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from jaxscale.config import MESH_AXES, Config, ConfigError, MeshConfig, resolve_mesh_sizes
+from jaxscale.config import Config, ConfigError, MeshConfig, resolve_mesh_sizes
 
 
 def fit_mesh(mesh: MeshConfig, n_devices: int) -> MeshConfig:
@@ -25,13 +25,15 @@ def fit_mesh(mesh: MeshConfig, n_devices: int) -> MeshConfig:
     sizes = mesh.sizes()
     fill = next((axis for axis, size in sizes.items() if size == -1), "data")
     remaining, fitted = n_devices, {}
-    for axis in reversed(MESH_AXES):
+    for axis in reversed(mesh.names()):
         if axis != fill:
             fitted[axis] = math.gcd(max(sizes[axis], 1), remaining)
             remaining //= fitted[axis]
     fitted[fill] = remaining
-    dcn = {f"dcn_{axis}": math.gcd(size, fitted[axis]) for axis, size in mesh.dcn_sizes().items()}
-    return MeshConfig(**fitted, **dcn)
+    dcn = {f"dcn_{axis}": math.gcd(size, fitted[axis]) for axis, size in mesh.dcn_sizes().items()
+           if axis not in mesh.axes}
+    return MeshConfig(**{a: fitted[a] for a in fitted if a not in mesh.axes}, **dcn,
+                      axes={a: fitted[a] for a in mesh.axes})
 
 
 def per_device_batch(config: Config, mesh_sizes: dict[str, int]) -> int:
@@ -65,7 +67,7 @@ def adapt_to_devices(config: Config, n_devices: int,
     adapted = dataclasses.replace(config, mesh=mesh,
                                   train=dataclasses.replace(config.train, microbatches=microbatches))
     rows = per_device_batch(adapted, sizes)
-    note = (f"elastic: {n_devices} devices -> mesh {' x '.join(f'{a}={sizes[a]}' for a in MESH_AXES)}, "
+    note = (f"elastic: {n_devices} devices -> mesh {' x '.join(f'{a}={size}' for a, size in sizes.items())}, "
             f"train.microbatches {config.train.microbatches} -> {microbatches} ({rows} sequences per device "
             f"per microbatch; global batch {config.train.batch_size} unchanged)")
     return adapted, note

@@ -99,6 +99,7 @@ class GuardMonitor:
 
     def __init__(self):
         self.pending: tuple[int, dict] | None = None
+        self.consecutive_skips = 0  # updates skipped in a row, up to the latest verdict read
 
     def push(self, step_index: int, metrics: dict[str, jax.Array]) -> GuardEvent | None:
         """Step `step_index` (0-based) was just dispatched; returns the previous step's event, if any."""
@@ -114,6 +115,7 @@ class GuardMonitor:
         self.pending = None
         values = jax.device_get({k: metrics[k] for k in ("skip_reason", "loss", "grad_norm")})
         reason = int(values["skip_reason"])
+        self.consecutive_skips = self.consecutive_skips + 1 if reason else 0
         if reason == 0:
             return None
         return GuardEvent(step_index + 1, SKIP_REASONS[reason], float(values["loss"]),

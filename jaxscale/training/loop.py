@@ -1,46 +1,42 @@
-"""The trainer, in the order it happens: mesh -> data -> model -> shard -> step -> loop."""
+"""The training run, in the order it happens: plan -> data -> build -> restore -> loop -> finish.
+
+Every check (config, devices, data, sharding rules, the checkpoint to resume) runs before anything in the run
+directory changes.
+"""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import Mesh, NamedSharding
+from flax import nnx
+from jax.sharding import NamedSharding
 
-from jaxscale.checkpointing import CheckpointError, CheckpointStore, Restored, RunInfo
+from jaxscale.checkpointing import CheckpointError, CheckpointStore, Restored
 from jaxscale.checkpointing.schedule import SaveSchedule
-from jaxscale.config import Config, resolve_mesh_sizes, save_config, validate
+from jaxscale.config import Config, save_config
 from jaxscale.cost.catalog import accelerator_for_device_kind
 from jaxscale.cost.energy import run_summary
 from jaxscale.data import Dataset, Prefetcher, build_dataset, check_vocab
+from jaxscale.data.records import RecordData
 from jaxscale.errors import ConfigError
-from jaxscale.mesh import build_mesh, describe
-from jaxscale.model import Model
+from jaxscale.mesh import describe
+from jaxscale.model import FlaxModel, LossFn
 from jaxscale.parallel import describe_plan, plan_from_config
-from jaxscale.platforms import devices_platform
-from jaxscale.training.elastic import adapt_to_devices, fit_mesh, per_device_batch
 from jaxscale.training.events import log_event
-from jaxscale.training.guards import GuardEvent, GuardMonitor, guard_updates
+from jaxscale.training.guards import GuardEvent, GuardMonitor
+from jaxscale.training.language_model import lm_batch_spec
 from jaxscale.training.metrics import MetricsLogger
-from jaxscale.training.optimizer import build_optimizer
 from jaxscale.training.preemption import EXIT_PREEMPTED, PreemptionWatcher
-from jaxscale.training.step import (
-    TrainState,
-    batch_sharding,
-    init_state,
-    make_eval_step,
-    make_train_step,
-    state_shardings,
-)
+from jaxscale.training.run_lock import RunLock
+from jaxscale.training.step import TrainState, model_flops
+from jaxscale.training.trainer import Trainer, build, checkpoint_dir, plan_run
 
 log = logging.getLogger("jaxscale")
 
@@ -53,20 +49,37 @@ class TrainResult:
     events: list[dict] = field(default_factory=list)  # the event rows written to metrics.jsonl (start, ...)
     preempted: bool = False  # stopped early by SIGTERM / SIGINT after saving; rerun the command to continue
     summary: dict = field(default_factory=dict)  # tokens, time, energy, cost (also <run_dir>/summary.json)
+    model: FlaxModel | None = field(default=None, repr=False)
 
-
-def compute_dtype_for(config: Config, platform: str):
-    """`platform`: that of the devices the step is compiled for (not the host's default backend)."""
-    name = config.train.compute_dtype
-    if name == "auto":
-        name = "float32" if platform == "cpu" else "bfloat16"
-    return jnp.dtype(name)
+    def trained_model(self):
+        """The model with the final parameters, callable as model(inputs): an NNX module in eval mode, or the
+        Linen module bound to them."""
+        module = self.model.bind(self.state.params)
+        if isinstance(module, nnx.Module):
+            module.eval()
+        return module
 
 
 def open_dataset(config: Config) -> Dataset:
-    """The run's data (tokenized once into the cache), checked against the model's vocabulary."""
+    """The run's text data (tokenized once into the cache), checked against the model's vocabulary."""
     dataset = build_dataset(config.data, config.model.seq_len)
     check_vocab(dataset, config.model.vocab_size)
+    return dataset
+
+
+def open_data(config: Config, data: Any, eval_data: Any, builtin_model: bool):
+    """The user's examples (`data`, `eval_data`), or the configured text data."""
+    if data is None:
+        if eval_data is not None:
+            raise ConfigError("eval_data is given without data; pass both, or neither to use the configured data")
+        dataset = open_dataset(config)
+    else:
+        dataset = RecordData(data, eval_data, seed=config.train.seed)
+    if config.train.eval_every and not dataset.has_split("validation"):
+        fix = ("pass eval_data=" if data is not None else
+               "set data.validation_fraction > 0 or data.validation_source")
+        raise ConfigError(f"train.eval_every={config.train.eval_every} evaluates on held-out data, but there is "
+                          f"none: {fix}, or turn evaluation off with train.eval_every=0")
     return dataset
 
 
@@ -75,7 +88,7 @@ def batch_shard(sharding: NamedSharding, batch_size: int) -> dict[str, int]:
     the block of rows its devices hold. Processes whose devices hold the same rows (a tensor or pipeline axis
     that spans processes) read the same block."""
     held = sorted({(rows.start or 0, batch_size if rows.stop is None else rows.stop)
-                   for rows, _ in sharding.addressable_devices_indices_map((batch_size, 1)).values()})
+                   for rows, *_ in sharding.addressable_devices_indices_map((batch_size,)).values()})
     start, stop, gap = held[0][0], held[0][1], False
     for first, end in held[1:]:
         gap |= first > stop
@@ -94,77 +107,15 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding, batch_size:
             for k, v in batch.items()}
 
 
-@dataclass
-class Trainer:
-    """Everything a training loop needs, built from a config. Researchers writing their own loop start here."""
-
-    config: Config
-    mesh: Mesh
-    model: Model
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    shardings: TrainState
-    data_sharding: NamedSharding
-    train_step: Callable  # (state, global batch) -> (state, metrics)
-    eval_step: Callable  # (params, global batch) -> loss
-
-    def init_state(self) -> TrainState:
-        return init_state(self.model, self.tx, self.shardings, self.config.train.seed)
-
-    def abstract_state(self) -> TrainState:
-        """Shape, dtype and sharding of every array of the state, without computing any: the target that a
-        checkpoint restores into, each device reading only its own pieces."""
-        shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.model.shapes,
-                            opt_state=jax.eval_shape(self.tx.init, self.model.shapes))
-        return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                            shapes, self.shardings)
-
-
-def build_trainer(config: Config, devices: list | None = None) -> Trainer:
-    """Mesh -> model -> optimizer -> shardings -> compiled steps. Checks the config before anything compiles."""
-    devices = devices if devices is not None else jax.devices()
-    validate(config, len(devices))
-    mesh = build_mesh(config.mesh, devices)
-    t = config.train
-    model = Model.build(config.model, jnp.dtype(t.param_dtype))
-    tx, schedule = build_optimizer(config.optimizer, t.steps, model.shapes)
-    tx = guard_updates(tx, config.guards)
-    shardings = state_shardings(model, tx, mesh, config.sharding.params)
-    compute_dtype = compute_dtype_for(config, devices_platform(mesh.devices))
-    return Trainer(config, mesh, model, tx, schedule, shardings,
-                   data_sharding=batch_sharding(mesh, config.sharding.activations),
-                   train_step=make_train_step(model, tx, schedule, config, mesh, shardings, compute_dtype),
-                   eval_step=make_eval_step(model, config, mesh, shardings, compute_dtype))
-
-
-def checkpoint_dir(config: Config) -> Path:
-    return Path(config.checkpoint.dir) if config.checkpoint.dir else config.resolved_run_dir() / "checkpoints"
-
-
-def open_checkpoints(config: Config) -> CheckpointStore:
-    """The run's checkpoints. Starting over (checkpoint.resume=false) where a run already saved some deletes
-    them only if checkpoint.overwrite=true says so."""
-    store = CheckpointStore(checkpoint_dir(config), config.checkpoint)
-    steps = store.steps()
-    if not config.checkpoint.resume and steps:
-        if not config.checkpoint.overwrite:
-            store.close()
-            raise CheckpointError(
-                f"checkpoint.resume=false, but {store.directory} already holds the checkpoints of a run "
-                f"(steps {', '.join(map(str, steps))}). To continue that run, drop checkpoint.resume=false; "
-                f"to delete them and start over, add --set checkpoint.overwrite=true; or choose another "
-                f"run_dir")
-        log.warning("checkpoint.overwrite=true: deleting the checkpoints at steps %s in %s", steps,
-                    store.directory)
-        store.delete_all()
-    return store
-
-
-def run_info(config: Config, skipped_batches: set[int]) -> RunInfo:
-    sizes = resolve_mesh_sizes(config.mesh, jax.device_count())
-    return RunInfo(seed=config.train.seed, mesh=sizes, microbatches=config.train.microbatches,
-                   per_device_batch=per_device_batch(config, sizes), process_count=jax.process_count(),
-                   skipped_batches=sorted(skipped_batches), config=config.to_dict())
+def tokens_per_step(config: Config, example: dict | None) -> int:
+    """Tokens a step trains on: batch x seq_len for text; for a user's batch with `tokens` (B, T + 1), B x T;
+    otherwise the number of examples."""
+    if example is None:
+        return config.train.batch_size * config.model.seq_len
+    tokens = example.get("tokens")
+    if tokens is not None and len(tokens.shape) == 2:
+        return tokens.shape[0] * (tokens.shape[1] - 1)
+    return config.train.batch_size
 
 
 def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -179,8 +130,11 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return changes
 
 
+EXIT_DIVERGED = 3  # `jaxscale train`'s exit code when bad updates keep coming (the newest checkpoint is kept)
+
+
 class TrainingDiverged(RuntimeError):
-    """Bad updates keep coming back after rollbacks; the message says what to try."""
+    """Bad updates keep coming back (in a row, or after rollbacks); the message says what to try."""
 
 
 @dataclass
@@ -202,12 +156,27 @@ class Rollbacks:
         self.skipped_batches.add(event.step - 1)  # the batch index of the update numbered event.step
 
 
-def evaluate(trainer: Trainer, dataset, state: TrainState, shard: dict) -> float:
+def evaluate(trainer: Trainer, dataset, state: TrainState, shard: dict) -> dict[str, float]:
+    """Held-out loss and the loss function's metrics, averaged over train.eval_batches batches."""
     t = trainer.config.train
-    losses = [trainer.eval_step(state.params, to_global(
+    results = jax.device_get([trainer.eval_step(state.params, to_global(
         dataset.batch(i, t.batch_size, split="validation", **shard), trainer.data_sharding, t.batch_size))
-        for i in range(t.eval_batches)]
-    return float(np.mean(jax.device_get(losses)))
+        for i in range(t.eval_batches)])
+    return {f"eval_{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
+
+
+def stop_diverged(logger: MetricsLogger, store: CheckpointStore, event: GuardEvent, skips: int) -> None:
+    """Too many updates skipped in a row: nothing more is saved (the newest checkpoint stays the last good one)."""
+    store.wait()
+    newest = store.steps()[-1] if store.steps() else None
+    kept = f"checkpoint {store.path(newest)} is the last good state" if newest is not None else "nothing was saved"
+    message = (f"{skips} updates in a row were skipped ({event.reason}, loss {event.loss:.4g}, gradient norm "
+               f"{event.grad_norm:.4g}) up to step {event.step}: the run is not recovering by itself; {kept}. "
+               f"Lower optimizer.learning_rate, check the data, or raise guards.max_consecutive_skips")
+    log_event(logger, event.step, "diverged", message, logging.ERROR, skips=skips, reason=event.reason,
+              checkpoint=None if newest is None else str(store.path(newest)), exit_code=EXIT_DIVERGED)
+    logger.close()
+    raise TrainingDiverged(message)
 
 
 def log_skipped_update(logger: MetricsLogger, event: GuardEvent) -> None:
@@ -217,53 +186,127 @@ def log_skipped_update(logger: MetricsLogger, event: GuardEvent) -> None:
               logging.WARNING, reason=event.reason, values={"loss": event.loss, "grad_norm": event.grad_norm})
 
 
-def train(config: Config) -> TrainResult:
+@dataclass
+class Run:
+    """What the loop works with, once every check has passed."""
+
+    trainer: Trainer
+    dataset: Any
+    store: CheckpointStore
+    step_fn: Any  # the compiled train step
+    tokens_per_step: int
+    flops_per_token: float | None
+
+
+def prepare(config: Config, model, loss_fn: LossFn | None, data, eval_data) -> Run:
+    """plan -> data -> build, and the checkpoints: every check, nothing written."""
+    builtin = model is None
+    store = CheckpointStore(checkpoint_dir(config), config.checkpoint)
+    try:
+        newest = store.newest_metadata() if config.checkpoint.resume else None
+        plan = plan_run(config, jax.device_count(), builtin_model=builtin,
+                        checkpoint_per_device_batch=newest.per_device_batch if newest else None)
+        dataset = open_data(plan.config, data, eval_data, builtin)
+        config = plan.config
+        example = None
+        if data is not None:
+            example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                       for k, v in dataset.example_batch(config.train.batch_size).items()}
+        trainer = build(plan, jax.devices(), model, loss_fn, example)
+        trainer._store = store
+        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.data_sharding)
+                          for k, v in (example or lm_batch_spec(config)).items()}
+        compiled = trainer.train_step.lower(trainer.abstract_state(), abstract_batch).compile()
+        flops_per_token = (config.model.flops_per_token() if builtin else
+                           user_flops_per_token(trainer, abstract_batch, tokens_per_step(config, example)))
+        if not config.checkpoint.resume and store.steps():
+            refuse_or_clear(config, store)
+        return Run(trainer, dataset, store, compiled, tokens_per_step(config, example), flops_per_token)
+    except BaseException:
+        store.close()
+        raise
+
+
+def user_flops_per_token(trainer: Trainer, batch: dict, tokens: int) -> float | None:
+    """For MFU: FLOPs per token of a user's model, from XLA's cost analysis."""
+    flops, loops = model_flops(trainer.model, trainer.config, trainer.mesh, trainer.shardings, batch,
+                               trainer.plan.per_device_batch)
+    if loops:
+        log.warning("the model's program loops (a scan over layers, a while loop): XLA's cost analysis counts a "
+                    "loop's body once, so MFU is undercounted by about the loop's length")
+    return flops / tokens if flops else None
+
+
+def refuse_or_clear(config: Config, store: CheckpointStore) -> None:
+    """Starting over (checkpoint.resume=false) where a run already saved checkpoints deletes them only if
+    checkpoint.overwrite=true says so."""
+    steps = store.steps()
+    if not config.checkpoint.overwrite:
+        raise CheckpointError(
+            f"checkpoint.resume=false, but {store.directory} already holds the checkpoints of a run "
+            f"(steps {', '.join(map(str, steps))}). To continue that run, drop checkpoint.resume=false; "
+            f"to delete them and start over, add --set checkpoint.overwrite=true; or choose another run_dir")
+    log.warning("checkpoint.overwrite=true: deleting the checkpoints at steps %s in %s", steps, store.directory)
+    store.delete_all()
+
+
+def train(config: Config, model=None, loss_fn: LossFn | None = None, data=None, eval_data=None) -> TrainResult:
     """Train to config.train.steps, continuing from the newest good checkpoint of the run unless
-    checkpoint.resume=false. SIGTERM / SIGINT: finish the step, save, and return with `preempted` set."""
-    with PreemptionWatcher() as watcher:
-        # A config or data that cannot run fails here, before anything is written to the run's directory.
-        if config.train.elastic:  # the microbatches are chosen later, from the checkpoint's per-device batch
-            fitted = dataclasses.replace(config, mesh=fit_mesh(config.mesh, jax.device_count()),
-                                         train=dataclasses.replace(config.train, microbatches=1))
-            validate(fitted, jax.device_count())
-        else:
-            validate(config, jax.device_count())
-        dataset = open_dataset(config)
-        if config.train.eval_every and not dataset.has_split("validation"):
-            raise ConfigError(f"train.eval_every={config.train.eval_every} evaluates on validation data, but "
-                              f"the data has none: set data.validation_fraction > 0 or data.validation_source, "
-                              f"or turn evaluation off with train.eval_every=0")
-        store = open_checkpoints(config)
+    checkpoint.resume=false. SIGTERM / SIGINT: finish the step, save, and return with `preempted` set.
+
+    model: a factory `rngs -> nnx.Module` or a `flax.linen.Module` (default: the built-in decoder of
+    config.model). loss_fn(model, batch, rngs) -> loss | (loss, metrics) (default: next-token cross entropy).
+    data / eval_data: random-access sources of dicts of arrays, or grain.MapDatasets (default: config.data).
+    """
+    show_log_lines()
+    with PreemptionWatcher() as watcher, RunLock(config.resolved_run_dir()):
+        run = prepare(config, model, loss_fn, data, eval_data)
         try:
-            return train_with(config, dataset, store, watcher)
+            return loop(run, watcher)
         finally:
-            store.close()
+            run.store.close()
 
 
-def train_with(config: Config, dataset: Dataset, store: CheckpointStore, watcher: PreemptionWatcher) -> TrainResult:
-    resume = config.checkpoint.resume
-    newest = store.newest_metadata() if resume else None
-    elastic_note = None
-    if config.train.elastic:
-        config, elastic_note = adapt_to_devices(config, jax.device_count(),
-                                                newest.per_device_batch if newest else None)
-    trainer = build_trainer(config)
-    t = config.train
+def show_log_lines() -> None:
+    """In a script or a notebook where nobody set up logging, the run's log lines (start, resume, checkpoints,
+    evaluation) still show: on stderr, at INFO. absl's handler, which importing orbax may install, doesn't count."""
+    configured = [h for h in logging.getLogger().handlers if type(h).__name__ != "ABSLHandler"]
+    if log.handlers or log.level != logging.NOTSET or configured:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s jaxscale: %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def restore(run: Run) -> tuple[TrainState, Restored | None]:
+    trainer = run.trainer
+    restored = trainer.restore() if trainer.config.checkpoint.resume else None
+    return (restored.state if restored else trainer.init_state()), restored
+
+
+def start_run_dir(config: Config, trainer: Trainer, dataset, builtin: bool) -> Path:
     run_dir = config.resolved_run_dir()
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
-    log.info("mesh %s; model %s with %.1fM parameters", describe(trainer.mesh), config.model.style,
-             trainer.model.param_count() / 1e6)
+    what = f"model {config.model.style}" if builtin else "the given model"
+    log.info("mesh %s; %s with %.1fM parameters", describe(trainer.mesh), what, trainer.model.param_count() / 1e6)
     log.info("data:\n%s", dataset.summary())
-    if elastic_note:
-        log.info(elastic_note)
+    if trainer.plan.elastic_note:
+        log.info(trainer.plan.elastic_note)
     if trainer.mesh.shape["pipeline"] > 1:
         log.info("%s", describe_plan(plan_from_config(config.pipeline, config.model.n_layers,
                                                       trainer.mesh.shape["pipeline"])))
+    return run_dir
 
-    restored: Restored | None = store.restore_newest(trainer.abstract_state()) if resume else None
-    state = restored.state if restored else trainer.init_state()
+
+def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
+    trainer, dataset, store = run.trainer, run.dataset, run.store
+    config, t = trainer.config, trainer.config.train
+    state, restored = restore(run)  # the last check: the checkpoint must fit the model
+    run_dir = start_run_dir(config, trainer, dataset, trainer.plan.builtin_model)
     step = restored.metadata.step if restored else 0
     rollbacks = Rollbacks(config.guards.max_rollbacks,
                           set(restored.metadata.skipped_batches) if restored else set())
@@ -271,15 +314,14 @@ def train_with(config: Config, dataset: Dataset, store: CheckpointStore, watcher
     # Data: a pure function of the step; each process reads only the rows of the global batch its devices hold.
     shard = batch_shard(trainer.data_sharding, t.batch_size)
     history: list[dict] = []  # the rows written to metrics.jsonl, across rollbacks
-
     session_started = time.perf_counter()
 
     def open_logger(start_step: int, tokens_before: int = 0) -> MetricsLogger:
         return MetricsLogger(run_dir, total_steps=t.steps, start_step=start_step, log_every=t.log_every,
-                             tokens_per_step=t.batch_size * config.model.seq_len,
-                             flops_per_token=config.model.flops_per_token(), n_devices=jax.device_count(),
-                             show_progress=t.progress, is_main_process=jax.process_index() == 0,
-                             started=session_started, tokens_before=tokens_before)
+                             tokens_per_step=run.tokens_per_step, flops_per_token=run.flops_per_token,
+                             n_devices=jax.device_count(), show_progress=t.progress,
+                             is_main_process=jax.process_index() == 0, started=session_started,
+                             tokens_before=tokens_before)
 
     def close_logger(logger: MetricsLogger) -> None:
         logger.close()
@@ -292,7 +334,7 @@ def train_with(config: Config, dataset: Dataset, store: CheckpointStore, watcher
         damaged = [str(path) for path in restored.damaged]
         moved = f" (newer damaged ones moved to {', '.join(damaged)})" if damaged else ""
         log_event(logger, step, "resume", f"resuming from checkpoint {restored.path}{moved}",
-                  checkpoint=str(restored.path), damaged=damaged, elastic=elastic_note)
+                  checkpoint=str(restored.path), damaged=damaged, elastic=trainer.plan.elastic_note)
     else:
         log_event(logger, step, "start", f"starting from scratch; checkpoints go to {store.directory}")
     if step >= t.steps:
@@ -312,7 +354,7 @@ def train_with(config: Config, dataset: Dataset, store: CheckpointStore, watcher
                     log_event(logger, position + 1, "batch_skipped",
                               f"skipping batch {position} (a rollback took it out)", batch=position)
                 else:
-                    state, metrics = trainer.train_step(state, to_global(batch, trainer.data_sharding, t.batch_size))
+                    state, metrics = run.step_fn(state, to_global(batch, trainer.data_sharding, t.batch_size))
                     logger.push(position, metrics, wait_s)
                     events.append(monitor.push(position, metrics))
                 step = position + 1
@@ -324,9 +366,11 @@ def train_with(config: Config, dataset: Dataset, store: CheckpointStore, watcher
                 events = [e for e in events if e is not None]
                 for event in events:
                     log_skipped_update(logger, event)
+                if monitor.consecutive_skips >= config.guards.max_consecutive_skips:
+                    stop_diverged(logger, store, events[-1], monitor.consecutive_skips)
                 if events and config.guards.on_nonfinite == "rollback":
                     store.wait()  # a save in flight is the newest good state
-                    back = store.restore_newest(trainer.abstract_state())
+                    back = trainer.restore()
                     step = back.metadata.step if back else 0
                     rollbacks.record(events[0], step)
                     state = back.state if back else trainer.init_state()
@@ -341,9 +385,9 @@ def train_with(config: Config, dataset: Dataset, store: CheckpointStore, watcher
                     break
                 if evaluate_now:
                     logger.flush()
-                    logger.write({"step": step, "eval_loss": evaluate(trainer, dataset, state, shard)})
+                    logger.write({"step": step, **evaluate(trainer, dataset, state, shard)})
                 if save:
-                    store.save(step, state, run_info(config, rollbacks.skipped_batches))
+                    trainer.save(state, step, rollbacks.skipped_batches)
                     schedule.saved()
                     log_event(logger, step, "checkpoint", f"saving checkpoint {store.path(step)}",
                               path=str(store.path(step)))
@@ -359,17 +403,26 @@ def train_with(config: Config, dataset: Dataset, store: CheckpointStore, watcher
                     break
     store.wait()
     close_logger(logger)
+    return finish(history, trainer, state, preempted, run_dir, logger.tokens_trained,
+                  time.perf_counter() - session_started)
+
+
+def finish(history: list[dict], trainer: Trainer, state: TrainState, preempted: bool, run_dir: Path,
+           tokens: int, wall_s: float) -> TrainResult:
+    """The session's summary: every step it trained counts, also those after the last log row (a preempted
+    run saves at the step it stopped at)."""
     rows = [row for row in history if "event" not in row]
-    summary = write_run_summary(rows, run_dir)
-    return TrainResult(state, rows, config, [row for row in history if "event" in row], preempted, summary)
+    summary = write_run_summary(rows, run_dir, tokens, wall_s)
+    return TrainResult(state, rows, trainer.config, [row for row in history if "event" in row], preempted, summary,
+                       trainer.model)
 
 
-def write_run_summary(rows: list[dict], run_dir: Path) -> dict:
+def write_run_summary(rows: list[dict], run_dir: Path, tokens: int, wall_s: float) -> dict:
     """Tokens, time, measured energy and the cost at the catalog's price for this session of the run. A session
     that trained nothing (the run was already complete) leaves the previous session's summary.json as it is."""
     accelerator = accelerator_for_device_kind(jax.devices()[0].device_kind)
     trained = [r for r in rows if "loss" in r]
-    summary = run_summary(trained, accelerator, chips=jax.device_count())
+    summary = run_summary(trained, accelerator, chips=jax.device_count(), tokens=tokens, wall_s=wall_s)
     if not trained:
         return summary
     if jax.process_index() == 0:

@@ -25,7 +25,7 @@ def device_peak_flops() -> float | None:
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, log_every: int, tokens_per_step: int,
-                 flops_per_token: float, n_devices: int, show_progress: bool, is_main_process: bool,
+                 flops_per_token: float | None, n_devices: int, show_progress: bool, is_main_process: bool,
                  started: float | None = None, tokens_before: int = 0):
         """started (a time.perf_counter() reading) and tokens_before: where the session's clock and token count
         stand, for a logger that takes over after a rollback; rows count both from the session's start."""
@@ -75,7 +75,8 @@ class MetricsLogger:
             step_time = (now - self.window_start[1]) / steps
             tokens_per_s = self.tokens_per_step / step_time
             row.update(step_time_s=step_time, tokens_per_s=tokens_per_s, data_wait_s=self.data_wait / steps,
-                       mfu=tokens_per_s * self.flops_per_token / self.cluster_peak if self.cluster_peak else None)
+                       mfu=tokens_per_s * self.flops_per_token / self.cluster_peak
+                       if self.cluster_peak and self.flops_per_token else None)
             if joules is not None:
                 row.update(j_per_token=joules / (steps * self.tokens_per_step),
                            avg_power_w=joules / (now - self.window_start[1]))

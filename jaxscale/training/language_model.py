@@ -1,0 +1,54 @@
+"""The built-in decoder through the same interface as any user model: a factory and a loss function.
+
+Batches of the configured text data hold `tokens` and `segment_ids`, each (batch, seq_len + 1): the model
+reads the first seq_len tokens and predicts the last seq_len. With `data.document_masking` attention stays
+inside each packed document.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxscale.config import Config
+from jaxscale.model import LossFn, transformer_factory
+from jaxscale.training.loss import cross_entropy
+
+
+def compute_dtype_for(config: Config, platform: str):
+    """`platform`: that of the devices the step is compiled for (not the host's default backend)."""
+    name = config.train.compute_dtype
+    if name == "auto":
+        name = "float32" if platform == "cpu" else "bfloat16"
+    return jnp.dtype(name)
+
+
+def builtin_factory(config: Config):
+    return transformer_factory(config.model, jnp.dtype(config.train.param_dtype), config.optimizer.decay_embeddings)
+
+
+def next_token_loss(config: Config, platform: str) -> LossFn:
+    """Cross entropy of each next token, run with the config's compute dtype (on `platform`), remat, scan and
+    pipeline settings."""
+    options = dict(compute_dtype=compute_dtype_for(config, platform), remat=config.train.remat,
+                   scan_unroll=config.train.scan_unroll, pipeline=config.pipeline)
+    use_segments = config.data.document_masking
+
+    def loss_fn(model, batch, rngs):
+        tokens = batch["tokens"]
+        segments = batch["segment_ids"][:, :-1] if use_segments else None
+        return cross_entropy(model(tokens[:, :-1], segments, **options), tokens[:, 1:])
+
+    return loss_fn
+
+
+def plain_next_token_loss(model, batch, rngs):
+    """The default loss for a user's language model: `model(tokens)` -> logits, cross entropy of each next
+    token."""
+    tokens = batch["tokens"]
+    return cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+
+
+def lm_batch_spec(config: Config) -> dict:
+    """Shapes of one global batch of the configured text data."""
+    shape = (config.train.batch_size, config.model.seq_len + 1)
+    return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32), "segment_ids": jax.ShapeDtypeStruct(shape, jnp.int32)}

@@ -1,0 +1,186 @@
+"""From a config (and optionally the user's model, loss and data) to a mesh, sharded state and compiled steps.
+
+    plan_run   the run plan, worked out once: the config checked against the devices, the mesh sizes, the
+               per-device batch (and, for elastic restarts, the mesh and microbatches refit to the devices)
+    build      mesh -> model -> optimizer -> shardings -> compiled train and eval steps
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from jaxscale.checkpointing import CheckpointStore, Restored, RunInfo
+from jaxscale.config import DEFAULT_PARAM_RULES, Config, validate
+from jaxscale.errors import ConfigError
+from jaxscale.mesh import build_mesh
+from jaxscale.model import FlaxModel, LossFn, flax_model
+from jaxscale.platforms import devices_platform
+from jaxscale.sharding import names_used
+from jaxscale.training.elastic import adapt_to_devices, per_device_batch
+from jaxscale.training.guards import guard_updates
+from jaxscale.training.language_model import (
+    builtin_factory,
+    compute_dtype_for,
+    lm_batch_spec,
+    next_token_loss,
+    plain_next_token_loss,
+)
+from jaxscale.training.optimizer import build_optimizer
+from jaxscale.training.step import (
+    TrainState,
+    batch_sharding,
+    init_state,
+    make_eval_step,
+    make_train_step,
+    state_shardings,
+)
+
+log = logging.getLogger("jaxscale")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The config as it will run on these devices, with what follows from it."""
+
+    config: Config  # for elastic restarts: the mesh and microbatches refit to the devices
+    mesh_sizes: dict[str, int]
+    per_device_batch: int  # sequences (examples) per device and microbatch
+    builtin_model: bool
+    elastic_note: str | None = None  # what an elastic restart changed
+
+
+def plan_run(config: Config, n_devices: int, *, builtin_model: bool = True,
+             checkpoint_per_device_batch: int | None = None) -> RunPlan:
+    """Check the config against the devices, once. `checkpoint_per_device_batch`: that of the checkpoint an
+    elastic run resumes from, which its microbatches keep."""
+    note = None
+    if config.train.elastic:
+        config, note = adapt_to_devices(config, n_devices, checkpoint_per_device_batch)
+    sizes = validate(config, n_devices, builtin_model=builtin_model)
+    return RunPlan(config, sizes, per_device_batch(config, sizes), builtin_model, note)
+
+
+@dataclass
+class Trainer:
+    """Everything a training loop needs. Researchers writing their own loop start here."""
+
+    config: Config
+    mesh: Mesh
+    model: FlaxModel
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    shardings: TrainState
+    data_sharding: NamedSharding
+    train_step: Callable  # (state, global batch) -> (state, metrics)
+    eval_step: Callable  # (params, global batch) -> {"loss": ..., **the loss function's metrics}
+    plan: RunPlan
+    _store: CheckpointStore | None = field(default=None, repr=False)
+
+    def init_state(self) -> TrainState:
+        return init_state(self.model, self.tx, self.shardings, self.config.train.seed)
+
+    def abstract_state(self) -> TrainState:
+        """Shape, dtype and sharding of every array of the state, without computing any: the target that a
+        checkpoint restores into, each device reading only its own pieces."""
+        shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.model.shapes,
+                            opt_state=jax.eval_shape(self.tx.init, self.model.shapes))
+        return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                            shapes, self.shardings)
+
+    @property
+    def store(self) -> CheckpointStore:
+        """The run's checkpoints (`checkpoint.dir`, else <run_dir>/checkpoints)."""
+        if self._store is None:
+            self._store = CheckpointStore(checkpoint_dir(self.config), self.config.checkpoint)
+        return self._store
+
+    def save(self, state: TrainState, step: int | None = None, skipped_batches: set[int] = frozenset()) -> None:
+        """Checkpoint `state` (asynchronously; `wait()` or `close()` to be sure it is written)."""
+        step = int(jax.device_get(state.step)) if step is None else step
+        self.store.save(step, state, run_info(self.plan, skipped_batches))
+
+    def restore(self) -> Restored | None:
+        """The newest good checkpoint restored onto this trainer's mesh (`.state`, `.metadata.step`), or None."""
+        return self.store.restore_newest(self.abstract_state())
+
+    def wait(self) -> None:
+        self.store.wait()
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+def checkpoint_dir(config: Config) -> Path:
+    return Path(config.checkpoint.dir) if config.checkpoint.dir else config.resolved_run_dir() / "checkpoints"
+
+
+def run_info(plan: RunPlan, skipped_batches) -> RunInfo:
+    config = plan.config
+    return RunInfo(seed=config.train.seed, mesh=plan.mesh_sizes, microbatches=config.train.microbatches,
+                   per_device_batch=plan.per_device_batch, process_count=jax.process_count(),
+                   skipped_batches=sorted(skipped_batches), config=config.to_dict())
+
+
+def resolve_model(config: Config, model, loss_fn: LossFn | None, example_batch, platform: str) -> FlaxModel:
+    """The model the run trains: the built-in decoder unless `model` is given; next-token cross entropy unless
+    `loss_fn` is given. `platform`: that of the devices the step is compiled for."""
+    if model is None:
+        return flax_model(builtin_factory(config), loss_fn or next_token_loss(config, platform), example_batch)
+    return flax_model(model, loss_fn or plain_next_token_loss, example_batch)
+
+
+def check_rules(config: Config, model: FlaxModel) -> None:
+    """Rules the model cannot use: a parameter rule for a name no parameter carries is refused (a typo), with a
+    close match; parameters with no names are replicated, with one warning."""
+    used = names_used(model.logical_axes)
+    for name in config.sharding.params:
+        if name not in DEFAULT_PARAM_RULES and name not in used:
+            close = difflib.get_close_matches(name, sorted(used), n=1)
+            raise ConfigError(f"sharding.params.{name}: no parameter of the model has a dimension named {name!r}, "
+                              f"so the rule would do nothing; "
+                              + (f"did you mean sharding.params.{close[0]}?" if close else
+                                 f"the model's names are: {', '.join(sorted(used)) or 'none'}"))
+    if model.unannotated:
+        shown = ", ".join(model.unannotated[:6]) + (f" and {len(model.unannotated) - 6} more"
+                                                    if len(model.unannotated) > 6 else "")
+        log.warning("%d parameters carry no partitioning names and are replicated on every device: %s. Name "
+                    "their dimensions (nnx.with_partitioning / nn.with_logical_partitioning) to shard them",
+                    len(model.unannotated), shown)
+
+
+def build(plan: RunPlan, devices: list, model=None, loss_fn: LossFn | None = None, example_batch=None) -> Trainer:
+    """Mesh -> model -> optimizer -> shardings -> compiled steps, for a checked plan."""
+    config = plan.config
+    mesh = build_mesh(config.mesh, devices)
+    platform = devices_platform(mesh.devices)  # e.g. a TPU topology's while compiling on a CPU host
+    flax = resolve_model(config, model, loss_fn, lm_batch_spec(config) if example_batch is None else example_batch,
+                         platform)
+    check_rules(config, flax)
+    tx, schedule = build_optimizer(config.optimizer, config.train.steps, flax)
+    tx = guard_updates(tx, config.guards)
+    shardings = state_shardings(flax, tx, mesh, config.sharding.params)
+    data_sharding = batch_sharding(mesh, config.sharding.activations)
+    return Trainer(config, mesh, flax, tx, schedule, shardings, data_sharding,
+                   train_step=make_train_step(flax, tx, schedule, config, mesh, shardings, data_sharding,
+                                              plan.per_device_batch, compute_dtype_for(config, platform)),
+                   eval_step=make_eval_step(flax, config, mesh, shardings, data_sharding, plan.per_device_batch),
+                   plan=plan)
+
+
+def build_trainer(config: Config, devices: list | None = None, *, model=None, loss_fn: LossFn | None = None,
+                  example_batch: dict | None = None) -> Trainer:
+    """The trainer for `config`: the built-in decoder and next-token loss, or the given model (a factory
+    `rngs -> nnx.Module`, or a `flax.linen.Module`) and `loss_fn(model, batch, rngs)`. A Linen model is
+    initialized by running the loss on `example_batch` (arrays or jax.ShapeDtypeStruct, one global batch)."""
+    devices = devices if devices is not None else jax.devices()
+    plan = plan_run(config, len(devices), builtin_model=model is None)
+    return build(plan, devices, model, loss_fn, example_batch)
