@@ -49,7 +49,7 @@ def bench_model(experiment: str, overrides: list[str], *, save_every: int, windo
     batches = [to_global(dataset.batch(i, t.batch_size, **shard), trainer.data_sharding, t.batch_size)
                for i in range(step_count)]
     store = CheckpointStore(directory, CheckpointConfig(keep_last=2))
-    info = run_info(trainer.plan, set())
+    info = run_info(trainer.plan, set(), data_rows=0)
     state = trainer.init_state()
 
     step = 0

@@ -55,7 +55,8 @@ def state_at(state, step: int):
 
 def run_info(trainer) -> RunInfo:
     return RunInfo(seed=0, mesh={"data": 2, "pipeline": 1, "fsdp": 2, "tensor": 2}, microbatches=1,
-                   per_device_batch=4, process_count=1, skipped_batches=[], config=trainer.config.to_dict())
+                   per_device_batch=4, process_count=1, skipped_batches=[], data_rows=0,
+                   config=trainer.config.to_dict())
 
 
 def save_steps(directory: Path, trainer, state, steps, **config) -> CheckpointStore:

@@ -154,3 +154,31 @@ def test_a_second_run_on_a_busy_run_directory_is_refused_and_a_killed_holder_lea
         process.wait()
     # the OS dropped the killed holder's lock: the same command continues the run
     assert main(["train", *cli_args([*settings[:-2], "train.steps=8", "checkpoint.every_steps=5"])]) == 0
+
+
+def test_a_resume_with_another_batch_size_continues_at_the_example_it_had_reached(tmp_path):
+    """6 steps of 16 rows, then 2 of 32: the resumed run reads rows 96-159, none skipped or repeated, and says
+    so with a warning and an event row."""
+    import numpy as np
+    from fault_helpers import TINY
+
+    import jaxscale
+    from jaxscale.data import build_dataset
+    from jaxscale.training.events import read_metrics
+    from jaxscale.training.trainer import checkpoint_dir
+
+    run_dir = tmp_path / "run"
+    first = jaxscale.load_config(None, [*TINY, f"run_dir={run_dir}", "train.steps=6"])
+    jaxscale.train(first)
+    second = jaxscale.load_config(None, [*TINY, f"run_dir={run_dir}", "train.steps=8", "train.batch_size=32"])
+    jaxscale.train(second)
+    [changed] = [row for row in read_metrics(run_dir) if row.get("event") == "batch_size_changed"]
+    assert (changed["step"], changed["old"], changed["new"], changed["data_rows"]) == (6, 16, 32, 96)
+    store = jaxscale.checkpointing.CheckpointStore(checkpoint_dir(second), second.checkpoint)
+    assert store.newest_metadata().data_rows == 96 + 2 * 32
+    store.close()
+    # the rows of step 6 at 32 per batch, offset by 96 - 6 x 32, are steps 6 and 7 at 16 per batch
+    ds = build_dataset(first.data, first.model.seq_len)
+    resumed = ds.batch(6, 32, row_offset=96 - 6 * 32)
+    for key in resumed:
+        np.testing.assert_array_equal(resumed[key], np.concatenate([ds.batch(6, 16)[key], ds.batch(7, 16)[key]]))

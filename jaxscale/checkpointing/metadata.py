@@ -15,12 +15,13 @@ from jaxscale.checkpointing.fingerprint import leaf_paths
 class RunInfo:
     """The parts of the metadata that the training loop knows; the store adds the step and the arrays."""
 
-    seed: int  # the only random state: it drew the initial parameters (there is no dropout)
+    seed: int  # the only random state: the initial parameters, the data order and each step's key derive from it
     mesh: dict[str, int]  # resolved axis sizes of the mesh that wrote the checkpoint
     microbatches: int
     per_device_batch: int  # sequences per device per microbatch: what an elastic restart keeps
     process_count: int
     skipped_batches: list[int]  # batch indices that rollbacks took out of the data stream
+    data_rows: int  # examples (rows) of the training data read so far: where the next batch starts
     config: dict[str, Any]
 
 
@@ -37,6 +38,8 @@ class CheckpointMetadata(RunInfo):
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> CheckpointMetadata:
         names = {f.name for f in dataclasses.fields(cls)}
+        if "data_rows" not in raw and "data_position" in raw:  # written before data_rows existed
+            raw = {**raw, "data_rows": raw["data_position"] * raw["config"]["train"]["batch_size"]}
         missing = names - raw.keys()
         if missing:
             raise ValueError(f"metadata lacks {', '.join(sorted(missing))}")

@@ -58,9 +58,11 @@ class Dataset:
         return dict(zip(data.specs, data.streams))
 
     def batch(self, step: int, batch_size: int, *, split: str = "train",
-              shard_index: int = 0, shard_count: int = 1) -> dict[str, np.ndarray]:
+              shard_index: int = 0, shard_count: int = 1, row_offset: int = 0) -> dict[str, np.ndarray]:
         """Rows [shard_index*B/S, (shard_index+1)*B/S) of the global batch of `step`: the batch cut into
-        `shard_count` equal blocks of rows, and the block a process's devices hold.
+        `shard_count` equal blocks of rows, and the block a process's devices hold. The global batch of `step`
+        is rows row_offset + step x B onwards of the endless stream (an offset keeps the position exact when a
+        resumed run changes the batch size).
 
         Returns {"tokens", "segment_ids"}, both int32 of shape (B/S, seq_len + 1).
         """
@@ -71,7 +73,7 @@ class Dataset:
                              f"and shard_index {shard_index} must be in [0, {shard_count})")
         data = self._split(split)
         per_shard = batch_size // shard_count
-        rows = step * batch_size + shard_index * per_shard + np.arange(per_shard, dtype=np.int64)
+        rows = row_offset + step * batch_size + shard_index * per_shard + np.arange(per_shard, dtype=np.int64)
         source, counter = data.schedule.locate(rows)
         tokens = np.empty((per_shard, self.seq_len + 1), dtype=np.int32)
         for s in np.unique(source):

@@ -24,9 +24,9 @@ class Prefetcher:
     """
 
     def __init__(self, ds: Dataset, start_step: int, batch_size: int, shard_index: int = 0,
-                 shard_count: int = 1, depth: int = 2, *, split: str = "train"):
+                 shard_count: int = 1, depth: int = 2, *, split: str = "train", row_offset: int = 0):
         self._load = lambda step: ds.batch(step, batch_size, split=split, shard_index=shard_index,
-                                           shard_count=shard_count)
+                                           shard_count=shard_count, row_offset=row_offset)
         self._next_step = start_step
         self._stop = threading.Event()
         self._queue: queue.Queue | None = None

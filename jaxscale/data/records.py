@@ -44,10 +44,11 @@ class RecordData:
         return split in self.splits
 
     def batch(self, step: int, batch_size: int, *, split: str = "train", shard_index: int = 0,
-              shard_count: int = 1) -> dict[str, np.ndarray]:
-        """This process's rows (block `shard_index` of `shard_count`) of the global batch of `step`."""
+              shard_count: int = 1, row_offset: int = 0) -> dict[str, np.ndarray]:
+        """This process's rows (block `shard_index` of `shard_count`) of the global batch of `step`, which
+        starts at example row_offset + step x batch_size of the shuffled stream."""
         rows = batch_size // shard_count
-        first = step * batch_size + shard_index * rows
+        first = row_offset + step * batch_size + shard_index * rows
         examples = [self.splits[split][i] for i in range(first, first + rows)]
         return {key: np.stack([np.asarray(e[key]) for e in examples]) for key in examples[0]}
 

@@ -165,6 +165,12 @@ def evaluate(trainer: Trainer, dataset, state: TrainState, shard: dict) -> dict[
     return {f"eval_{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
 
 
+def data_row_offset(restored: Restored | None, batch_size: int) -> int:
+    """Where the batches continue: the global batch of step k starts at example offset + k x batch_size of the
+    data stream, so that a checkpoint's step continues at the example it had reached, whatever batch size."""
+    return restored.metadata.data_rows - restored.metadata.step * batch_size if restored else 0
+
+
 def stop_diverged(logger: MetricsLogger, store: CheckpointStore, event: GuardEvent, skips: int) -> None:
     """Too many updates skipped in a row: nothing more is saved (the newest checkpoint stays the last good one)."""
     store.wait()
@@ -308,6 +314,7 @@ def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
     state, restored = restore(run)  # the last check: the checkpoint must fit the model
     run_dir = start_run_dir(config, trainer, dataset, trainer.plan.builtin_model)
     step = restored.metadata.step if restored else 0
+    row_offset = data_row_offset(restored, t.batch_size)
     rollbacks = Rollbacks(config.guards.max_rollbacks,
                           set(restored.metadata.skipped_batches) if restored else set())
 
@@ -335,6 +342,13 @@ def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
         moved = f" (newer damaged ones moved to {', '.join(damaged)})" if damaged else ""
         log_event(logger, step, "resume", f"resuming from checkpoint {restored.path}{moved}",
                   checkpoint=str(restored.path), damaged=damaged, elastic=trainer.plan.elastic_note)
+        saved_batch = restored.metadata.config["train"]["batch_size"]
+        if saved_batch != t.batch_size:
+            log_event(logger, step, "batch_size_changed",
+                      f"train.batch_size changed from {saved_batch} to {t.batch_size}: the data continues at "
+                      f"example {restored.metadata.data_rows}, where the checkpoint left it (no example is "
+                      f"skipped or repeated); the learning-rate schedule still counts steps", logging.WARNING,
+                      old=saved_batch, new=t.batch_size, data_rows=restored.metadata.data_rows)
     else:
         log_event(logger, step, "start", f"starting from scratch; checkpoints go to {store.directory}")
     if step >= t.steps:
@@ -346,7 +360,8 @@ def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
     monitor, schedule = GuardMonitor(), SaveSchedule(config.checkpoint)
     preempted = False
     while step < t.steps and not preempted:
-        with Prefetcher(dataset, step, t.batch_size, depth=config.data.prefetch, **shard) as batches:
+        with Prefetcher(dataset, step, t.batch_size, depth=config.data.prefetch, row_offset=row_offset,
+                        **shard) as batches:
             for position, batch, wait_s in batches:  # position: the batch index = the steps done so far
                 events = []
                 if position in rollbacks.skipped_batches:
@@ -372,6 +387,7 @@ def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
                     store.wait()  # a save in flight is the newest good state
                     back = trainer.restore()
                     step = back.metadata.step if back else 0
+                    row_offset = data_row_offset(back, t.batch_size)
                     rollbacks.record(events[0], step)
                     state = back.state if back else trainer.init_state()
                     monitor = GuardMonitor()
@@ -387,7 +403,7 @@ def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
                     logger.flush()
                     logger.write({"step": step, **evaluate(trainer, dataset, state, shard)})
                 if save:
-                    trainer.save(state, step, rollbacks.skipped_batches)
+                    trainer.save(state, step, rollbacks.skipped_batches, row_offset + step * t.batch_size)
                     schedule.saved()
                     log_event(logger, step, "checkpoint", f"saving checkpoint {store.path(step)}",
                               path=str(store.path(step)))

@@ -102,10 +102,13 @@ class Trainer:
             self._store = CheckpointStore(checkpoint_dir(self.config), self.config.checkpoint)
         return self._store
 
-    def save(self, state: TrainState, step: int | None = None, skipped_batches: set[int] = frozenset()) -> None:
-        """Checkpoint `state` (asynchronously; `wait()` or `close()` to be sure it is written)."""
+    def save(self, state: TrainState, step: int | None = None, skipped_batches: set[int] = frozenset(),
+             data_rows: int | None = None) -> None:
+        """Checkpoint `state` (asynchronously; `wait()` or `close()` to be sure it is written). `data_rows`: the
+        examples read so far (default: step x train.batch_size)."""
         step = int(jax.device_get(state.step)) if step is None else step
-        self.store.save(step, state, run_info(self.plan, skipped_batches))
+        rows = step * self.config.train.batch_size if data_rows is None else data_rows
+        self.store.save(step, state, run_info(self.plan, skipped_batches, rows))
 
     def restore(self) -> Restored | None:
         """The newest good checkpoint restored onto this trainer's mesh (`.state`, `.metadata.step`), or None."""
@@ -123,11 +126,11 @@ def checkpoint_dir(config: Config) -> Path:
     return Path(config.checkpoint.dir) if config.checkpoint.dir else config.resolved_run_dir() / "checkpoints"
 
 
-def run_info(plan: RunPlan, skipped_batches) -> RunInfo:
+def run_info(plan: RunPlan, skipped_batches, data_rows: int) -> RunInfo:
     config = plan.config
     return RunInfo(seed=config.train.seed, mesh=plan.mesh_sizes, microbatches=config.train.microbatches,
                    per_device_batch=plan.per_device_batch, process_count=jax.process_count(),
-                   skipped_batches=sorted(skipped_batches), config=config.to_dict())
+                   skipped_batches=sorted(skipped_batches), data_rows=data_rows, config=config.to_dict())
 
 
 def resolve_model(config: Config, model, loss_fn: LossFn | None, example_batch, platform: str) -> FlaxModel:
