@@ -1,5 +1,6 @@
 """The examples in examples/, run in a short form: each trains a model of the user's own through jaxscale.train."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def example(name: str):
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Linen's dataclasses look the module of their class up there
     spec.loader.exec_module(module)
     return module
 
