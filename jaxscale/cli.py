@@ -1,9 +1,13 @@
-"""The `jaxscale` command: train, and the tools around training (bench, estimate, plot, scaling, tokenizer)."""
+"""The `jaxscale` command: train, and the tools around training (bench, estimate, plot, scaling, tokenizer,
+export)."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+
+from jaxscale.distributed import DEFAULT_HEARTBEAT_S, initialize, launch_local
+from jaxscale.errors import ConfigError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,15 +23,20 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
                        help="call jax.distributed.initialize() and let it detect the cluster (TPU VMs, SLURM)")
     group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, for a cluster JAX cannot "
                                                                    "detect (e.g. several processes on one machine)")
-    group.add_argument("--num-processes", type=int)
+    group.add_argument("--num-processes", type=int, help="with --coordinator: how many processes the run has; "
+                                                          "alone: start that many on this machine")
     group.add_argument("--process-id", type=int)
+    group.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_S, metavar="S",
+                       help="a process silent this long counts as lost: the others exit with code 76 (default "
+                            "%(default)s)")
+    group.add_argument("--max-restarts", type=int, default=3, metavar="K",
+                       help="--num-processes without --coordinator: restart all processes at most K times when "
+                            "they stop with code 75 or 76 (default %(default)s)")
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:
-    import jax
-
-    from jaxscale.errors import ConfigError
-
+    if args.heartbeat_timeout <= 0:
+        raise ConfigError(f"--heartbeat-timeout {args.heartbeat_timeout} must be > 0 seconds")
     if args.coordinator:
         missing = [flag for flag, value in (("--num-processes N", args.num_processes),
                                             ("--process-id I", args.process_id)) if value is None]
@@ -37,20 +46,28 @@ def initialize_distributed(args: argparse.Namespace) -> None:
         if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
             raise ConfigError(f"--num-processes {args.num_processes} --process-id {args.process_id}: need "
                               f"--num-processes >= 1 and --process-id from 0 to --num-processes - 1")
-        if jax.config.jax_platforms in (None, "", "cpu"):
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk through gloo
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    elif args.num_processes is not None or args.process_id is not None:
+        initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
+    elif args.process_id is not None or (args.num_processes is not None and args.distributed):
         # without a coordinator they would be ignored: each process would train alone into the same run_dir
-        raise ConfigError("--num-processes and --process-id take effect only with --coordinator: add "
-                          "--coordinator HOST:PORT (the address of process 0, the same on every process)"
+        raise ConfigError("--process-id takes effect only with --coordinator: add --coordinator HOST:PORT (the "
+                          "address of process 0, the same on every process); --num-processes N alone starts N "
+                          "processes on this machine"
                           + ("; --distributed detects them by itself, so drop them there" if args.distributed
                              else ""))
     elif args.distributed:
-        jax.distributed.initialize()
+        initialize(None, None, None, args.heartbeat_timeout)
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.num_processes is not None and not args.coordinator and args.process_id is None \
+            and not args.distributed:
+        if args.num_processes < 1 or args.max_restarts < 0:
+            raise ConfigError(f"--num-processes {args.num_processes} must be >= 1 and --max-restarts "
+                              f"{args.max_restarts} >= 0")
+        argv = ["train", *([args.experiment] if args.experiment else []),
+                *[a for s in args.overrides for a in ("--set", s)],
+                "--heartbeat-timeout", str(args.heartbeat_timeout)]
+        return launch_local(argv, args.num_processes, args.max_restarts)
     initialize_distributed(args)
     from jaxscale.config import load_config
     from jaxscale.training import train
@@ -87,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxscale.bench import add_parser as add_bench
     from jaxscale.cost.cli import add_parser as add_estimate
     from jaxscale.data.tokenizer_cli import add_parser as add_tokenizer
+    from jaxscale.hf.exporter import add_parser as add_export
     from jaxscale.scaling.cli import add_parser as add_scaling
     from jaxscale.tpu_compile import add_parser as add_compile
     from jaxscale.tpu_vm import add_parser as add_tpu
@@ -111,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot(commands)
     add_scaling(commands)
     add_tokenizer(commands)
+    add_export(commands)
     add_tpu(commands)
     return parser
 

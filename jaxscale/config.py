@@ -269,8 +269,8 @@ def load_config(experiment: str | None = None, overrides: list[str] | tuple[str,
     """Experiment name (in experiments/) or YAML path, then overrides, into a checked Config."""
     raw: dict = read_yaml(find_yaml(experiment or "default", "experiments"))
     raw.setdefault("name", Path(experiment or "default").stem)
-    if any(o.split("=", 1)[0].strip() == "model.preset" for o in overrides):
-        raw["model"] = {}  # a preset chosen on the command line replaces the experiment's model section
+    if any(o.split("=", 1)[0].strip() in ("model.preset", "model.init_from") for o in overrides):
+        raw["model"] = {}  # a preset or checkpoint on the command line replaces the experiment's model section
     for o in overrides:
         if o.startswith("mesh.") and isinstance(raw.get("mesh"), str):  # a key inside a preset: expand it first
             raw["mesh"] = read_yaml(find_yaml(raw["mesh"], "meshes"))
@@ -278,6 +278,9 @@ def load_config(experiment: str | None = None, overrides: list[str] | tuple[str,
     model = raw.get("model")
     if isinstance(model, dict) and "preset" in model:  # preset values first, the experiment's own keys win
         raw["model"] = {**preset_values(model.pop("preset")), **model}
+    if isinstance(raw.get("model"), dict) and raw["model"].get("init_from"):  # the shape from its config.json
+        from jaxscale.hf.hf_config import resolve_init_from
+        raw["model"] = resolve_init_from(raw["model"])
     mesh = raw.get("mesh")
     if isinstance(mesh, str):  # a mesh preset name; `--set mesh=gpu-8` works too
         raw["mesh"] = read_yaml(find_yaml(mesh, "meshes"))

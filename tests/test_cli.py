@@ -58,8 +58,9 @@ def test_python_api_trains_and_returns_state_and_metrics(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--num-processes", "2", "--process-id", "0"],
-     "--num-processes and --process-id take effect only with --coordinator: add --coordinator HOST:PORT"),
-    (["--process-id", "1"], "take effect only with --coordinator"),
+     "--process-id takes effect only with --coordinator: add --coordinator HOST:PORT"),
+    (["--process-id", "1"], "takes effect only with --coordinator"),
+    (["--heartbeat-timeout", "0"], "--heartbeat-timeout 0.0 must be > 0 seconds"),
     (["--coordinator", "localhost:1234"], "--coordinator needs --num-processes N and --process-id I too"),
     (["--coordinator", "localhost:1234", "--num-processes", "2"], "--coordinator needs --process-id I too"),
     (["--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"],

@@ -11,7 +11,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def example(name: str):
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # Linen's dataclasses look the module of their class up there
+    sys.modules[spec.name] = module  # dataclasses (Linen modules) look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -15,10 +15,12 @@ Tolerances:
   learning rate of 2e-3).
 """
 import json
+import os
 import random
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,12 +220,12 @@ def test_an_injected_nan_is_skipped_or_rolled_back_and_never_saved(tmp_path):
             np.testing.assert_array_equal(rollback_state[path], skip_state[path], err_msg=path)
 
 
-def launch_two_processes(run_dir, tmp_path, tag: str):
+def launch_two_processes(run_dir, tmp_path, tag: str, *extra: str):
     """Both processes of a 2-process job on localhost, 4 CPU devices each: one mesh of 8 devices."""
     port = free_port()
     return [start_train(overrides(run_dir, *SETTINGS), tmp_path, devices=4, log_name=f"{tag}{i}.log",
                         extra_args=("--coordinator", f"localhost:{port}", "--num-processes", "2",
-                                    "--process-id", str(i)))
+                                    "--process-id", str(i), *extra))
             for i in range(2)]
 
 
@@ -258,6 +260,37 @@ def test_two_processes_killed_together_resume_from_their_last_checkpoint(tmp_pat
                                                  reference_state)
 
 
+HEARTBEAT_S = 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lost", [1, 0])
+def test_when_one_of_two_processes_dies_the_other_exits_with_the_restart_code_and_a_restart_resumes(
+        tmp_path, reference, reference_state, lost):
+    """SIGKILL to one process (the coordinator too): the survivor exits with code 76 within the heartbeat
+    timeout (plus the time to notice), with one line naming the lost process and the newest checkpoint; both
+    restarted, the run ends as the reference does."""
+    run_dir = tmp_path / "run"
+    first = launch_two_processes(run_dir, tmp_path, "lost", "--heartbeat-timeout", str(HEARTBEAT_S))
+    wait_for(lambda: logged_steps(run_dir) >= 25 and checkpoint_steps(run_dir), first[0][0], 400, "step 25",
+             first[0][1])
+    first[lost][0].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    survivor, log_path = first[1 - lost]
+    survivor.wait(timeout=120)
+    waited = time.monotonic() - killed_at
+    log = log_path.read_text()
+    assert survivor.returncode == 76, log[-3000:]
+    assert waited < 3 * HEARTBEAT_S + 10
+    [line] = [line for line in log.splitlines() if "was lost" in line]
+    assert f"jaxscale: process {lost} of 2 was lost" in line and "Exiting with code 76" in line
+    assert f"The newest checkpoint is {run_dir / 'checkpoints'}" in line
+    first[lost][0].wait()
+    assert "Traceback" not in log and "heartbeat timeout" not in log
+    assert_two_processes_resume_to_the_reference(run_dir, tmp_path, checkpoint_steps(run_dir)[-1], reference,
+                                                 reference_state)
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, reference, reference_state):
     """JAX's preemption service tells the other process; both save the same step and exit."""
@@ -286,3 +319,24 @@ def test_an_elastic_restart_may_need_more_microbatches_than_the_config_names(tmp
     assert second.returncode == 0, second.stderr[-3000:]
     assert "train.microbatches 2 -> 3 (1 sequences per device" in second.stderr
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_local_launch_restarts_all_processes_when_one_is_lost(tmp_path, reference):
+    """`jaxscale train --num-processes 2`: both processes on this machine; one SIGKILLed, the other exits 76, and
+    the launcher starts both again from the newest checkpoint; the run completes with the reference's losses."""
+    run_dir = tmp_path / "run"
+    launcher, log_path = start_train(overrides(run_dir, *SETTINGS), tmp_path, devices=4,
+                                     extra_args=("--num-processes", "2", "--heartbeat-timeout", str(HEARTBEAT_S)))
+    wait_for(lambda: logged_steps(run_dir) >= 25 and checkpoint_steps(run_dir), launcher, 400, "step 25", log_path)
+    children = (Path("/proc") / str(launcher.pid) / "task" / str(launcher.pid) / "children").read_text().split()
+    assert len(children) == 2
+    os.kill(int(children[1]), signal.SIGKILL)
+    launcher.wait(timeout=600)
+    log = log_path.read_text()
+    assert launcher.returncode == 0, log[-3000:]
+    assert "restarting all 2 (1 of 3)" in log and "jaxscale: process 1 of 2 was lost" in log
+    expected, actual = losses(reference), losses(run_dir)
+    assert sorted(actual) == list(range(1, STEPS + 1))
+    for step in actual:
+        assert actual[step] == pytest.approx(expected[step], rel=LOSS_RTOL), f"step {step}"

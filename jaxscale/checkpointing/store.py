@@ -99,14 +99,17 @@ class CheckpointStore:
     """The checkpoints in one directory. Every process of a run opens it and calls save / restore with the
     others."""
 
-    def __init__(self, directory: Path, config: CheckpointConfig):
+    def __init__(self, directory: Path, config: CheckpointConfig, read_only: bool = False):
+        """read_only: only read (an export): nothing is created, cleaned up or deleted, not even the unfinished
+        save of a run that is training right now."""
         self.directory = directory.absolute()
-        check_directory(self.directory)
-        remove_unfinished(self.directory)
+        if not read_only:
+            check_directory(self.directory)
+            remove_unfinished(self.directory)
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=config.async_save,
-            preservation_policy=retention_policy(config),
-            create=True)
+            preservation_policy=None if read_only else retention_policy(config),
+            create=not read_only, read_only=read_only)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})

@@ -23,7 +23,8 @@ class DataConfig:
     # Optional separate validation data (same syntax as `source`, e.g. nanoGPT's val.bin). When set, the
     # training sources are not split and `validation_fraction` is ignored.
     validation_source: str = ""
-    # "bytes" (256 byte values + EOS, no files) or a path to a Hugging Face tokenizer.json.
+    # "bytes" (256 byte values + EOS, no files), a path to a Hugging Face tokenizer.json, or "hf:<dir>": the
+    # tokenizer.json of a Hugging Face model directory.
     tokenizer: str = "bytes"
     # End-of-document token of a tokenizer.json; empty picks the first present of the usual names.
     eos_token: str = ""

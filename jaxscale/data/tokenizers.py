@@ -78,9 +78,15 @@ class HFTokenizer:
 
 
 def load_tokenizer(name: str, eos_token: str = "") -> Tokenizer:
-    """"bytes" or the path of a tokenizer.json."""
+    """"bytes", the path of a tokenizer.json, or "hf:<dir>": the tokenizer.json of a Hugging Face model directory."""
     if name == "bytes":
         return ByteTokenizer()
+    if name.startswith("hf:"):
+        path = os.path.join(os.path.expanduser(name[3:]), "tokenizer.json")
+        if not os.path.isfile(path):
+            raise DataError(f"data.tokenizer={name}: {path} does not exist; hf:<dir> reads the tokenizer.json that "
+                            f"transformers saves with a fast tokenizer")
+        return HFTokenizer(path, eos_token)
     return HFTokenizer(os.path.expanduser(name), eos_token)
 
 

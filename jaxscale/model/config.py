@@ -8,6 +8,17 @@ from jaxscale.errors import ConfigError
 
 
 @dataclass
+class RopeScaling:
+    """Llama 3's rope scaling (transformers' rope_type "llama3"): frequencies whose wavelength exceeds
+    original_max_positions / low_freq_factor turn `factor` times slower, those below original_max_positions /
+    high_freq_factor stay, and the ones between blend the two."""
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+
+@dataclass
 class ModelConfig:
     style: str = "gpt2"  # gpt2: learned positions, LayerNorm, GELU, tied head | llama: RoPE, RMSNorm, SwiGLU, GQA
     vocab_size: int = 257  # tokenizer's (the bytes tokenizer: 256 bytes + end of document); padded to a multiple of 128
@@ -19,9 +30,14 @@ class ModelConfig:
     d_ff: int | None = None  # None: 4 x d_model (gpt2) or the SwiGLU size 8/3 x d_model rounded to 256 (llama)
     tie_embeddings: bool | None = None  # None: True for gpt2, False for llama
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # llama only; None: plain RoPE
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention: str = "auto"  # auto (cuDNN flash attention on GPU, XLA elsewhere) | cudnn | xla
+    # Logits of the padding ids past vocab_size are the dtype's lowest value, so the softmax covers the real
+    # vocabulary only (imported models: their loss is the original's). Off, padding ids are learned away.
+    mask_vocab_padding: bool = False
+    init_from: str = ""  # "hf:<dir>": start from a Hugging Face checkpoint; the shape comes from its config.json
 
     def resolved(self) -> ModelConfig:
         """Fill the None defaults, check the combination."""
@@ -30,6 +46,8 @@ class ModelConfig:
             raise ConfigError(f"model.style={cfg.style!r}; choose gpt2 or llama")
         if cfg.attention not in ("auto", "cudnn", "xla"):
             raise ConfigError(f"model.attention={cfg.attention!r}; choose auto, cudnn or xla")
+        if cfg.init_from and not cfg.init_from.startswith("hf:"):
+            raise ConfigError(f"model.init_from={cfg.init_from!r}; give hf:<directory of a Hugging Face model>")
         for key in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
             value = getattr(cfg, key)
             if value is not None and value < 1:  # n_kv_heads, d_ff: None means the default; 0 is a mistake
@@ -42,6 +60,14 @@ class ModelConfig:
             raise ConfigError(f"model.n_heads={cfg.n_heads} must be a multiple of model.n_kv_heads={n_kv}")
         if cfg.style == "llama" and (cfg.d_model // cfg.n_heads) % 2:
             raise ConfigError("RoPE needs an even head size: d_model / n_heads must be even")
+        scaling = cfg.rope_scaling
+        if scaling is not None:
+            if cfg.style != "llama":
+                raise ConfigError("model.rope_scaling applies to RoPE: set model.style=llama or drop it")
+            if not (scaling.factor > 0 and 0 < scaling.low_freq_factor < scaling.high_freq_factor
+                    and scaling.original_max_positions > 0):
+                raise ConfigError(f"model.rope_scaling={scaling}: needs factor > 0, 0 < low_freq_factor < "
+                                  f"high_freq_factor and original_max_positions > 0")
         d_ff = cfg.d_ff if cfg.d_ff is not None else (
             4 * cfg.d_model if cfg.style == "gpt2" else 256 * -(-8 * cfg.d_model // 3 // 256))
         tie = cfg.tie_embeddings if cfg.tie_embeddings is not None else cfg.style == "gpt2"

@@ -73,21 +73,34 @@ class Blocks(nnx.Module):
         return {name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
-def rope(x, positions, theta):
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """The rotation speed of each pair of head dimensions, scaled as Llama 3 does when cfg.rope_scaling says."""
+    half = cfg.head_dim // 2
+    freqs = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    s = cfg.rope_scaling
+    if s is None:
+        return freqs
+    wavelength = 2 * math.pi / freqs
+    blend = (s.original_max_positions / wavelength - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    between = (1 - blend) * freqs / s.factor + blend * freqs
+    return jnp.where(wavelength > s.original_max_positions / s.low_freq_factor, freqs / s.factor,
+                     jnp.where(wavelength < s.original_max_positions / s.high_freq_factor, freqs, between))
+
+
+def rope(x, positions, freqs):
     """Rotary position embedding over the last (head) dimension, halves rotated as in Llama."""
     half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions[..., None].astype(jnp.float32) * freqs  # (batch, length, half)
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_impl(cfg: ModelConfig, has_mask: bool) -> str | None:
+def attention_impl(cfg: ModelConfig, has_mask: bool, dtype) -> str | None:
     if cfg.attention != "auto":
         return cfg.attention
-    if jax.default_backend() == "gpu" and not has_mask:
-        return "cudnn"  # flash attention; needs bf16/fp16 inputs, which the compute dtype gives on GPU
+    if jax.default_backend() == "gpu" and not has_mask and dtype in (jnp.bfloat16, jnp.float16):
+        return "cudnn"  # flash attention; needs bf16/fp16 inputs (float32 ones, e.g. checking logits, use XLA)
     return "xla"
 
 
@@ -107,12 +120,13 @@ def layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, se
     k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     if not gpt2:
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        freqs = rope_frequencies(cfg)
+        q, k = rope(q, positions, freqs), rope(k, positions, freqs)
     mask = None
     if segment_ids is not None:  # attend only within the same document
         mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                     implementation=attention_impl(cfg, mask is not None))
+                                     implementation=attention_impl(cfg, mask is not None, q.dtype))
     y = constrain(y, ("batch", "length", "heads", "head_dim"))
     x = x + jnp.einsum("btnh,dnh->btd", y, w["wo"]) + bias("bo")
     x = constrain(x, ("batch", "length", "embed"))
@@ -172,4 +186,7 @@ class Transformer(nnx.Module):
         x = norm(x, self.final_norm[...], final_bias, cfg.norm_eps)
         head = self.embed[...].T if cfg.tie_embeddings else self.head[...]
         logits = jnp.einsum("btd,dv->btv", x, head.astype(compute_dtype))
+        if cfg.mask_vocab_padding and cfg.padded_vocab > cfg.vocab_size:
+            padding = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) >= cfg.vocab_size
+            logits = jnp.where(padding, jnp.finfo(logits.dtype).min, logits)
         return constrain(logits, ("batch", "length", "vocab"))

@@ -25,6 +25,7 @@ from jaxscale.cost.catalog import accelerator_for_device_kind
 from jaxscale.cost.energy import run_summary
 from jaxscale.data import Dataset, Prefetcher, build_dataset, check_vocab
 from jaxscale.data.records import RecordData
+from jaxscale.distributed import PeerWatchdog
 from jaxscale.errors import ConfigError
 from jaxscale.mesh import describe
 from jaxscale.model import FlaxModel, LossFn
@@ -243,6 +244,13 @@ def user_flops_per_token(trainer: Trainer, batch: dict, tokens: int) -> float | 
     return flops / tokens if flops else None
 
 
+def newest_checkpoint(config: Config) -> str:
+    """The newest finalized checkpoint's path (Orbax renames a checkpoint into place once it is complete)."""
+    directory = checkpoint_dir(config)
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+    return str(directory / str(steps[-1])) if steps else f"none yet (in {directory})"
+
+
 def refuse_or_clear(config: Config, store: CheckpointStore) -> None:
     """Starting over (checkpoint.resume=false) where a run already saved checkpoints deletes them only if
     checkpoint.overwrite=true says so."""
@@ -265,7 +273,8 @@ def train(config: Config, model=None, loss_fn: LossFn | None = None, data=None, 
     data / eval_data: random-access sources of dicts of arrays, or grain.MapDatasets (default: config.data).
     """
     show_log_lines()
-    with PreemptionWatcher() as watcher, RunLock(config.resolved_run_dir()):
+    with PreemptionWatcher() as watcher, RunLock(config.resolved_run_dir()), \
+            PeerWatchdog(lambda: newest_checkpoint(config)):
         run = prepare(config, model, loss_fn, data, eval_data)
         try:
             return loop(run, watcher)
