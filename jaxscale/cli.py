@@ -12,7 +12,7 @@ from jaxscale.errors import ConfigError
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", nargs="?", default=None,
-                        help="experiment name in experiments/ or a YAML path (default: default)")
+                        help="experiment preset name (`jaxscale presets` lists them) or a YAML path (default: default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=100 --set mesh.fsdp=8 (repeatable)")
 
@@ -93,12 +93,21 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_presets(args: argparse.Namespace) -> int:
+    from jaxscale.presets import list_presets
+
+    print(list_presets())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxscale.bench import add_parser as add_bench
     from jaxscale.cost.cli import add_parser as add_estimate
     from jaxscale.data.tokenizer_cli import add_parser as add_tokenizer
     from jaxscale.hf.exporter import add_parser as add_export
     from jaxscale.scaling.cli import add_parser as add_scaling
+    from jaxscale.tpu_compile import add_parser as add_compile
+    from jaxscale.tpu_vm import add_parser as add_tpu
     from jaxscale.training.curves import add_parser as add_plot
 
     parser = argparse.ArgumentParser(prog="jaxscale", description=__doc__)
@@ -112,12 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
     add_distributed_arguments(train)
     train.set_defaults(func=run_train)
+    commands.add_parser("presets", help="list the experiment and mesh presets, one line each").set_defaults(
+        func=run_presets)
     add_bench(commands)
+    add_compile(commands)
     add_estimate(commands)
     add_plot(commands)
     add_scaling(commands)
     add_tokenizer(commands)
     add_export(commands)
+    add_tpu(commands)
     return parser
 
 
@@ -126,12 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     from jaxscale.cost.catalog import CatalogError
     from jaxscale.data import DataError
     from jaxscale.errors import ConfigError
+    from jaxscale.platforms import skip_absent_tpu
     from jaxscale.training.loop import EXIT_DIVERGED, TrainingDiverged
 
+    skip_absent_tpu()
     # force: importing orbax already configured logging (absl does on its first message)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save at INFO; jaxscale does too
+    # JAX tries every backend it knows and reports each one missing (no libtpu: "Unable to initialize backend
+    # 'tpu'") at INFO; a failure of a platform that was asked for is still an error.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

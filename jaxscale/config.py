@@ -19,8 +19,8 @@ from jaxscale.data import DataConfig, DataError
 from jaxscale.errors import ConfigError, check_range
 from jaxscale.model.config import ModelConfig, preset_values
 from jaxscale.parallel.plan import PipelineConfig, plan_from_config
+from jaxscale.presets import KINDS, find_preset, known_presets
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 MESH_AXES = ("data", "pipeline", "fsdp", "tensor")  # outermost (slowest links) to innermost (fastest)
 
 
@@ -252,8 +252,8 @@ class Config:
 
 
 def find_yaml(name_or_path: str, folder: str) -> Path:
-    """A path to a YAML file, or a preset name looked up in `folder` (cwd first, then the jaxscale checkout)."""
-    kind = {"experiments": "experiment", "meshes": "mesh"}[folder]
+    """A path to a YAML file, or a preset name: ./<folder>/NAME.yaml, then jaxscale's own (jaxscale.presets)."""
+    kind = KINDS[folder]
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ConfigError(f"{kind} {name_or_path!r}: give the name of a preset or a path to a .yaml file")
     path = Path(name_or_path)
@@ -262,15 +262,13 @@ def find_yaml(name_or_path: str, folder: str) -> Path:
             if not path.exists():
                 raise ConfigError(f"{kind} file {path} does not exist")
             return path
-        candidates = [Path.cwd() / folder / f"{name_or_path}.yaml", REPO_ROOT / folder / f"{name_or_path}.yaml"]
-        for c in candidates:
-            if c.exists():
-                return c
+        found = find_preset(name_or_path, folder)
     except OSError as e:  # e.g. a name too long for the file system
         raise ConfigError(f"{kind} {name_or_path!r}: {e.strerror or e}") from e
-    known = sorted({p.stem for d in {Path.cwd() / folder, REPO_ROOT / folder} if d.is_dir() for p in d.glob("*.yaml")})
-    raise ConfigError(f"no {kind} named {name_or_path!r}; known: {', '.join(known) or 'none'} "
-                      f"(or give a path to a .yaml file)")
+    if found is None:
+        raise ConfigError(f"no {kind} named {name_or_path!r}; known: {', '.join(known_presets(folder)) or 'none'} "
+                          f"(`jaxscale presets` describes them; or give a path to a .yaml file)")
+    return found
 
 
 def read_yaml(path: Path) -> dict:

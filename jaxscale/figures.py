@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from matplotlib.backend_bases import FigureCanvasBase
-
 from jaxscale.errors import ConfigError
+from jaxscale.extras import require
 
 
 def figure_path(path: str | Path, option: str, example: str) -> Path:
@@ -17,7 +16,8 @@ def figure_path(path: str | Path, option: str, example: str) -> Path:
     suffix = path.suffix[1:].lower()
     if not suffix:
         return path.with_name(path.name + ".png")
-    if suffix not in FigureCanvasBase.get_supported_filetypes():
+    backend_bases = require("matplotlib.backend_bases", "plot", "drawing figures")
+    if suffix not in backend_bases.FigureCanvasBase.get_supported_filetypes():
         raise ConfigError(f"{option} {path}: a figure cannot be written as .{suffix}; end the name in .png, .pdf "
                           f"or .svg")
     return path

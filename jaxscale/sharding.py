@@ -20,6 +20,7 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.errors import ConfigError
+from jaxscale.platforms import devices_platform
 
 Rules = dict[str, Any]  # logical name -> mesh axis | [mesh axes] | None
 
@@ -144,16 +145,24 @@ class RowKernelLayout:
     def apply(self, kernel, in_specs, out_specs):
         """`kernel` (a function taking `interpret=`) run here: natively on GPUs, by Pallas's interpreter
         elsewhere (tests force the kernels on there)."""
-        kernel = functools.partial(kernel, interpret=jax.default_backend() != "gpu")
+        kernel = functools.partial(kernel, interpret=kernel_platform() != "gpu")
         if self.mesh is None:
             return kernel
         return jax.shard_map(kernel, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
+def kernel_platform() -> str:
+    """The platform the code being traced will run on: that of the traced mesh's devices (a TPU topology
+    compiled on a CPU host is "tpu"), else JAX's default backend (a plain single-device call)."""
+    context = _ACTIVATION_CONTEXT.get()
+    return devices_platform(context[0].devices) if context is not None else jax.default_backend()
+
+
 def row_kernel_layout(names: Sequence[str | None]) -> RowKernelLayout | None:
-    """The layout a row-by-row GPU kernel runs in for an activation with these logical names; None off GPUs
-    and where `row_layout` finds none."""
-    return row_layout(names) if jax.default_backend() == "gpu" else None
+    """The layout a row-by-row GPU kernel (Pallas on Triton) runs in for an activation with these logical
+    names; None when compiling for another platform (the XLA reference runs there) and where `row_layout`
+    finds none."""
+    return row_layout(names) if kernel_platform() == "gpu" else None
 
 
 def row_layout(names: Sequence[str | None]) -> RowKernelLayout | None:

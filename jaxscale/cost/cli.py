@@ -142,7 +142,7 @@ def _load_experiment(experiment: str | None, overrides: list[str], chips: int
         mesh_sizes = resolve_mesh_sizes(dataclasses.replace(config.mesh, data=-1), chips)
     except ConfigError as e:
         raise EstimateError(f"the mesh of experiment {config.name} cannot be spread over --chips {chips}: {e}; "
-                            f"choose one with --set mesh=PRESET (see meshes/)") from None
+                            f"choose one with --set mesh=PRESET (`jaxscale presets` lists them)") from None
     return figures, mesh_sizes, (f"the experiment's mesh is for {_mesh_devices(config.mesh.sizes())} device(s): "
                                  f"its fsdp, tensor, pipeline sizes kept, data axis filled to {chips} chips")
 

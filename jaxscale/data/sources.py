@@ -20,6 +20,7 @@ import numpy as np
 from jaxscale.data.builtin_corpus import builtin_document_count, builtin_documents, builtin_fingerprint
 from jaxscale.data.config import DataConfig
 from jaxscale.data.errors import DataError
+from jaxscale.extras import require
 
 FORMAT_PREFIXES = ("text", "jsonl", "parquet", "tokens", "npy", "hf")
 EXTENSION_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet", ".bin": "tokens", ".npy": "npy"}
@@ -184,11 +185,7 @@ def _read_jsonl(path: str, cfg: DataConfig) -> Iterator[str]:
 
 
 def _read_parquet(path: str, cfg: DataConfig) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow  "
-                          "(or: pip install 'jaxscale[data]')") from e
+    pq = require("pyarrow.parquet", "data", f"reading {path}")
     try:
         parquet = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not readable Parquet"
@@ -208,11 +205,7 @@ def _read_parquet(path: str, cfg: DataConfig) -> Iterator[str]:
 
 
 def _load_hf(source: Source, cfg: DataConfig):
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError(f"data source {source.spec!r} needs Hugging Face datasets: pip install datasets  "
-                          "(or: pip install 'jaxscale[hf]')") from e
+    datasets = require("datasets", "hf", f"data source {source.spec!r}")
     location = source.files[0][1]
     if os.path.isdir(location):
         try:

@@ -10,6 +10,7 @@ from typing import Protocol
 import numpy as np
 
 from jaxscale.data.errors import DataError
+from jaxscale.extras import require
 
 # End-of-document tokens of common tokenizers, tried in order when data.eos_token is empty.
 COMMON_EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
@@ -18,7 +19,6 @@ VOCAB_MULTIPLE = 128  # matmul-friendly vocabulary sizes on TPU/GPU
 # Far above any tokenizer in use (Llama 3: 128,256; Gemma: 262,144); a larger request is a typo, and padding a
 # small corpus up to it would take the memory of one special token per id.
 MAX_TRAINED_VOCAB = 2 ** 20
-INSTALL_HINT = "pip install tokenizers  (or: pip install 'jaxscale[data]')"
 
 
 class Tokenizer(Protocol):
@@ -49,7 +49,7 @@ class HFTokenizer:
     """A tokenizer.json through the `tokenizers` library; special tokens are not added, packing adds EOS."""
 
     def __init__(self, path: str, eos_token: str = ""):
-        tokenizers = _import_tokenizers(f"data.tokenizer={path}")
+        tokenizers = require("tokenizers", "data", f"data.tokenizer={path}")
         if not os.path.isfile(path):
             raise DataError(f"tokenizer file {path} does not exist; set data.tokenizer to 'bytes' "
                             "or to a tokenizer.json")
@@ -90,14 +90,6 @@ def load_tokenizer(name: str, eos_token: str = "") -> Tokenizer:
     return HFTokenizer(os.path.expanduser(name), eos_token)
 
 
-def _import_tokenizers(purpose: str):
-    try:
-        import tokenizers
-    except ImportError as e:
-        raise ImportError(f"{purpose} needs the Hugging Face `tokenizers` library: {INSTALL_HINT}") from e
-    return tokenizers
-
-
 def train_tokenizer(files_or_source: str | Sequence[str], vocab_size: int, out_path: str, *,
                     text_field: str = "text", text_documents: str = "file", hf_split: str = "train") -> int:
     """Fit a byte-level BPE on text and save it as a tokenizer.json; return its vocabulary size.
@@ -109,7 +101,7 @@ def train_tokenizer(files_or_source: str | Sequence[str], vocab_size: int, out_p
     from jaxscale.data.config import DataConfig
     from jaxscale.data.sources import iter_documents, resolve_source
 
-    tokenizers = _import_tokenizers("training a tokenizer")
+    tokenizers = require("tokenizers", "data", "training a tokenizer")
     specs = [files_or_source] if isinstance(files_or_source, str) else list(files_or_source)
     if not specs:
         raise DataError("train_tokenizer got no files; pass text files or a source such as 'builtin'")

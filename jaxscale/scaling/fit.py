@@ -15,10 +15,12 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.special import logsumexp
 
+from jaxscale.extras import require
 from jaxscale.scaling.law import LossLaw
+
+optimize = require("scipy.optimize", "scaling", "fitting a scaling law")
+special = require("scipy.special", "scaling", "fitting a scaling law")
 
 HUBER_DELTA = 1e-3
 # Hoffmann et al.'s initialisation grid: alpha, beta in {0, 0.5, ..., 2}, e in {-1, -0.5, ..., 1},
@@ -103,7 +105,7 @@ def _grid_objectives(log_n, log_d, log_l, delta) -> np.ndarray:
     g = INIT_GRID
     terms = np.stack([g[:, [0]] - g[:, [3]] * log_n, g[:, [1]] - g[:, [4]] * log_d,
                       np.broadcast_to(g[:, [2]], (len(g), len(log_n)))])
-    r = logsumexp(terms, axis=0) - log_l
+    r = special.logsumexp(terms, axis=0) - log_l
     return np.where(np.abs(r) <= delta, 0.5 * r ** 2, delta * (np.abs(r) - 0.5 * delta)).sum(axis=1)
 
 
@@ -132,7 +134,7 @@ def fit_loss_law(n, d, loss, delta: float = HUBER_DELTA, starts: int | None = DE
     bounds = [(None, None), (None, None), LOG_E_BOUNDS, EXPONENT_BOUNDS, EXPONENT_BOUNDS]
     best = None
     for x0 in centred:
-        result = minimize(scaled, x0, jac=True, method="L-BFGS-B", bounds=bounds,
+        result = optimize.minimize(scaled, x0, jac=True, method="L-BFGS-B", bounds=bounds,
                           options={"maxiter": 1000, "ftol": 1e-12, "gtol": 1e-7})
         if np.all(np.isfinite(result.x)) and (best is None or result.fun < best.fun):
             best = result

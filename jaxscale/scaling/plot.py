@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-from matplotlib.colors import LogNorm
-from matplotlib.figure import Figure  # no pyplot: nothing changes the backend of a notebook that imports this
 
+from jaxscale.extras import require
 from jaxscale.figures import figure_path
 from jaxscale.scaling.law import LossLaw
 
@@ -16,6 +14,11 @@ from jaxscale.scaling.law import LossLaw
 def plot_scaling(n, d, loss, law: LossLaw, path: str | Path, budget: float | None = None,
                  holdout: tuple[float, float, float, float] | None = None, title: str = "") -> Path:
     """Write the figure to `path`. `holdout` is (N, D, actual loss, loss predicted by a fit without that run)."""
+    # no pyplot: nothing changes the backend of a notebook that imports this
+    matplotlib = require("matplotlib", "plot", "drawing the scaling-law figure")
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
     n, d, loss = (np.asarray(x, dtype=float) for x in (n, d, loss))
     compute = 6 * n * d
     c_lo = compute.min() / 2

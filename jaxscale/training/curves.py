@@ -6,15 +6,18 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
 import numpy as np
 import yaml
-from matplotlib.figure import Figure  # no pyplot: nothing changes the backend of a notebook that imports this
 
 from jaxscale.errors import ConfigError
+from jaxscale.extras import require
 from jaxscale.figures import figure_path
 from jaxscale.training.events import read_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Events drawn as vertical lines: (line style, legend label).
 MARKED_EVENTS = {"resume": ("--", "resumed"), "rollback": (":", "rolled back"), "preempted": ("-.", "preempted")}
@@ -130,6 +133,10 @@ def curves_figure(runs: list[RunCurves], x: str = "step", smooth: float = 0.6, f
         raise ConfigError(f"x={x!r}: plot against 'step' or 'tokens'")
     if not 0 <= smooth < 1:
         raise ConfigError(f"smooth={smooth}: the moving-average weight must be in [0, 1) (0: no smoothing)")
+    # no pyplot: nothing changes the backend of a notebook that imports this
+    matplotlib = require("matplotlib", "plot", "drawing training curves")
+    from matplotlib.figure import Figure
+
     fig = fig or Figure(figsize=(9, 7), dpi=110)
     ax_loss, ax_speed = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     colours = matplotlib.colormaps["tab10"]

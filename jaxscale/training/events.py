@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jaxscale.training.metrics import MetricsLogger
 from jaxscale.training.rows import decode_row
+
+if TYPE_CHECKING:  # reading metrics (plots, scaling fits) needs no JAX, which metrics.py brings
+    from jaxscale.training.metrics import MetricsLogger
 
 log = logging.getLogger("jaxscale")
 

@@ -14,10 +14,11 @@ from jaxscale.model import LossFn, transformer_factory
 from jaxscale.training.loss import cross_entropy
 
 
-def compute_dtype_for(config: Config):
+def compute_dtype_for(config: Config, platform: str):
+    """`platform`: that of the devices the step is compiled for (not the host's default backend)."""
     name = config.train.compute_dtype
     if name == "auto":
-        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        name = "float32" if platform == "cpu" else "bfloat16"
     return jnp.dtype(name)
 
 
@@ -25,9 +26,10 @@ def builtin_factory(config: Config):
     return transformer_factory(config.model, jnp.dtype(config.train.param_dtype), config.optimizer.decay_embeddings)
 
 
-def next_token_loss(config: Config) -> LossFn:
-    """Cross entropy of each next token, run with the config's compute dtype, remat, scan and pipeline settings."""
-    options = dict(compute_dtype=compute_dtype_for(config), remat=config.train.remat,
+def next_token_loss(config: Config, platform: str) -> LossFn:
+    """Cross entropy of each next token, run with the config's compute dtype (on `platform`), remat, scan and
+    pipeline settings."""
+    options = dict(compute_dtype=compute_dtype_for(config, platform), remat=config.train.remat,
                    scan_unroll=config.train.scan_unroll, pipeline=config.pipeline)
     use_segments = config.data.document_masking
 

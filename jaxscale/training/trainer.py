@@ -23,6 +23,7 @@ from jaxscale.errors import ConfigError
 from jaxscale.hf import initial_params
 from jaxscale.mesh import build_mesh
 from jaxscale.model import FlaxModel, LossFn, flax_model
+from jaxscale.platforms import devices_platform
 from jaxscale.sharding import names_used
 from jaxscale.training.elastic import adapt_to_devices, per_device_batch
 from jaxscale.training.guards import guard_updates
@@ -141,11 +142,11 @@ def run_info(plan: RunPlan, skipped_batches, data_rows: int) -> RunInfo:
                    skipped_batches=sorted(skipped_batches), data_rows=data_rows, config=config.to_dict())
 
 
-def resolve_model(config: Config, model, loss_fn: LossFn | None, example_batch) -> FlaxModel:
+def resolve_model(config: Config, model, loss_fn: LossFn | None, example_batch, platform: str) -> FlaxModel:
     """The model the run trains: the built-in decoder unless `model` is given; next-token cross entropy unless
-    `loss_fn` is given."""
+    `loss_fn` is given. `platform`: that of the devices the step is compiled for."""
     if model is None:
-        return flax_model(builtin_factory(config), loss_fn or next_token_loss(config), example_batch)
+        return flax_model(builtin_factory(config), loss_fn or next_token_loss(config, platform), example_batch)
     return flax_model(model, loss_fn or plain_next_token_loss, example_batch)
 
 
@@ -172,7 +173,9 @@ def build(plan: RunPlan, devices: list, model=None, loss_fn: LossFn | None = Non
     """Mesh -> model -> optimizer -> shardings -> compiled steps, for a checked plan."""
     config = plan.config
     mesh = build_mesh(config.mesh, devices)
-    flax = resolve_model(config, model, loss_fn, lm_batch_spec(config) if example_batch is None else example_batch)
+    platform = devices_platform(mesh.devices)  # e.g. a TPU topology's while compiling on a CPU host
+    flax = resolve_model(config, model, loss_fn, lm_batch_spec(config) if example_batch is None else example_batch,
+                         platform)
     check_rules(config, flax)
     tx, schedule = build_optimizer(config.optimizer, config.train.steps, flax)
     tx = guard_updates(tx, config.guards)
@@ -180,7 +183,7 @@ def build(plan: RunPlan, devices: list, model=None, loss_fn: LossFn | None = Non
     data_sharding = batch_sharding(mesh, config.sharding.activations)
     return Trainer(config, mesh, flax, tx, schedule, shardings, data_sharding,
                    train_step=make_train_step(flax, tx, schedule, config, mesh, shardings, data_sharding,
-                                              plan.per_device_batch, compute_dtype_for(config)),
+                                              plan.per_device_batch, compute_dtype_for(config, platform)),
                    eval_step=make_eval_step(flax, config, mesh, shardings, data_sharding, plan.per_device_batch),
                    plan=plan)
 
