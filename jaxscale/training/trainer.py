@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxscale.checkpointing import CheckpointStore, Restored, RunInfo
-from jaxscale.config import DEFAULT_PARAM_RULES, Config, validate
+from jaxscale.config import DEFAULT_ACTIVATION_RULES, DEFAULT_PARAM_RULES, Config, validate
 from jaxscale.errors import ConfigError
 from jaxscale.hf import initial_params
 from jaxscale.mesh import build_mesh
@@ -152,7 +152,8 @@ def resolve_model(config: Config, model, loss_fn: LossFn | None, example_batch, 
 
 def check_rules(config: Config, model: FlaxModel) -> None:
     """Rules the model cannot use: a parameter rule for a name no parameter carries is refused (a typo), with a
-    close match; parameters with no names are replicated, with one warning."""
+    close match; an activation rule for a name nothing known carries is reported (a constraint inside the model
+    may use it: Flax's are not seen from here); parameters with no names are replicated, with one warning."""
     used = names_used(model.logical_axes)
     for name in config.sharding.params:
         if name not in DEFAULT_PARAM_RULES and name not in used:
@@ -161,6 +162,13 @@ def check_rules(config: Config, model: FlaxModel) -> None:
                               f"so the rule would do nothing; "
                               + (f"did you mean sharding.params.{close[0]}?" if close else
                                  f"the model's names are: {', '.join(sorted(used)) or 'none'}"))
+    known = used | set(DEFAULT_ACTIVATION_RULES)
+    for name in config.sharding.activations:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            log.warning("sharding.activations.%s: no parameter and no built-in activation has a dimension of that "
+                        "name%s; if only a constraint in your model uses it, all is well", name,
+                        f" (did you mean sharding.activations.{close[0]}?)" if close else "")
     if model.unannotated:
         shown = ", ".join(model.unannotated[:6]) + (f" and {len(model.unannotated) - 6} more"
                                                     if len(model.unannotated) > 6 else "")
