@@ -22,6 +22,7 @@ from pathlib import Path
 
 import jax
 
+from jaxscale.arguments import add_config_arguments, add_distributed_arguments, initialize_distributed
 from jaxscale.checkpointing.store import any_process
 from jaxscale.config import Config
 from jaxscale.errors import ConfigError
@@ -175,7 +176,6 @@ def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None,
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from jaxscale.cli import add_config_arguments, add_distributed_arguments
 
     p = subparsers.add_parser("bench", help="time the training step: tokens/s, MFU, memory, compile time")
     add_config_arguments(p)
@@ -199,7 +199,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from jaxscale.cli import initialize_distributed
     from jaxscale.config import load_config
 
     # Every flag is checked before any work: a bad one must not cost a whole benchmark.

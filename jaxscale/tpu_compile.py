@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from jaxscale.arguments import add_config_arguments
 from jaxscale.errors import ConfigError
 from jaxscale.extras import require
 
@@ -246,7 +247,6 @@ def format_report(r: CompileReport) -> str:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from jaxscale.cli import add_config_arguments
 
     p = subparsers.add_parser("compile", help="compile the train step for a TPU slice here (no TPU needed: "
                                               "pip install 'jaxscale[tpu]'); per-chip memory, FLOPs, collectives",

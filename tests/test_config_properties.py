@@ -64,7 +64,7 @@ overrides = st.one_of(
 )
 
 
-def check(experiment: str | None, sets: list[str], tmp_dir) -> None:
+def check_loads(experiment: str | None, sets: list[str], tmp_dir) -> None:
     try:
         config = load_config(experiment, sets)
     except ConfigError as e:
@@ -99,7 +99,7 @@ PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[Heal
 def test_any_experiment_mapping_and_overrides_give_a_config_or_a_config_error(tmp_dir, raw, sets):
     path = tmp_dir / "experiment.yaml"
     path.write_text(yaml.safe_dump(raw))
-    check(str(path), sets, tmp_dir)
+    check_loads(str(path), sets, tmp_dir)
 
 
 @PROPERTY
@@ -109,7 +109,7 @@ def test_any_experiment_mapping_and_overrides_give_a_config_or_a_config_error(tm
 @example(sets=["train.steps=" + "9" * 400])
 @example(sets=["mesh=" + "a" * 300])
 def test_any_set_strings_on_the_default_experiment_give_a_config_or_a_config_error(tmp_dir, sets):
-    check(None, sets, tmp_dir)
+    check_loads(None, sets, tmp_dir)
 
 
 @PROPERTY
@@ -118,4 +118,4 @@ def test_any_set_strings_on_the_default_experiment_give_a_config_or_a_config_err
 def test_any_experiment_file_content_gives_a_config_or_a_config_error(tmp_dir, content):
     path = tmp_dir / "any.yaml"
     path.write_bytes(content)
-    check(str(path), [], tmp_dir)
+    check_loads(str(path), [], tmp_dir)

@@ -83,7 +83,7 @@ def compile_slice(experiment: str, key: str, *extra: str):
     return compile_for_topology(config, parse_topology(key.split()[-1]), slices)
 
 
-def check(report, chips: int, kind: str):
+def check_compiled(report, chips: int, kind: str):
     assert report.topology.chips * report.slices == chips and re.fullmatch(kind, report.device_kind)
     assert report.fits and 0 < report.bytes_per_chip < report.hbm_bytes
     assert report.xla_flops > 0 and report.model_flops > 0
@@ -95,7 +95,7 @@ def check(report, chips: int, kind: str):
 @pytest.mark.parametrize("key, chips, kind", [("v5e-256", 256, "TPU v5 lite"), ("2x v5e-256", 512, "TPU v5 lite"),
                                               ("v5p-1024", 512, "TPU v5p?"), ("v6e-256", 256, "TPU v6 lite")])
 def test_default_experiment_compiles_for_tpu_slices(key, chips, kind):
-    check(compile_slice("default", key), chips, kind)
+    check_compiled(compile_slice("default", key), chips, kind)
 
 
 @pytest.mark.slow
@@ -105,7 +105,7 @@ def test_default_experiment_compiles_for_tpu_slices(key, chips, kind):
 def test_gpt2_124m_compiles_for_tpu_slices(key, chips, kind):
     # a rolled layer loop (the experiment unrolls its 12 layers for GPUs): a minute to compile here, not three
     report = compile_slice("gpt2-124m", key, "train.scan_unroll=1")
-    check(report, chips, kind)
+    check_compiled(report, chips, kind)
     assert report.bytes_per_chip > 2 ** 30  # the 124M state in bf16 and float32 plus 1024 positions' activations
 
 
