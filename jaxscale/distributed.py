@@ -21,7 +21,10 @@ import time
 from collections.abc import Callable
 
 EXIT_PEER_LOST = 76  # next to EXIT_PREEMPTED (75): what is saved is good; restart every process to continue
-RESTART_CODES = (75, EXIT_PEER_LOST)
+# Exit codes after which every process is started again: preempted (75), a peer lost (76), and 134 (SIGABRT
+# through a shell): when the coordinator (process 0) dies, JAX's own client ends the others at once, before the
+# watchdog can speak. A process killed by a signal (a negative code from Popen) counts too.
+RESTART_CODES = (75, EXIT_PEER_LOST, 134)
 DEFAULT_HEARTBEAT_S = 60.0
 
 _heartbeat_s = DEFAULT_HEARTBEAT_S
@@ -129,7 +132,7 @@ def free_port() -> int:
 
 def launch_local(argv: list[str], num_processes: int, max_restarts: int) -> int:
     """Run `jaxscale <argv>` as `num_processes` processes on this machine; when they stop with a restart code
-    (or a process is killed), start them all again from the newest checkpoint, at most `max_restarts` times.
+    (or a process is killed by a signal), start them all again from the newest checkpoint, at most `max_restarts` times.
     GPUs are dealt out in equal contiguous groups (CUDA_VISIBLE_DEVICES); CPU processes each get the device count
     XLA_FLAGS gives."""
     gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
@@ -145,7 +148,7 @@ def launch_local(argv: list[str], num_processes: int, max_restarts: int) -> int:
                 [sys.executable, "-m", "jaxscale.cli", *argv, "--coordinator", f"localhost:{port}",
                  "--num-processes", str(num_processes), "--process-id", str(rank)], env=env))
         codes = _wait_all(processes)
-        worst = next((c for c in codes if c not in (0,) + RESTART_CODES and c >= 0), None)
+        worst = next((c for c in codes if c not in (0, *RESTART_CODES) and c >= 0), None)
         if all(c == 0 for c in codes):
             return 0
         if worst is not None:  # a configuration error and the like: restarting would not help

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jaxscale.distributed import RESTART_CODES
 from jaxscale.errors import ConfigError
 
 # generation -> (accelerator type prefix, runtime version), from Cloud TPU's "TPU software versions" page
@@ -181,7 +182,8 @@ def dry_run_text(launch: Launch) -> str:
                      "jax.distributed.initialize() (--distributed) reads them")
     for i, (what, command) in enumerate(plan_commands(launch), 1):
         lines += [f"# {i}. {what}", shlex.join(command)]
-    lines += [f"# then: exit 0 -> done; exit {EXIT_PREEMPTED} (preempted, checkpoint saved) or the slice taken back "
+    lines += [f"# then: exit 0 -> done; exit {' / '.join(map(str, RESTART_CODES))} (preempted, a worker lost; the "
+              f"checkpoint is saved) or the slice taken back "
               f"-> when the queued resource is no longer ACTIVE: "
               f"{shlex.join(delete_command(launch.name, launch.zone, launch.project))}, and from "
               f"step 1 again; else from the start step again (training resumes from the newest checkpoint in "
@@ -229,7 +231,7 @@ def launch_run(launch: Launch, max_restarts: int) -> int:
         if code == 0:
             return 0
         taken_back = queued_state(launch) != "ACTIVE"
-        if code != EXIT_PREEMPTED and not taken_back:
+        if code not in RESTART_CODES and not taken_back:
             print(f"jaxscale tpu: training stopped with exit code {code}; its log is {LOG} on the workers",
                   file=sys.stderr)
             return code
