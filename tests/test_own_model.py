@@ -216,3 +216,12 @@ def test_trainer_save_and_restore_for_a_loop_of_ones_own(tmp_path):
     assert restored.metadata.step == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.state), jax.device_get(state))
     trainer.close()
+
+
+def test_random_bits_loops_do_not_count_as_a_looping_model():
+    """Dropout's random bits come from loops over integers; only loops over floating-point work are reported."""
+    trainer, data = trainer_for("nnx", ["mesh.data=1"], 1)
+    model = nnx_model(lambda rngs: NNXNet(rngs, dropout=0.5), classification_loss)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.data_sharding) for k, v in data[0].items()}
+    flops, loops = model_flops(model, trainer.config, trainer.mesh, trainer.shardings, batch, 1)
+    assert flops > 0 and not loops

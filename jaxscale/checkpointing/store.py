@@ -108,13 +108,20 @@ class CheckpointStore:
         if not read_only:
             check_directory(self.directory)
             remove_unfinished(self.directory)
-        options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=config.async_save,
-            preservation_policy=None if read_only else retention_policy(config),
-            create=not read_only, read_only=read_only)
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        absl = logging.getLogger("absl")
+        level = absl.level
+        if read_only:  # Orbax warns that a read-only manager will not save, which is the point here
+            absl.setLevel(logging.ERROR)
+        try:
+            options = ocp.CheckpointManagerOptions(
+                enable_async_checkpointing=config.async_save,
+                preservation_policy=None if read_only else retention_policy(config),
+                create=not read_only, read_only=read_only)
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        finally:
+            absl.setLevel(level)
         self._writing: int | None = None  # the step of the save in flight
 
     def steps(self) -> list[int]:

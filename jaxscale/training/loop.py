@@ -303,10 +303,10 @@ def train(config: Config, model=None, loss_fn: LossFn | None = None, data=None, 
 
 
 def show_log_lines() -> None:
-    """In a script or a notebook where nobody set up logging, the run's log lines (start, resume, checkpoints,
-    evaluation) still show: on stderr, at INFO. absl's handler, which importing orbax may install, doesn't count."""
-    configured = [h for h in logging.getLogger().handlers if type(h).__name__ != "ABSLHandler"]
-    if log.handlers or log.level != logging.NOTSET or configured:
+    """In a script or a notebook the run's log lines (start, resume, checkpoints, evaluation) show on stderr at
+    INFO, unless jaxscale's logger was set up, or the root logger was set to show INFO (as the CLI does)."""
+    root = logging.getLogger()
+    if log.handlers or log.level != logging.NOTSET or (root.handlers and root.level <= logging.INFO):
         return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s jaxscale: %(message)s", "%H:%M:%S"))

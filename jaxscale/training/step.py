@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -158,8 +159,9 @@ def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule
 def model_flops(model: FlaxModel, config: Config, mesh: Mesh, shardings: TrainState, batch: dict,
                 per_device_batch: int) -> tuple[float | None, bool]:
     """(FLOPs of the model's forward and backward pass over one global batch, all devices together, from XLA's
-    cost analysis; whether the program loops). XLA counts a loop's body once, so a model that scans over its
-    layers is undercounted: the gradient accumulation loop is left out here and multiplied back instead."""
+    cost analysis; whether the program loops over floating-point work). XLA counts a loop's body once, so a model
+    that scans over its layers is undercounted: the gradient accumulation loop is left out here and multiplied
+    back instead. (The random-bit generator's loops carry integers only and do not count.)"""
     count = config.train.microbatches
     micro = {k: jax.ShapeDtypeStruct((v.shape[0] // count, *v.shape[1:]), v.dtype, sharding=v.sharding)
              for k, v in batch.items()}
@@ -175,7 +177,8 @@ def model_flops(model: FlaxModel, config: Config, mesh: Mesh, shardings: TrainSt
     if isinstance(analysis, list):
         analysis = analysis[0] if analysis else None
     flops = (analysis or {}).get("flops")
-    loops = " while(" in compiled.as_text()
+    loops = any(re.search(r"\b(bf16|f16|f32|f64)\[", line.split(" while(")[0])
+                for line in compiled.as_text().splitlines() if " while(" in line)
     return (float(flops) * mesh.size * count if flops and flops > 0 else None), loops
 
 
