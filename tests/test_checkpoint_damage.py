@@ -20,7 +20,7 @@ from jaxscale.checkpointing.store import DAMAGED_DIR
 from jaxscale.config import CheckpointConfig
 
 INFO = RunInfo(seed=0, mesh={"data": 8}, microbatches=1, per_device_batch=1, process_count=1, skipped_batches=[],
-               config={})
+               data_rows=0, config={})
 # Files whose loss no restore can survive: the run's metadata, Orbax's tree metadata, the OCDBT root.
 ESSENTIAL = ("meta/metadata", "state/_METADATA", "state/manifest.ocdbt")
 
