@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from jaxscale.errors import ConfigError
+from jaxscale.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
 
 @dataclass
@@ -21,15 +22,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    attention: str = "auto"  # auto (cuDNN flash attention on GPU, XLA elsewhere) | cudnn | xla
+    attention: str = "auto"  # auto | cudnn | xla | pallas: jaxscale.kernels.attention says what each runs
 
     def resolved(self) -> ModelConfig:
         """Fill the None defaults, check the combination."""
         cfg = self
         if cfg.style not in ("gpt2", "llama"):
             raise ConfigError(f"model.style={cfg.style!r}; choose gpt2 or llama")
-        if cfg.attention not in ("auto", "cudnn", "xla"):
-            raise ConfigError(f"model.attention={cfg.attention!r}; choose auto, cudnn or xla")
+        if cfg.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"model.attention={cfg.attention!r}; choose {', '.join(ATTENTION_IMPLEMENTATIONS)}")
         for key in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
             value = getattr(cfg, key)
             if value is not None and value < 1:  # n_kv_heads, d_ff: None means the default; 0 is a mistake
