@@ -156,20 +156,20 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref,
     def one_head(g, carry):
         h = kv_head * groups + g
 
-        def body(block, carry, masked):
+        def body(block, carry, masked):  # keys as rows: no transposes of computed tiles
             dk, dv = carry
             rows = pl.ds(block * block_q, block_q)
             q = plgpu.load(q_ref.at[b, rows, h, :])
             do = plgpu.load(do_ref.at[b, rows, h, :])
             lse = plgpu.load(lse_ref.at[b, h, rows])
             delta = plgpu.load(delta_ref.at[b, h, rows])
-            p = jnp.exp2(plgpu.dot(q, k.T) * (scale * LOG2_E) - lse[:, None])
+            p_t = jnp.exp2(plgpu.dot(k, q.T) * (scale * LOG2_E) - lse[None, :])  # (keys, queries)
             if masked:
                 query = block * block_q + jnp.arange(block_q)
-                p = jnp.where((query[:, None] >= lo[None, :]) & (query[:, None] < hi[None, :]), p, 0.0)
-            dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
-            ds = p * (plgpu.dot(do, v.T) - delta[:, None])
-            return dk + plgpu.dot(ds.astype(q.dtype).T, q), dv
+                p_t = jnp.where((query[None, :] >= lo[:, None]) & (query[None, :] < hi[:, None]), p_t, 0.0)
+            dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
+            ds_t = p_t * (plgpu.dot(v, do.T) - delta[None, :])
+            return dk + plgpu.dot(ds_t.astype(q.dtype), q), dv
 
         return _three_loops(ranges, body, carry)
 
