@@ -1,7 +1,8 @@
 """Attention kernels for packed documents on one GPU: each candidate's time (forward, forward + backward) and
 error against XLA's reference, at the Llama 3.2 1B / 3B attention shapes, on three segment layouts.
 
-    PYTHONPATH=. python experiments/attention_kernels.py [--quick]
+    PYTHONPATH=. python experiments/attention_kernels.py [--layouts corpus,one,short256] [--tilings t128x64,...]
+        [--shapes 1b-2k,3b-2k,1b-8k] [--no-others]
 
 Candidates: cuDNN causal without segment ids (the speed to match), jaxscale's Pallas (Triton) flash kernels
 with segment ids under a few tilings, cuDNN's packed layout (segment offsets and lengths, padding + causal
@@ -106,10 +107,14 @@ def max_error(attend, q, k, v, d_out, segment_ids) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="the default tiling only, no cuDNN packed / mha")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--layouts", default="corpus,one,short256")
+    parser.add_argument("--tilings", default=",".join(TILINGS))
+    parser.add_argument("--no-others", action="store_true", help="jaxscale's kernels only (no cuDNN packed, mha)")
     args = parser.parse_args()
     rows = []
-    for shape_name, (batch, length, heads, kv_heads, head_dim) in SHAPES.items():
+    for shape_name in args.shapes.split(","):
+        batch, length, heads, kv_heads, head_dim = SHAPES[shape_name]
         keys = jax.random.split(jax.random.key(0), 4)
         q = jax.random.normal(keys[0], (batch, length, heads, head_dim), jnp.bfloat16)
         k, v = (jax.random.normal(key, (batch, length, kv_heads, head_dim), jnp.bfloat16) for key in keys[1:3])
@@ -120,12 +125,12 @@ def main() -> None:
         base = both
         rows.append((shape_name, "-", "cudnn causal, no segments", fwd, both, 1.0, None))
         print(rows[-1], flush=True)
-        for layout_name in ("corpus", "one", "short256"):
+        for layout_name in args.layouts.split(","):
             segment_ids = jnp.asarray(layout(layout_name, batch, length))
             most = int(jax.device_get(jnp.max(segment_ids[:, -1] - segment_ids[:, 0] + 1)))
-            candidates = {f"pallas {name}": functools.partial(flash_attention, tiles=t)
-                          for name, t in (list(TILINGS.items())[:1] if args.quick else TILINGS.items())}
-            if not args.quick:
+            candidates = {f"pallas {name}": functools.partial(flash_attention, tiles=TILINGS[name])
+                          for name in args.tilings.split(",")}
+            if not args.no_others:
                 candidates[f"cudnn packed, {most} segments"] = functools.partial(cudnn_packed, most=max(most, 2))
                 if shape_name == "1b-2k" and layout_name == "corpus":
                     candidates["jax pallas mha (K, V repeated)"] = jax_mha

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, PartitionSpec
 from test_equivalence import batches, make_config
 
 from jaxscale.data.packing import segment_ids as packed_segment_ids
+from jaxscale.errors import ConfigError
 from jaxscale.kernels import attention, traced_kernels
 from jaxscale.kernels.attention import pallas_layout, reference
 from jaxscale.kernels.flash_gpu import Tiles, flash_attention, token_bounds
@@ -118,9 +119,9 @@ def test_dispatch_picks_xla_on_the_cpu_and_the_kernel_when_asked():
         pallas = attention(q, k, v, segments, implementation="pallas")
     assert names == ["xla", "pallas-triton"]
     np.testing.assert_allclose(pallas, auto, atol=1e-5)
-    with pytest.raises(ValueError, match="head size 12"):
+    with pytest.raises(ConfigError, match="head size 12"):
         attention(q[..., :12], k[..., :12], v[..., :12], segments, implementation="pallas")
-    with pytest.raises(ValueError, match="implementation 'flash'"):
+    with pytest.raises(ConfigError, match="implementation 'flash'"):
         attention(q, k, v, segments, implementation="flash")
 
 

@@ -11,9 +11,9 @@ as `jaxscale.data.packing` makes them) keep attention inside each document. What
 | `xla` | XLA, the reference: a materialized (batch, 1, length, length) mask with segment ids | same | same |
 
 `auto` falls back to cuDNN or XLA where a Pallas kernel cannot take the shape or the layout (see
-`pallas_layout`); `pallas` names the reason instead. The Pallas kernels are opaque to XLA's partitioner, so
-under a traced mesh (`jaxscale.sharding`) each device runs them on its own rows and heads (shard_map), laid
-out as the activation rules say.
+`pallas_layout`); `pallas` raises a ConfigError naming the reason instead. The Pallas kernels are opaque to
+XLA's partitioner, so under a traced mesh (`jaxscale.sharding`) each device runs them on its own rows and heads
+(shard_map), laid out as the activation rules say.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
+from jaxscale.errors import ConfigError
 from jaxscale.kernels import flash_gpu, splash_tpu
 from jaxscale.sharding import current_activation_rules, logical_to_spec, split_count
 
@@ -127,9 +128,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
     (causal), or that many on either side. scale: of the scores, 1/sqrt(head_dim) by default. Returns
     (batch, length, heads, head_dim) in q's dtype."""
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
+        raise ConfigError(f"attention implementation {implementation!r} (model.attention); choose one of "
+                          f"{', '.join(IMPLEMENTATIONS)}")
     if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window={sliding_window} must be at least 1")
+        raise ConfigError(f"attention sliding_window={sliding_window} must be at least 1")
     name, kernel, layout = _choose(q.shape, k.shape, segment_ids is not None, implementation)
     traced = _TRACED.get()
     if traced is not None:
@@ -152,6 +154,7 @@ def _choose(q_shape, kv_shape, segments: bool, implementation: str):
     layout = pallas_layout(q_shape, kv_shape) if name is not None else kernel
     if isinstance(layout, str):
         if implementation == "pallas":
-            raise ValueError(f"the Pallas attention kernel cannot run here: {layout}")
+            raise ConfigError(f"model.attention=pallas: the Pallas attention kernel cannot run here ({layout}); "
+                              f"set model.attention=auto to fall back to cuDNN or XLA")
         return ("cudnn" if backend == "gpu" and not segments else "xla"), None, None
     return name, kernel, layout
