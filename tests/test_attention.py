@@ -103,11 +103,26 @@ def test_triton_kernels_match_the_reference(case):
     assert_matches(value_and_grads(lambda q, k, v: kernel(q, k, v), q, k, v, d_out), want, 1e-5)
 
 
-def test_splash_matches_the_reference():
+def mesh(**sizes):
+    shape = tuple(sizes.get(axis, 1) for axis in ("data", "fsdp", "tensor", "pipeline"))
+    devices = np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape)
+    return Mesh(devices, ("data", "fsdp", "tensor", "pipeline"))
+
+
+RULES = {"batch": ["data", "fsdp"], "length": None, "heads": "tensor", "kv_heads": "tensor", "head_dim": None}
+
+
+def test_splash_matches_the_reference_on_each_devices_rows_and_heads():
+    """Splash through Pallas's interpreter, in the layout the dispatch gives it on a mesh that splits the batch
+    and the heads (shard_map, each device a vmap over its rows)."""
     segments = jnp.asarray(layouts(256))
     q, k, v, d_out = qkv(4, 256, 4, 2, 128)
     want = value_and_grads(lambda q, k, v: reference(q, k, v, segments), q, k, v, d_out)
-    got = value_and_grads(lambda q, k, v: splash_attention(q, k, v, segments, interpret=True), q, k, v, d_out)
+    with activation_rules(mesh(data=2, tensor=2), RULES):
+        layout = pallas_layout(q.shape, k.shape)
+        splash = layout.apply(functools.partial(splash_attention, interpret=True))
+        got = jax.jit(lambda *a: value_and_grads(lambda q, k, v: splash(q, k, v, segments), *a))(q, k, v, d_out)
+    assert layout.mesh is not None
     assert_matches(got, want, 1e-5)
 
 
@@ -123,15 +138,6 @@ def test_dispatch_picks_xla_on_the_cpu_and_the_kernel_when_asked():
         attention(q[..., :12], k[..., :12], v[..., :12], segments, implementation="pallas")
     with pytest.raises(ConfigError, match="implementation 'flash'"):
         attention(q, k, v, segments, implementation="flash")
-
-
-def mesh(**sizes):
-    shape = tuple(sizes.get(axis, 1) for axis in ("data", "fsdp", "tensor", "pipeline"))
-    devices = np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape)
-    return Mesh(devices, ("data", "fsdp", "tensor", "pipeline"))
-
-
-RULES = {"batch": ["data", "fsdp"], "length": None, "heads": "tensor", "kv_heads": "tensor", "head_dim": None}
 
 
 def test_kernel_layout_follows_the_activation_rules():
