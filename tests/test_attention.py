@@ -3,7 +3,8 @@ gradients (q, k, v), and the dispatch picks, records and lays out the kernels as
 
 On the CPU the Pallas (Triton) flash kernels run through Pallas's interpreter, with tiles small enough that a
 row spans several blocks, so block skipping and the masked/unmasked split are exercised; Splash runs the same
-way. The `gpu` tests compile the Triton kernels natively (skipped off GPUs). Rows of one batch hold different
+way, and both kernels are lowered for their own platform (CUDA, TPU). The `gpu` tests compile the Triton
+kernels natively (skipped off GPUs). Rows of one batch hold different
 layouts: one document, many short ones, documents cut by the row's ends (a row of packed text starts and ends
 inside documents), and a padding tail of segment id 0.
 """
@@ -249,6 +250,38 @@ def test_reference_memory_grows_quadratically_in_length():
     xla = [attention_grad_memory(n, "xla") for n in (2048, 4096)]
     assert xla[1] >= 3.5 * xla[0], xla
     assert attention_grad_memory(4096, "pallas") * 10 < xla[1], xla
+
+
+def test_triton_kernels_lower_for_cuda_on_any_machine():
+    """Forward, dK/dV and dQ lower through Pallas's Triton lowering for a CUDA target (the Triton compiler
+    itself runs only on a GPU): what can be checked of the GPU path without one."""
+    q = jax.ShapeDtypeStruct((2, 256, 8, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
+    segments = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+
+    def step(q, k, v, segment_ids, d_out):
+        return value_and_grads(lambda q, k, v: flash_attention(q, k, v, segment_ids, sliding_window=100),
+                               q, k, v, d_out)
+
+    hlo = jax.jit(step).trace(q, kv, kv, segments, q).lower(lowering_platforms=("cuda",)).as_text()
+    kernels = [name for name in ("flash_attention_forward", "flash_attention_dkv", "flash_attention_dq")
+               if f'name = "{name}"' in hlo]
+    assert hlo.count("__gpu$xla.gpu.triton") == 3 and len(kernels) == 3, kernels
+
+
+def test_splash_lowers_for_tpu_on_any_machine():
+    """Splash's forward, dQ and dK/dV with segment ids lower through Mosaic for a TPU target."""
+    q = jax.ShapeDtypeStruct((2, 512, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 512, 2, 128), jnp.bfloat16)
+    segments = jax.ShapeDtypeStruct((2, 512), jnp.int32)
+
+    def step(q, k, v, segment_ids, d_out):
+        return value_and_grads(lambda q, k, v: splash_attention(q, k, v, segment_ids, sliding_window=256),
+                               q, k, v, d_out)
+
+    hlo = jax.jit(step).trace(q, kv, kv, segments, q).lower(lowering_platforms=("tpu",)).as_text()
+    assert hlo.count("tpu_custom_call") == 3
+    assert all(f"splash_mha_{phase}_segmented" in hlo for phase in ("fwd", "dq", "dkv"))
 
 
 # ---------------------------------------------------------------------------------------------------------
