@@ -26,6 +26,7 @@ from jaxscale.arguments import add_config_arguments, add_distributed_arguments, 
 from jaxscale.checkpointing.store import any_process
 from jaxscale.config import Config
 from jaxscale.errors import ConfigError
+from jaxscale.kernels import traced_kernels
 from jaxscale.trace_summary import DeviceTime, format_summary, summarize
 from jaxscale.training import build_trainer
 from jaxscale.training.loop import batch_shard, open_dataset, to_global
@@ -113,7 +114,8 @@ def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None,
     state = trainer.init_state()
 
     start = time.perf_counter()
-    compiled = trainer.train_step.lower(state, batches[0]).compile()
+    with traced_kernels() as attention_kernels:  # what each layer's attention chose while the step was traced
+        compiled = trainer.train_step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - start
 
     start, warmup_steps, warming = time.perf_counter(), 0, True
@@ -155,6 +157,8 @@ def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None,
         "batch": t.batch_size,
         "seq_len": config.model.seq_len,
         "mesh": dict(trainer.mesh.shape),
+        "document_masking": config.data.document_masking,
+        "attention_kernel": ",".join(sorted(set(attention_kernels))) or None,
         "devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,
         "step_s": step_s,

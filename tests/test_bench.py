@@ -44,6 +44,7 @@ def test_bench_runs_on_cpu_and_writes_json_and_a_trace(tmp_path):
     assert row["n_layers"] == 1 and row["d_model"] == 128  # the model measured, not only the experiment's name
     assert row["tokens_per_s"] == pytest.approx(16 * 32 / row["step_s"])
     assert row["mfu"] is None and row["peak_memory_gb"] is None  # a CPU has neither
+    assert row["document_masking"] is True and row["attention_kernel"] == "xla"  # the default, on a CPU
     assert row["compile_s"] > 0 and row["final_loss"] > 0
     assert row["warmup_s"] >= 0.5 and row["warmup_steps"] > 1  # warmed up for the time asked, cycling its batch
     # the trace TensorBoard opens, and the one Perfetto opens; a CPU's trace holds no device kernels to summarize

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from jaxscale.errors import ConfigError, check_range
+from jaxscale.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
 
 @dataclass
@@ -33,7 +34,7 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None  # llama only; None: plain RoPE
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    attention: str = "auto"  # auto (cuDNN flash attention on GPU, XLA elsewhere) | cudnn | xla
+    attention: str = "auto"  # auto | cudnn | xla | pallas: jaxscale.kernels.attention says what each runs
     # Logits of the padding ids past vocab_size are the dtype's lowest value, so the softmax covers the real
     # vocabulary only (imported models: their loss is the original's). Off, padding ids are learned away.
     mask_vocab_padding: bool = False
@@ -42,8 +43,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.style not in ("gpt2", "llama"):
             raise ConfigError(f"model.style={self.style!r}; choose gpt2 or llama")
-        if self.attention not in ("auto", "cudnn", "xla"):
-            raise ConfigError(f"model.attention={self.attention!r}; choose auto, cudnn or xla")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"model.attention={self.attention!r}; choose {', '.join(ATTENTION_IMPLEMENTATIONS)}")
         if self.init_from and not self.init_from.startswith("hf:"):
             raise ConfigError(f"model.init_from={self.init_from!r}; give hf:<directory of a Hugging Face model>")
         for key in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):

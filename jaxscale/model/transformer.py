@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxscale.kernels import attention
 from jaxscale.model.config import ModelConfig
 from jaxscale.model.embedding import embedding_lookup
 from jaxscale.model.gelu import bias_gelu
@@ -96,14 +97,6 @@ def rope(x, positions, freqs):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_impl(cfg: ModelConfig, has_mask: bool, dtype) -> str | None:
-    if cfg.attention != "auto":
-        return cfg.attention
-    if jax.default_backend() == "gpu" and not has_mask and dtype in (jnp.bfloat16, jnp.float16):
-        return "cudnn"  # flash attention; needs bf16/fp16 inputs (float32 ones, e.g. checking logits, use XLA)
-    return "xla"
-
-
 def layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, segment_ids, dtype) -> jax.Array:
     """One transformer layer; `p` holds this layer's slice of every stacked weight."""
     gpt2 = cfg.style == "gpt2"
@@ -122,11 +115,7 @@ def layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, se
     if not gpt2:
         freqs = rope_frequencies(cfg)
         q, k = rope(q, positions, freqs), rope(k, positions, freqs)
-    mask = None
-    if segment_ids is not None:  # attend only within the same document
-        mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                     implementation=attention_impl(cfg, mask is not None, q.dtype))
+    y = attention(q, k, v, segment_ids, causal=True, implementation=cfg.attention)  # within each document
     y = constrain(y, ("batch", "length", "heads", "head_dim"))
     x = x + jnp.einsum("btnh,dnh->btd", y, w["wo"]) + bias("bo")
     x = constrain(x, ("batch", "length", "embed"))
