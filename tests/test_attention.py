@@ -30,7 +30,7 @@ from jaxscale.model.transformer import layer
 from jaxscale.remat import POLICIES
 from jaxscale.sharding import activation_rules
 from jaxscale.training import build_trainer
-from jaxscale.training.step import make_loss_fn, traced_rules
+from jaxscale.training.step import tracing_model
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the Triton kernels: GPU only")
 SMALL_TILES = Tiles(forward=(16, 16), dkv=(16, 32), dq=(32, 16))  # several blocks per row at length 64
@@ -189,11 +189,9 @@ def loss_and_grads(config, devices):
     trainer = build_trainer(config, devices)
     params = trainer.init_state().params
     batch = jax.device_put(batches(config)[0], trainer.data_sharding)
-    loss_fn = make_loss_fn(trainer.model, config, jnp.float32)
-
     def step(params, batch):
-        with activation_rules(trainer.mesh, traced_rules(config, trainer.mesh)):
-            return jax.value_and_grad(loss_fn)(params, batch)
+        with tracing_model(config, trainer.mesh, trainer.plan.per_device_batch):
+            return jax.value_and_grad(lambda p: trainer.model.loss(p, batch, jax.random.key(0))[0])(params)
 
     with traced_kernels() as names:
         result = jax.device_get(jax.jit(step)(params, batch))
