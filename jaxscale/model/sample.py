@@ -12,9 +12,6 @@ import numpy as np
 
 from jaxscale.model import Model
 
-# Stands in for a temperature of 0 in the division; the greedy branch is what is returned then.
-_MIN_TEMPERATURE = 1e-6
-
 
 def generate(model: Model, params: dict, prompt_tokens: np.ndarray, steps: int, *, temperature: float = 0.8,
              key: jax.Array) -> np.ndarray:
@@ -34,8 +31,9 @@ def generate(model: Model, params: dict, prompt_tokens: np.ndarray, steps: int, 
     @jax.jit
     def next_token(params, window, length, key):
         logits = model.apply(params, window[None])[0, length - 1, :cfg.vocab_size].astype(jnp.float32)
-        drawn = jax.random.categorical(key, logits / jnp.maximum(temperature, _MIN_TEMPERATURE))
-        return jnp.where(temperature > 0, drawn, jnp.argmax(logits)).astype(jnp.int32)
+        if temperature == 0:
+            return jnp.argmax(logits).astype(jnp.int32)
+        return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
 
     tokens = list(prompt.astype(np.int32))
     window = np.zeros(cfg.seq_len, np.int32)
