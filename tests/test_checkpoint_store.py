@@ -15,7 +15,7 @@ from jaxscale.checkpointing import CheckpointError, CheckpointStore, RunInfo
 from jaxscale.checkpointing.store import DAMAGED_DIR
 from jaxscale.config import CheckpointConfig, load_config
 from jaxscale.training import build_trainer
-from jaxscale.training.loop import open_checkpoints
+from jaxscale.training.trainer import open_checkpoints
 
 TINY = ["model.seq_len=32", "model.n_layers=1", "model.d_model=32", "train.batch_size=16",
         "train.progress=false"]

@@ -27,6 +27,7 @@ def test_digits_classifier_reaches_90_percent(tmp_path):
     assert example("digits").main(["--run-dir", str(tmp_path)])["accuracy"] >= 0.9
 
 
+@pytest.mark.slow  # about a minute: two models compiled and trained
 def test_own_decoder_trains_next_to_the_builtin_one(tmp_path):
     losses = example("own_decoder").main(["--steps", "20", "--run-dir", str(tmp_path), "--mesh", "data=4,fsdp=2"])
     for name in ("yours", "built-in"):

@@ -182,3 +182,17 @@ def test_a_resume_with_another_batch_size_continues_at_the_example_it_had_reache
     resumed = ds.batch(6, 32, row_offset=96 - 6 * 32)
     for key in resumed:
         np.testing.assert_array_equal(resumed[key], np.concatenate([ds.batch(6, 16)[key], ds.batch(7, 16)[key]]))
+
+
+def test_training_a_finished_run_again_returns_its_recorded_metrics(tmp_path):
+    """Rerunning a notebook cell: the run is complete, nothing trains, and the result holds the recorded rows."""
+    from fault_helpers import TINY
+
+    import jaxscale
+
+    config = jaxscale.load_config(None, [*TINY, f"run_dir={tmp_path / 'run'}", "train.steps=4"])
+    first = jaxscale.train(config)
+    again = jaxscale.train(config)
+    assert [r["step"] for r in again.metrics if "loss" in r] == [1, 2, 3, 4]
+    assert [r["loss"] for r in again.metrics if "loss" in r] == [r["loss"] for r in first.metrics if "loss" in r]
+    assert int(again.state.step) == 4

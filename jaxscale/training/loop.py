@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxscale.checkpointing import CheckpointError, CheckpointStore, Restored
+from jaxscale.checkpointing import CheckpointStore, Restored
 from jaxscale.checkpointing.schedule import SaveSchedule
 from jaxscale.config import Config, save_config
 from jaxscale.cost.catalog import accelerator_for_device_kind
@@ -31,7 +31,7 @@ from jaxscale.errors import ConfigError
 from jaxscale.mesh import describe
 from jaxscale.model import FlaxModel, LossFn
 from jaxscale.parallel import describe_plan, plan_from_config
-from jaxscale.training.events import log_event
+from jaxscale.training.events import log_event, read_metrics
 from jaxscale.training.guards import GuardEvent, GuardMonitor
 from jaxscale.training.language_model import lm_batch_spec
 from jaxscale.training.metrics import MetricsLogger
@@ -200,7 +200,6 @@ class Run:
 
     trainer: Trainer
     dataset: Any
-    store: CheckpointStore
     step_fn: Any  # the compiled train step
     tokens_per_step: int
     flops_per_token: float | None
@@ -224,8 +223,8 @@ def prepare(config: Config, model, loss_fn: LossFn | None, data, eval_data) -> R
     compiled = trainer.train_step.lower(trainer.abstract_state(), abstract_batch).compile()
     flops_per_token = (config.model.flops_per_token() if builtin else
                        user_flops_per_token(trainer, abstract_batch, tokens_per_step(config, example)))
-    trainer._store = open_checkpoints(config)
-    return Run(trainer, dataset, trainer.store, compiled, tokens_per_step(config, example), flops_per_token)
+    trainer.open_checkpoints()  # last: created, cleaned up or cleared only once every check has passed
+    return Run(trainer, dataset, compiled, tokens_per_step(config, example), flops_per_token)
 
 
 def newest_metadata(config: Config):
@@ -239,19 +238,6 @@ def newest_metadata(config: Config):
         return reader.newest_metadata()
     finally:
         reader.close()
-
-
-def open_checkpoints(config: Config) -> CheckpointStore:
-    """The run's checkpoints, to resume from and save to. Starting over (checkpoint.resume=false) where a run
-    already saved some deletes them only if checkpoint.overwrite=true says so."""
-    store = CheckpointStore(checkpoint_dir(config), config.checkpoint)
-    try:
-        if not config.checkpoint.resume and store.steps():
-            refuse_or_clear(config, store)
-    except BaseException:
-        store.close()
-        raise
-    return store
 
 
 def user_flops_per_token(trainer: Trainer, batch: dict, tokens: int) -> float | None:
@@ -271,19 +257,6 @@ def newest_checkpoint(config: Config) -> str:
     return str(directory / str(steps[-1])) if steps else f"none yet (in {directory})"
 
 
-def refuse_or_clear(config: Config, store: CheckpointStore) -> None:
-    """Starting over (checkpoint.resume=false) where a run already saved checkpoints deletes them only if
-    checkpoint.overwrite=true says so."""
-    steps = store.steps()
-    if not config.checkpoint.overwrite:
-        raise CheckpointError(
-            f"checkpoint.resume=false, but {store.directory} already holds the checkpoints of a run "
-            f"(steps {', '.join(map(str, steps))}). To continue that run, drop checkpoint.resume=false; "
-            f"to delete them and start over, add --set checkpoint.overwrite=true; or choose another run_dir")
-    log.warning("checkpoint.overwrite=true: deleting the checkpoints at steps %s in %s", steps, store.directory)
-    store.delete_all()
-
-
 def train(config: Config, model=None, loss_fn: LossFn | None = None, data=None, eval_data=None) -> TrainResult:
     """Train to config.train.steps, continuing from the newest good checkpoint of the run unless
     checkpoint.resume=false. SIGTERM / SIGINT: finish the step, save, and return with `preempted` set.
@@ -299,7 +272,7 @@ def train(config: Config, model=None, loss_fn: LossFn | None = None, data=None, 
         try:
             return loop(run, watcher)
         finally:
-            run.store.close()
+            run.trainer.close()
 
 
 def show_log_lines() -> None:
@@ -338,7 +311,7 @@ def start_run_dir(config: Config, trainer: Trainer, dataset, builtin: bool) -> P
 
 
 def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
-    trainer, dataset, store = run.trainer, run.dataset, run.store
+    trainer, dataset, store = run.trainer, run.dataset, run.trainer.store
     config, t = trainer.config, trainer.config.train
     state, restored = restore(run)  # the last check: the checkpoint must fit the model
     run_dir = start_run_dir(config, trainer, dataset, trainer.plan.builtin_model)
@@ -455,8 +428,13 @@ def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
 def finish(history: list[dict], trainer: Trainer, state: TrainState, preempted: bool, run_dir: Path,
            tokens: int, wall_s: float) -> TrainResult:
     """The session's summary: every step it trained counts, also those after the last log row (a preempted
-    run saves at the step it stopped at)."""
+    run saves at the step it stopped at). A session that found the run complete returns the rows the run
+    recorded, so rerunning a notebook cell shows the same curve."""
     rows = [row for row in history if "event" not in row]
+    if not any("loss" in row for row in rows) and (run_dir / "metrics.jsonl").exists():
+        recorded = read_metrics(run_dir)
+        rows = [row for row in recorded if "event" not in row]
+        history = [row for row in recorded if "event" in row] + [row for row in history if "event" in row]
     summary = write_run_summary(rows, run_dir, tokens, wall_s)
     return TrainResult(state, rows, trainer.config, [row for row in history if "event" in row], preempted, summary,
                        trainer.model)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from jaxscale.checkpointing import CheckpointStore, Restored, RunInfo
+from jaxscale.checkpointing import CheckpointError, CheckpointStore, Restored, RunInfo
 from jaxscale.config import DEFAULT_ACTIVATION_RULES, DEFAULT_PARAM_RULES, Config, validate
 from jaxscale.errors import ConfigError
 from jaxscale.hf import initial_params
@@ -104,9 +104,14 @@ class Trainer:
 
     @property
     def store(self) -> CheckpointStore:
-        """The run's checkpoints (`checkpoint.dir`, else <run_dir>/checkpoints)."""
+        """The run's checkpoints (`checkpoint.dir`, else <run_dir>/checkpoints), opened on first use."""
+        return self.open_checkpoints()
+
+    def open_checkpoints(self) -> CheckpointStore:
+        """Open the checkpoint directory once: created, a save cut short cleaned up, and with
+        checkpoint.resume=false existing checkpoints refused or (overwrite=true) deleted."""
         if self._store is None:
-            self._store = CheckpointStore(checkpoint_dir(self.config), self.config.checkpoint)
+            self._store = open_checkpoints(self.config)
         return self._store
 
     def save(self, state: TrainState, step: int | None = None, skipped_batches: set[int] = frozenset(),
@@ -133,6 +138,24 @@ class Trainer:
 
 def checkpoint_dir(config: Config) -> Path:
     return Path(config.checkpoint.dir) if config.checkpoint.dir else config.resolved_run_dir() / "checkpoints"
+
+
+def open_checkpoints(config: Config) -> CheckpointStore:
+    """The run's checkpoints, to resume from and save to. Starting over (checkpoint.resume=false) where a run
+    already saved some deletes them only if checkpoint.overwrite=true says so."""
+    store = CheckpointStore(checkpoint_dir(config), config.checkpoint)
+    steps = store.steps()
+    if config.checkpoint.resume or not steps:
+        return store
+    if not config.checkpoint.overwrite:
+        store.close()
+        raise CheckpointError(
+            f"checkpoint.resume=false, but {store.directory} already holds the checkpoints of a run "
+            f"(steps {', '.join(map(str, steps))}). To continue that run, drop checkpoint.resume=false; "
+            f"to delete them and start over, add --set checkpoint.overwrite=true; or choose another run_dir")
+    log.warning("checkpoint.overwrite=true: deleting the checkpoints at steps %s in %s", steps, store.directory)
+    store.delete_all()
+    return store
 
 
 def run_info(plan: RunPlan, skipped_batches, data_rows: int) -> RunInfo:
