@@ -429,13 +429,13 @@ def finish(history: list[dict], trainer: Trainer, state: TrainState, preempted: 
            tokens: int, wall_s: float) -> TrainResult:
     """The session's summary: every step it trained counts, also those after the last log row (a preempted
     run saves at the step it stopped at). A session that found the run complete returns the rows the run
-    recorded, so rerunning a notebook cell shows the same curve."""
+    recorded (and leaves its summary.json as it was), so rerunning a notebook cell shows the same curve."""
     rows = [row for row in history if "event" not in row]
+    summary = write_run_summary(rows, run_dir, tokens, wall_s)
     if not any("loss" in row for row in rows) and (run_dir / "metrics.jsonl").exists():
         recorded = read_metrics(run_dir)
         rows = [row for row in recorded if "event" not in row]
         history = [row for row in recorded if "event" in row] + [row for row in history if "event" in row]
-    summary = write_run_summary(rows, run_dir, tokens, wall_s)
     return TrainResult(state, rows, trainer.config, [row for row in history if "event" in row], preempted, summary,
                        trainer.model)
 
