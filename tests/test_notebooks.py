@@ -85,4 +85,6 @@ CHECKS = {"quickstart.ipynb": check_quickstart, "sharding.ipynb": check_sharding
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
-    CHECKS[name](run_notebook(name, tmp_path, monkeypatch), tmp_path)
+    output = run_notebook(name, tmp_path, monkeypatch)
+    assert output.strip(), f"{name} printed nothing"
+    CHECKS[name](output, tmp_path)

@@ -11,7 +11,6 @@ itself, or the Linen module bound to the current parameters. It returns a scalar
 """
 from __future__ import annotations
 
-import contextlib
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,45 +80,33 @@ def _path_name(path) -> str:
 
 
 def _per_leaf(tree, fn, is_leaf=None) -> dict:
-    """A plain nested dict with fn(leaf) at every leaf of `tree` (whose nodes are dicts or NNX states)."""
+    """A plain nested dict with fn(path, leaf) at every leaf of `tree` (whose nodes are dicts or NNX states)."""
     out: dict = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
         node = out
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
         for key in keys[:-1]:
             node = node.setdefault(key, {})
-        node[keys[-1]] = fn(leaf)
+        node[keys[-1]] = fn(path, leaf)
     return out
 
 
-def _names(path, shape, names) -> Axes:
-    if names is None:
-        return (None,) * len(shape)
-    names = tuple(names)
-    if len(names) != len(shape):
-        raise ConfigError(f"parameter {_path_name(path)} has shape {tuple(shape)} but its partitioning metadata "
-                          f"names {len(names)} dimensions {names}; give one name (or None) per dimension")
-    return names
-
-
 def _axes_and_unannotated(tree, names_of, is_leaf) -> tuple[dict, tuple[str, ...]]:
+    """Each parameter's logical names (None per dimension where its metadata names none), and the parameters
+    whose metadata names none."""
     missing = []
 
-    def one(path, leaf):
-        names = names_of(leaf)
-        if names is None:
+    def names(path, leaf) -> Axes:
+        given, shape = names_of(leaf), leaf_shape(leaf)
+        if given is None:
             missing.append(_path_name(path))
-        return _names(path, leaf_shape(leaf), names)
+            return (None,) * len(shape)
+        if len(given) != len(shape):
+            raise ConfigError(f"parameter {_path_name(path)} has shape {shape} but its partitioning metadata "
+                              f"names {len(given)} dimensions {tuple(given)}; give one name (or None) per dimension")
+        return tuple(given)
 
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    axes = [one(path, leaf) for path, leaf in flat]
-    as_tree = jax.tree_util.tree_unflatten(treedef, [_Box(a) for a in axes])
-    return _per_leaf(as_tree, lambda b: b.axes, is_leaf=lambda x: isinstance(x, _Box)), tuple(missing)
-
-
-@dataclass(frozen=True)
-class _Box:  # keeps a tuple of names whole while it travels through tree functions
-    axes: Axes
+    return _per_leaf(tree, names, is_leaf), tuple(missing)
 
 
 def leaf_shape(leaf) -> tuple[int, ...]:
@@ -131,17 +118,11 @@ def leaf_shape(leaf) -> tuple[int, ...]:
 # Flax NNX
 
 
-@contextlib.contextmanager
-def _lazy_sharding():
-    # jaxscale places every parameter itself (jit out_shardings from the rule tables); Flax's eager sharding
-    # would need a mesh context and would apply the names without jaxscale's checks.
-    with nnx.use_eager_sharding(False):
-        yield
-
-
 def nnx_model(factory: Callable[[nnx.Rngs], nnx.Module], loss_fn: LossFn) -> FlaxModel:
     def create(key) -> nnx.Module:
-        with _lazy_sharding():
+        # jaxscale places every parameter itself (jit out_shardings from the rule tables); Flax's eager
+        # sharding would need a mesh context and would apply the names without jaxscale's checks.
+        with nnx.use_eager_sharding(False):
             module = factory(nnx.Rngs(key))
         if not isinstance(module, nnx.Module):
             raise TypeError(f"the model factory returned {type(module).__name__}, not an nnx.Module")
@@ -158,7 +139,7 @@ def nnx_model(factory: Callable[[nnx.Rngs], nnx.Module], loss_fn: LossFn) -> Fla
     logical_axes, unannotated = _axes_and_unannotated(
         params, lambda v: v.get_metadata().get("out_sharding") or v.get_metadata().get("sharding_names"),
         _is_variable)
-    decay = _per_leaf(params, lambda v: v.get_metadata().get("weight_decay"), is_leaf=_is_variable)
+    decay = _per_leaf(params, lambda _, v: v.get_metadata().get("weight_decay"), is_leaf=_is_variable)
     def init(key) -> dict:
         return nnx.to_pure_dict(nnx.split(create(key), nnx.Param, ...)[1])
 
@@ -216,10 +197,10 @@ def linen_model(module: nn.Module, loss_fn: LossFn, example_batch: dict) -> Flax
     boxed = abstract["params"]
     logical_axes, unannotated = _axes_and_unannotated(
         boxed, lambda x: x.names if _is_partitioned(x) else None, _is_partitioned)
-    shapes = _per_leaf(nn.meta.unbox(boxed), lambda s: s)
+    shapes = _per_leaf(nn.meta.unbox(boxed), lambda _, s: s)
 
     def init(key) -> dict:
-        return _per_leaf(nn.meta.unbox(variables(key)["params"]), lambda x: x)
+        return _per_leaf(nn.meta.unbox(variables(key)["params"]), lambda _, x: x)
 
     def loss(params: dict, batch: dict, key: jax.Array, training: bool = True):
         del training  # a Linen module has no mode to switch; its loss_fn decides
@@ -229,5 +210,5 @@ def linen_model(module: nn.Module, loss_fn: LossFn, example_batch: dict) -> Flax
         return split_loss_output(out)
 
     return FlaxModel(shapes=shapes, logical_axes=logical_axes, unannotated=unannotated,
-                     decay=_per_leaf(shapes, lambda _: None), init=init, loss=loss,
+                     decay=_per_leaf(shapes, lambda *_: None), init=init, loss=loss,
                      bind=lambda params: module.bind({"params": params}))

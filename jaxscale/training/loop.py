@@ -221,10 +221,11 @@ def prepare(config: Config, model, loss_fn: LossFn | None, data, eval_data) -> R
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.data_sharding)
                       for k, v in (example or lm_batch_spec(config)).items()}
     compiled = trainer.train_step.lower(trainer.abstract_state(), abstract_batch).compile()
-    flops_per_token = (config.model.flops_per_token() if builtin else
-                       user_flops_per_token(trainer, abstract_batch, tokens_per_step(config, example)))
+    tokens = tokens_per_step(config, example)
+    flops_per_token = config.model.flops_per_token() if builtin else user_flops_per_token(trainer, abstract_batch,
+                                                                                           tokens)
     trainer.open_checkpoints()  # last: created, cleaned up or cleared only once every check has passed
-    return Run(trainer, dataset, compiled, tokens_per_step(config, example), flops_per_token)
+    return Run(trainer, dataset, compiled, tokens, flops_per_token)
 
 
 def newest_metadata(config: Config):
