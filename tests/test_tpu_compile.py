@@ -106,7 +106,7 @@ def test_gpt2_124m_compiles_for_tpu_slices(key, chips, kind):
     # a rolled layer loop (the experiment unrolls its 12 layers for GPUs): a minute to compile here, not three
     report = compile_slice("gpt2-124m", key, "train.scan_unroll=1")
     check_compiled(report, chips, kind)
-    assert report.bytes_per_chip > 2 ** 30  # the 124M state in bf16 and float32 plus 1024 positions' activations
+    assert report.bytes_per_chip > 2 * 1024 * 50257 * 2  # at least one row's bf16 logits and their gradient
 
 
 @needs_libtpu
