@@ -20,7 +20,11 @@ def run_train(args: argparse.Namespace) -> int:
         argv = ["train", *([args.experiment] if args.experiment else []),
                 *[a for s in args.overrides for a in ("--set", s)],
                 "--heartbeat-timeout", str(args.heartbeat_timeout)]
-        return launch_local(argv, args.num_processes, args.max_restarts)
+        from jaxscale.config import load_config
+        from jaxscale.training.loop import newest_checkpoint
+
+        config = load_config(args.experiment, args.overrides)  # a bad config is said once, not once per process
+        return launch_local(argv, args.num_processes, args.max_restarts, lambda: newest_checkpoint(config))
     initialize_distributed(args)
     from jaxscale.config import load_config
     from jaxscale.training import train

@@ -130,9 +130,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_local(argv: list[str], num_processes: int, max_restarts: int) -> int:
+def launch_local(argv: list[str], num_processes: int, max_restarts: int,
+                 newest_checkpoint: Callable[[], str]) -> int:
     """Run `jaxscale <argv>` as `num_processes` processes on this machine; when they stop with a restart code
-    (or a process is killed by a signal), start them all again from the newest checkpoint, at most `max_restarts` times.
+    (or a process is killed by a signal), start them all again from the newest checkpoint, at most `max_restarts`
+    times, saying which process was lost first and which checkpoint the restart continues from.
     GPUs are dealt out in equal contiguous groups (CUDA_VISIBLE_DEVICES); CPU processes each get the device count
     XLA_FLAGS gives."""
     gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
@@ -147,29 +149,48 @@ def launch_local(argv: list[str], num_processes: int, max_restarts: int) -> int:
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "jaxscale.cli", *argv, "--coordinator", f"localhost:{port}",
                  "--num-processes", str(num_processes), "--process-id", str(rank)], env=env))
-        codes = _wait_all(processes)
+        codes, first_lost = _wait_all(processes)
         worst = next((c for c in codes if c not in (0, *RESTART_CODES) and c >= 0), None)
         if all(c == 0 for c in codes):
             return 0
         if worst is not None:  # a configuration error and the like: restarting would not help
             return worst
+        lost = (f"process {first_lost} of {num_processes} was lost first ({_ending(codes[first_lost])}), the "
+                f"others stopped with codes {codes}; the newest checkpoint is {newest_checkpoint()}")
         if attempt < max_restarts:
-            print(f"jaxscale: processes ended with codes {codes}; restarting all {num_processes} "
-                  f"({attempt + 1} of {max_restarts})", file=sys.stderr, flush=True)
-    print(f"jaxscale: still failing after {max_restarts} restarts (codes {codes}); giving up", file=sys.stderr)
+            print(f"jaxscale: {lost}; restarting all {num_processes} ({attempt + 1} of {max_restarts})",
+                  file=sys.stderr, flush=True)
+    print(f"jaxscale: {lost}; still failing after {max_restarts} restarts, giving up (exit code "
+          f"{EXIT_PEER_LOST}); rerun the same command to continue from that checkpoint", file=sys.stderr)
     return EXIT_PEER_LOST
 
 
-def _wait_all(processes: list[subprocess.Popen]) -> list[int]:
-    """Wait for every process; Ctrl-C / SIGTERM is passed on to them (they save and exit 75)."""
+def _ending(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return "aborted, code 134" if code == 134 else f"exit code {code}"
+
+
+def _wait_all(processes: list[subprocess.Popen]) -> tuple[list[int], int | None]:
+    """Wait for every process; Ctrl-C / SIGTERM is passed on to them (they save and exit 75). Returns their exit
+    codes and the rank of the first one to end with a non-zero code (a survivor that saw it go ends later)."""
     def forward(signum, _frame):
         for p in processes:
             if p.poll() is None:
                 p.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    first_failed = None
     try:
-        return [p.wait() for p in processes]
+        while any(p.poll() is None for p in processes):
+            if first_failed is None:
+                failed = [r for r, p in enumerate(processes) if p.poll()]
+                # of two seen ending together, the one killed by a signal is the cause
+                first_failed = min(failed, key=lambda r: processes[r].returncode >= 0) if failed else None
+            time.sleep(0.2)
+        if first_failed is None:
+            first_failed = next((r for r, p in enumerate(processes) if p.returncode), None)
+        return [p.returncode for p in processes], first_failed
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
