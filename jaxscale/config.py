@@ -241,10 +241,22 @@ class Config:
     guards: GuardsConfig = field(default_factory=GuardsConfig)
 
     def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir or f"runs/{self.name}")
+        return local_directory(self.run_dir or f"runs/{self.name}", "run_dir")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def local_directory(value: str, key: str) -> Path:
+    """A run's directory, which jaxscale reads and writes as files (appends, an OS lock): a URL is refused rather
+    than taken as a relative path named `gs:`."""
+    scheme, sep, rest = value.partition("://")
+    if sep:
+        bucket = rest.partition("/")[0] or "BUCKET"
+        raise ConfigError(f"{key}={value}: give a directory, not a {scheme}:// URL. Mount the bucket (gcsfuse "
+                          f"{bucket} /tmp/gcs/{bucket}) and give {key}=/tmp/gcs/{rest}; `jaxscale tpu launch "
+                          f"--run-dir {value}` does that on every worker")
+    return Path(value)
 
 
 # ----------------------------------------------------------------------------------------------------------

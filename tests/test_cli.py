@@ -78,6 +78,9 @@ def test_incomplete_multi_process_flags_are_refused(tmp_path, args, message):
     ("model.n_heads=0", "model.n_heads=0 must be >= 1"),
     ("train.batch_size=0", "train.batch_size=0 must be >= 1"),
     ("sharding.params.embd=fsdp", "did you mean sharding.params.embed?"),
+    ("run_dir=gs://bucket/runs/a", "run_dir=gs://bucket/runs/a: give a directory, not a gs:// URL. Mount the "
+                                   "bucket (gcsfuse bucket /tmp/gcs/bucket) and give run_dir=/tmp/gcs/bucket/runs/a"),
+    ("checkpoint.dir=gs://bucket/ckpt", "checkpoint.dir=gs://bucket/ckpt: give a directory"),
 ])
 def test_bad_sizes_and_rule_names_exit_2_with_the_message(tmp_path, override, message):
     result = run_cli(["train", "--set", f"run_dir={tmp_path / 'run'}", "--set", "train.progress=false",
@@ -85,6 +88,7 @@ def test_bad_sizes_and_rule_names_exit_2_with_the_message(tmp_path, override, me
     assert result.returncode == 2, result.stderr[-2000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("jaxscale: error: ")]
     assert error and message in error[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "gs:").exists()  # nothing written
 
 
 def test_a_resumed_run_says_which_steps_it_trained(tmp_path):

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxscale.checkpointing import CheckpointError, CheckpointStore, Restored, RunInfo
-from jaxscale.config import DEFAULT_ACTIVATION_RULES, DEFAULT_PARAM_RULES, Config, validate
+from jaxscale.config import DEFAULT_ACTIVATION_RULES, DEFAULT_PARAM_RULES, Config, local_directory, validate
 from jaxscale.errors import ConfigError
 from jaxscale.hf import initial_params
 from jaxscale.mesh import build_mesh
@@ -137,7 +137,9 @@ class Trainer:
 
 
 def checkpoint_dir(config: Config) -> Path:
-    return Path(config.checkpoint.dir) if config.checkpoint.dir else config.resolved_run_dir() / "checkpoints"
+    if config.checkpoint.dir:
+        return local_directory(config.checkpoint.dir, "checkpoint.dir")
+    return config.resolved_run_dir() / "checkpoints"
 
 
 def open_checkpoints(config: Config) -> CheckpointStore:
