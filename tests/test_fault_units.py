@@ -196,3 +196,11 @@ def test_training_a_finished_run_again_returns_its_recorded_metrics(tmp_path):
     assert [r["step"] for r in again.metrics if "loss" in r] == [1, 2, 3, 4]
     assert [r["loss"] for r in again.metrics if "loss" in r] == [r["loss"] for r in first.metrics if "loss" in r]
     assert int(again.state.step) == 4
+    # the same cell with another learning rate: not that run's results
+    other = jaxscale.load_config(None, [*TINY, f"run_dir={tmp_path / 'run'}", "train.steps=4",
+                                        "optimizer.learning_rate=0.01", "train.log_every=2"])
+    config_text = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"finished at step 4 with another configuration \(optimizer.learning_"
+                                          r"rate: .* -> 0.01\).* another run_dir, or .*checkpoint.resume=false"):
+        jaxscale.train(other)
+    assert (tmp_path / "run" / "config.yaml").read_text() == config_text  # nothing rewritten

@@ -289,10 +289,33 @@ def show_log_lines() -> None:
     log.propagate = False
 
 
+# Settings that change how a run is carried out, not what it trains: a finished run rerun with other values of
+# these is still that run.
+HOW_NOT_WHAT = ("name", "run_dir", "train.steps", "train.progress", "train.log_every", "data.prefetch", "mesh.",
+                "sharding.", "checkpoint.")
+
+
 def restore(run: Run) -> tuple[TrainState, Restored | None]:
     trainer = run.trainer
     restored = trainer.restore() if trainer.config.checkpoint.resume else None
+    if restored:
+        refuse_finished_run_of_other_config(trainer.config, restored)
     return (restored.state if restored else trainer.init_state()), restored
+
+
+def refuse_finished_run_of_other_config(config: Config, restored: Restored) -> None:
+    """A finished run is returned as recorded when trained again (a notebook cell run twice), but only with
+    the configuration it was trained with: its metrics are not another configuration's."""
+    if restored.metadata.step < config.train.steps:
+        return  # an unfinished run continues under changed settings (logged as changes)
+    changes = [c for c in config_changes(restored.metadata.config, config.to_dict()) if not c.startswith(HOW_NOT_WHAT)]
+    if changes:
+        shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+        raise ConfigError(
+            f"{config.resolved_run_dir()} holds a run that finished at step {restored.metadata.step} with another "
+            f"configuration ({shown}), so its results are not this configuration's. Give this one another "
+            f"run_dir, or start it over there with checkpoint.resume=false and checkpoint.overwrite=true "
+            f"(deleting that run's checkpoints); to train that run further, raise train.steps only")
 
 
 def start_run_dir(config: Config, trainer: Trainer, dataset, builtin: bool) -> Path:
