@@ -41,3 +41,12 @@ def test_jaxscale_presets_prints_one_described_line_per_preset(capsys, tmp_path,
     assert described == shipped and len(shipped) >= 11
     assert "  tpu-v5e-2x256  Two TPU v5e slices of 256 chips joined by the data-center network (multislice)." in lines
     assert all(len(line.split(maxsplit=1)) == 2 for line in lines if line.startswith("  "))  # a text on each
+
+
+@pytest.mark.parametrize("experiment, params", [("llama-1b", 1_235_814_400), ("llama-3b", 3_212_749_824),
+                                                ("llama3-8b", 8_030_261_248)])
+def test_llama_experiments_have_the_published_shapes(experiment, params):
+    """The parameter counts of Llama 3.2 1B and 3B and Llama 3 8B as published (their safetensors' sizes)."""
+    model = load_config(experiment).model
+    assert model.total_params() == params and model.vocab_size == 128256 and model.n_kv_heads == 8
+    assert (model.rope_scaling is not None) == model.tie_embeddings == (experiment != "llama3-8b")

@@ -80,7 +80,10 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ModelConfig:
-        return cls(**{**preset_values(name), **overrides}).resolved()
+        values = {**preset_values(name), **overrides}
+        if isinstance(values.get("rope_scaling"), dict):
+            values["rope_scaling"] = RopeScaling(**values["rope_scaling"])
+        return cls(**values).resolved()
 
     @property
     def head_dim(self) -> int:
@@ -125,10 +128,16 @@ PRESETS: dict[str, dict] = {
     "gpt2-1.5b": dict(_GPT2, d_model=1600, n_layers=48, n_heads=25),
     "llama-1b": dict(_LLAMA, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192),
     "llama-8b": dict(_LLAMA, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336),
+    # The published shapes, so that their Hugging Face weights load into them (hf:<dir> checks the shapes).
+    "llama-3.2-1b": dict(_LLAMA, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+                         tie_embeddings=True, rope_scaling=dict(factor=32.0)),
+    "llama-3.2-3b": dict(_LLAMA, d_model=3072, n_layers=28, n_heads=24, n_kv_heads=8, d_ff=8192,
+                         tie_embeddings=True, rope_scaling=dict(factor=32.0)),
+    "llama-3-8b": dict(_LLAMA, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336),
 }
 
 
 def preset_values(name: str) -> dict:
     if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"model.preset={name!r} is unknown; choose one of {', '.join(PRESETS)}")
-    return dict(PRESETS[name])
+    return {key: dict(value) if isinstance(value, dict) else value for key, value in PRESETS[name].items()}
