@@ -71,6 +71,14 @@ class Prefetcher:
             step, batch = item
         return step, batch, time.perf_counter() - start
 
+    def set_depth(self, depth: int) -> None:
+        """Keep up to `depth` batches ready from now on (a process slow for its data loads further ahead)."""
+        if self._queue is None:
+            raise ValueError("a Prefetcher of depth 0 loads in the consumer's thread and has no queue to deepen")
+        with self._queue.mutex:
+            self._queue.maxsize = depth
+            self._queue.not_full.notify_all()
+
     def close(self) -> None:
         """Stop the loader thread and wait for it; idempotent."""
         self._stop.set()
