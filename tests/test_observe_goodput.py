@@ -1,9 +1,11 @@
 """The goodput account: by hand on records, and on a real run SIGKILLed after a checkpoint and resumed."""
 import json
 import signal
+import subprocess
+import sys
 
 import pytest
-from fault_helpers import checkpoint_steps, logged_steps, overrides, run_train, start_train, wait_for
+from fault_helpers import REPO, checkpoint_steps, logged_steps, overrides, run_train, start_train, wait_for
 
 from jaxscale.observe.goodput import GOODPUT_FILE, account, describe
 
@@ -65,3 +67,8 @@ def test_goodput_of_a_run_sigkilled_and_resumed_counts_lost_work_and_sums_to_100
     assert 0 < goodput["goodput"] < 1
     assert sum(goodput["shares"].values()) == pytest.approx(1.0)
     assert "goodput " in done.stderr and "lost " in done.stderr
+    shown = subprocess.run([sys.executable, "-m", "jaxscale.cli", "report", str(run_dir)], capture_output=True,
+                           text=True, cwd=REPO)
+    assert shown.returncode == 0, shown.stderr
+    assert f"{run_dir}: 40 steps of 40" in shown.stdout and "1 restart" in shown.stdout
+    assert "over 2 attempts" in shown.stdout
