@@ -1,12 +1,13 @@
-"""Stragglers: every `stragglers.every` steps each process's step time and data wait over the window are
-gathered in one small collective; a process whose time exceeds the median by more than `threshold` of the
-median step time for `windows` windows in a row is reported, with the likely cause.
+"""Stragglers: every `stragglers.every` steps each process's step time, data wait and batch load time over the
+window are gathered in one small collective; a process above the median by more than `threshold` of the median
+step time, for `windows` windows in a row, is reported with the likely cause.
 
 Steps are synchronous, so every process's wall-clock step time is about the same: a process slow to load its
-data makes the others wait inside the step. What tells the slow process apart is its data wait (cause "data
-wait"); a process whose own step time stands out is reported with cause "compute". A process slow on its
-device alone keeps the others waiting inside the step's collectives, which wall-clock windows do not show:
-for that, profile the steps (`profile.steps`) on every process.
+data makes the others wait inside the step, and while its loader keeps just ahead, even its own data wait stays
+small. What tells it apart is the time its loader spends per batch, or its data wait (cause "data"). A process
+whose own step time stands out is reported with cause "compute". A process slow on its device alone keeps the
+others waiting inside the step's collectives, which wall-clock windows do not show: for that, profile the steps
+(`profile.steps`) on every process.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from jaxscale.errors import ConfigError, check_range
+
+FIGURES = ("step_time_s", "data_wait_s", "load_s")  # per step, over a window, on each process
 
 
 @dataclass
@@ -34,15 +37,16 @@ class StragglerConfig:
         check_range("stragglers.max_prefetch", self.max_prefetch, 1)
 
 
-def find_stragglers(step_time: np.ndarray, data_wait: np.ndarray, threshold: float) -> dict[int, str]:
-    """Processes slower than the median by more than threshold x the median step time -> likely cause."""
-    median_step, median_wait = float(np.median(step_time)), float(np.median(data_wait))
-    limit = threshold * median_step
+def find_stragglers(figures: np.ndarray, threshold: float) -> dict[int, str]:
+    """figures: (processes, 3) step time, data wait and load time per step. Processes above the median in any
+    of them by more than threshold x the median step time -> likely cause ("data" or "compute")."""
+    median = np.median(figures, axis=0)
+    limit = threshold * median[0]
     slow = {}
-    for process, (seconds, wait) in enumerate(zip(step_time, data_wait)):
-        if wait - median_wait > limit:
-            slow[process] = "data wait"
-        elif seconds - median_step > limit:
+    for process, (seconds, wait, load) in enumerate(figures):
+        if wait - median[1] > limit or load - median[2] > limit:
+            slow[process] = "data"
+        elif seconds - median[0] > limit:
             slow[process] = "compute"
     return slow
 
@@ -68,32 +72,31 @@ class StragglerMonitor:
         self.steps += 1
         self.wait += wait_s
 
-    def check(self, step: int) -> tuple[dict, list[dict]] | None:
-        """At the end of each window: (every process's window figures by process, the reports it brings);
-        None between windows. Resets the window."""
+    def check(self, step: int, batches) -> tuple[dict, list[dict]] | None:
+        """At the end of each window: (every process's window figures by process, the reports they bring);
+        None between windows. `batches`: this process's Prefetcher, for its load time. Resets the window."""
         if not self.on or step % self.config.every or not self.steps:
             return None
         from jax.experimental import multihost_utils
 
-        mine = np.array([(time.perf_counter() - self.window_start) / self.steps, self.wait / self.steps])
-        gathered = np.asarray(multihost_utils.process_allgather(mine))  # (processes, 2)
-        slow = find_stragglers(gathered[:, 0], gathered[:, 1], self.config.threshold)
-        figures = {process: {"step_time_s": float(t), "data_wait_s": float(w)}
-                   for process, (t, w) in enumerate(gathered)}
+        mine = np.array([time.perf_counter() - self.window_start, self.wait, batches.take_load_seconds()])
+        gathered = np.asarray(multihost_utils.process_allgather(mine / self.steps))  # (processes, 3)
+        slow = find_stragglers(gathered, self.config.threshold)
+        figures = {process: dict(zip(FIGURES, map(float, row))) for process, row in enumerate(gathered)}
         reports = []
         for process in range(len(self.streak)):
             self.streak[process] = self.streak[process] + 1 if process in slow else 0
             if self.streak[process] == self.config.windows:  # reported once per run of slow windows
-                reports.append(self._report(step, process, slow[process], gathered))
+                reports.append(self._report(step, process, slow[process], figures, gathered))
         self._reset()
         return figures, reports
 
-    def _report(self, step: int, process: int, cause: str, gathered: np.ndarray) -> dict:
+    def _report(self, step: int, process: int, cause: str, figures: dict, gathered: np.ndarray) -> dict:
+        median = np.median(gathered, axis=0)
         report = {"step": step, "process": process, "cause": cause, "windows": self.config.windows,
-                  "step_time_s": float(gathered[process, 0]), "data_wait_s": float(gathered[process, 1]),
-                  "median_step_time_s": float(np.median(gathered[:, 0])),
-                  "median_data_wait_s": float(np.median(gathered[:, 1])), "prefetch_depth": None}
-        if cause == "data wait" and self.config.grow_prefetch:
+                  **figures[process], **{f"median_{name}": float(m) for name, m in zip(FIGURES, median)},
+                  "prefetch_depth": None}
+        if cause == "data" and self.config.grow_prefetch:
             self.depths[process] = min(self.config.max_prefetch, self.depths[process] * 2)
             report["prefetch_depth"] = self.depths[process]
         self.reports.append(report)
@@ -101,10 +104,10 @@ class StragglerMonitor:
 
 
 def describe(report: dict) -> str:
-    text = (f"process {report['process']} is a straggler ({report['cause']}): {report['step_time_s'] * 1e3:.1f} ms "
-            f"a step with {report['data_wait_s'] * 1e3:.1f} ms data wait, against medians "
-            f"{report['median_step_time_s'] * 1e3:.1f} and {report['median_data_wait_s'] * 1e3:.1f} ms, for "
-            f"{report['windows']} windows")
+    text = (f"process {report['process']} is a straggler ({report['cause']}): per step "
+            + ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {report[name] * 1e3:.1f} ms (median "
+                        f"{report['median_' + name] * 1e3:.1f})" for name in FIGURES)
+            + f", for {report['windows']} windows")
     if report["prefetch_depth"] is not None:
         text += f"; its data prefetch depth grows to {report['prefetch_depth']}"
     return text

@@ -409,7 +409,7 @@ def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
                 step = position + 1
                 if step % t.log_every == 0:
                     clock.record(step)
-                checked = straggler_monitor.check(step)  # a collective: every process checks at every step
+                checked = straggler_monitor.check(step, batches)  # a collective: every process checks at every step
                 if checked:
                     observe_stragglers(checked, step, logger, trackers, batches)
                 stop = watcher.should_stop(step)
