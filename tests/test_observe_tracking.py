@@ -61,16 +61,55 @@ def test_wandb_offline_run_logs_the_metrics(tmp_path, monkeypatch):
     assert wandb.__version__
 
 
-def test_profile_steps_trace_in_tensorboards_layout_and_print_a_summary(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="jaxscale"):
-        tiny_run(tmp_path / "run", "train.steps=6", "profile.steps=3:5")
-    profiles = tmp_path / "run" / "profile" / "process_0" / "plugins" / "profile"
-    sessions = list(profiles.iterdir())
+@pytest.fixture(scope="module")
+def profiled_run(tmp_path_factory):
+    """(run_dir, the log lines) of a run that traced steps 3 and 4."""
+    run_dir = tmp_path_factory.mktemp("profiled") / "run"
+    handler, log = Lines(), logging.getLogger("jaxscale")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        tiny_run(run_dir, "train.steps=6", "profile.steps=3:5")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    return run_dir, handler.lines
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def profile_session(run_dir: Path) -> Path:
+    sessions = list((run_dir / "profile" / "process_0" / "plugins" / "profile").iterdir())
     assert len(sessions) == 1
-    assert list(sessions[0].glob("*.xplane.pb")) and list(sessions[0].glob("*.trace.json.gz"))
-    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("profile of steps 3:5"))
+    return sessions[0]
+
+
+def test_profile_steps_trace_in_tensorboards_layout_and_print_a_summary(profiled_run):
+    run_dir, lines = profiled_run
+    session = profile_session(run_dir)
+    assert list(session.glob("*.xplane.pb")) and list(session.glob("*.trace.json.gz"))
+    summary = next(line for line in lines if line.startswith("profile of steps 3:5"))
     assert "/host:CPU:" in summary and "compute " in summary and "communication " in summary and "idle " in summary
     assert " ms  x" in summary  # the top operations, with their calls per step
+
+
+def test_the_profile_opens_in_tensorboards_profile_plugin(profiled_run):
+    """XProf, TensorBoard's profile plugin, turns the trace into its trace viewer and overview page."""
+    tool_data = pytest.importorskip("xprof.convert.raw_to_tool_data")
+    paths = [str(p) for p in profile_session(profiled_run[0]).glob("*.xplane.pb")]
+    assert "trace_viewer" in ",".join(tool_data.xspace_to_tool_names(paths))
+    trace, content_type = tool_data.xspace_to_tool_data(paths, "trace_viewer", {})
+    assert content_type == "application/json" and '"/host:CPU"' in trace
+    overview, _ = tool_data.xspace_to_tool_data(paths, "overview_page", {})
+    assert overview
 
 
 def test_a_profile_window_past_the_last_step_is_refused(tmp_path):
