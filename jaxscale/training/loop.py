@@ -287,6 +287,7 @@ def train(config: Config, model=None, loss_fn: LossFn | None = None, data=None, 
         try:
             return loop(run, watcher)
         finally:
+            run.profiler.close()  # a loop that raised inside the profiled window leaves no trace running
             run.trainer.close()
 
 
@@ -409,7 +410,7 @@ def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
                 step = position + 1
                 if step % t.log_every == 0:
                     clock.record(step)
-                checked = straggler_monitor.check(step, batches)  # a collective: every process checks at every step
+                checked = straggler_monitor.check(step, batches)  # a collective: all processes, every step
                 if checked:
                     observe_stragglers(checked, step, logger, trackers, batches)
                 stop = watcher.should_stop(step)
