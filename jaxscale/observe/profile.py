@@ -60,7 +60,8 @@ def describe(devices: list[DeviceTime], top: int = 5) -> str:
 
 
 class StepProfiler:
-    """Starts the trace before step START is dispatched and stops it once step STOP - 1 has finished."""
+    """Starts the trace before step START (or the first step of the window this session trains) is dispatched
+    and stops it once step STOP - 1 has finished; one trace per session."""
 
     def __init__(self, config: ProfileConfig, run_dir: Path, total_steps: int):
         self.window = config.window()
@@ -76,7 +77,8 @@ class StepProfiler:
         """Called before the step numbered `step` is dispatched."""
         import jax
 
-        if self.window and step == self.window[0] and not self.active:
+        # inside the window rather than at its start: a run resumed from a checkpoint within it traces the rest
+        if self.window and self.window[0] <= step < self.window[1] and not self.active and self.summary is None:
             jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
             self.active = True
 
@@ -96,7 +98,12 @@ class StepProfiler:
 
         jax.profiler.stop_trace()
         self.active = False
-        self.summary = summarize(self.directory, max(1, self.traced))
+        try:
+            self.summary = summarize(self.directory, max(1, self.traced))
+        except (OSError, ValueError, KeyError) as e:  # the trace is for reading elsewhere; training goes on
+            self.summary = []
+            log.warning("profile of steps %s written to %s, but not summarized: %s", self.window, self.directory, e)
+            return
         log.info("profile of steps %s in %s (tensorboard --logdir %s; Perfetto opens the .trace.json.gz):\n%s",
                  f"{self.window[0]}:{self.window[1]}", self.directory, self.directory, describe(self.summary))
 
