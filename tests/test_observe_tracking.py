@@ -116,3 +116,20 @@ def test_a_profile_window_past_the_last_step_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="profile.steps=8:12 reaches past train.steps=6"):
         tiny_run(tmp_path / "run", "train.steps=6", "profile.steps=8:12")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_session_resumed_inside_the_window_traces_the_rest_of_it(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxscale.observe.profile import ProfileConfig, StepProfiler
+
+    profiler = StepProfiler(ProfileConfig(steps="2:5"), tmp_path, total_steps=10)
+    step_fn = jax.jit(lambda x: jnp.tanh(x @ x))
+    state = jnp.ones((64, 64))
+    for step in (4, 5, 6):  # resumed from a checkpoint at step 3
+        profiler.before(step)
+        state = step_fn(state)
+        profiler.after(step, state)
+    assert not profiler.active and profiler.traced == 1 and profiler.summary
+    assert list((tmp_path / "profile" / "process_0" / "plugins" / "profile").glob("*/*.xplane.pb"))
