@@ -18,6 +18,9 @@ import yaml
 from jaxscale.data import DataConfig, DataError
 from jaxscale.errors import ConfigError, check_range
 from jaxscale.model.config import ModelConfig, preset_values
+from jaxscale.observe.profile import ProfileConfig
+from jaxscale.observe.stragglers import StragglerConfig
+from jaxscale.observe.trackers import TrackingConfig
 from jaxscale.parallel.plan import PipelineConfig, plan_from_config
 from jaxscale.presets import KINDS, find_preset, known_presets
 
@@ -239,6 +242,9 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # jaxscale/observe/
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    stragglers: StragglerConfig = field(default_factory=StragglerConfig)
 
     def resolved_run_dir(self) -> Path:
         return local_directory(self.run_dir or f"runs/{self.name}", "run_dir")
@@ -306,6 +312,8 @@ def apply_override(raw: dict, assignment: str) -> None:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {assignment!r}: cannot parse value {text!r}: {e}") from e
+    if isinstance(value, int) and ":" in text:  # YAML 1.1 reads 3:30 as 210 (base 60); a step range was meant
+        value = text.strip()
     *parents, leaf = key.strip().split(".")
     node = raw
     for p in parents:

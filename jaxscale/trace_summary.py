@@ -2,23 +2,29 @@
 `jaxscale bench --profile` does): per device, kernel time per step by kind, the time no kernel ran, the
 collectives no compute hid, and the largest kernels.
 
-The kinds follow GPU kernel names (cuBLAS / XLA Triton matmuls, cuDNN flash attention, NCCL); on other devices
-most kernels count as "other". A CPU trace holds no device kernels at all (XLA runs them on host threads).
+The kinds follow GPU kernel names (cuBLAS / XLA Triton matmuls, cuDNN flash attention, NCCL) and XLA's
+collective op names; on other devices most kernels count as "other". A CPU trace holds no device kernels: XLA
+runs the ops on host threads (tf_XLA...), and those ops stand in for them, as one device "/host:CPU".
 """
 from __future__ import annotations
 
 import gzip
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 KINDS = ("matmul", "attention", "collective", "other")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+# An XLA op on a CPU thread is named like an HLO instruction (ynn_fusion, all-reduce.3); the runtime's own
+# events there (Rendezvous, ThunkExecutor::Execute, "end: ..." markers) are not.
+HLO_NAME = re.compile(r"[a-z][\w.\-]*")
 
 
 def kernel_kind(name: str) -> str:
     lowered = name.lower()
-    if "nccl" in lowered:
+    if "nccl" in lowered or lowered.startswith(COLLECTIVES):
         return "collective"
     # cuDNN runs only flash attention in jaxscale's step; its helper kernels (dO·O, dQ conversion) count too
     if any(key in lowered for key in ("cudnn", "sdpa", "flash", "fmha")):
@@ -70,8 +76,10 @@ def device_time(device: str, kernels: list[tuple[float, float, str]], steps: int
     kinds = [kernel_kind(name) for _, _, name in kernels]
     busy = merged([(s, t) for s, t, _ in kernels])
     compute = merged([(s, t) for (s, t, _), kind in zip(kernels, kinds) if kind != "collective"])
-    exposed = sum((t - s) - covered(s, t, compute) for (s, t, _), kind in zip(kernels, kinds)
-                  if kind == "collective")
+    # Time with a collective running and no compute beside it, counted once however many run at once (on a
+    # CPU each device's thread runs its own copy of the same all-reduce).
+    exposed = sum((t - s) - covered(s, t, compute)
+                  for s, t in merged([(s, t) for (s, t, _), kind in zip(kernels, kinds) if kind == "collective"]))
     by_name, calls, by_kind = Counter(), Counter(), Counter({kind: 0.0 for kind in KINDS})
     for (s, t, name), kind in zip(kernels, kinds):
         by_name[name] += t - s
@@ -98,7 +106,19 @@ def summarize(directory: str | Path, steps: int, top: int = 15) -> list[DeviceTi
                    if e.get("ph") == "X" and e.get("pid") == pid]
         if kernels:
             summaries.append(device_time(device, kernels, steps, top))
+    if not devices:
+        cpu_ops = host_xla_ops(events)
+        if cpu_ops:
+            summaries.append(device_time("/host:CPU", cpu_ops, steps, top))
     return summaries
+
+
+def host_xla_ops(events: list[dict]) -> list[tuple[float, float, str]]:
+    """The XLA ops a CPU backend ran on its host threads, (start µs, end µs, name) each."""
+    threads = {(e["pid"], e["tid"]) for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+               and e["args"]["name"].startswith("tf_XLA")}
+    return [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+            if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in threads and HLO_NAME.fullmatch(e["name"])]
 
 
 def format_summary(summaries: list[DeviceTime]) -> str:

@@ -28,6 +28,8 @@ class Prefetcher:
         self._load = lambda step: ds.batch(step, batch_size, split=split, shard_index=shard_index,
                                            shard_count=shard_count, row_offset=row_offset)
         self._next_step = start_step
+        self._load_s = 0.0  # time spent loading batches, wherever they load
+        self._load_lock = threading.Lock()
         self._stop = threading.Event()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -40,7 +42,7 @@ class Prefetcher:
     def _fill(self, step: int) -> None:
         while not self._stop.is_set():
             try:
-                item: tuple[int, Batch] | Exception = (step, self._load(step))
+                item: tuple[int, Batch] | Exception = (step, self._timed_load(step))
             except Exception as e:  # noqa: BLE001 -- handed to the consumer, which re-raises it
                 item = e
             while not self._stop.is_set():
@@ -61,7 +63,7 @@ class Prefetcher:
             raise StopIteration
         start = time.perf_counter()
         if self._queue is None:
-            step, batch = self._next_step, self._load(self._next_step)
+            step, batch = self._next_step, self._timed_load(self._next_step)
             self._next_step += 1
         else:
             item = self._queue.get()
@@ -70,6 +72,29 @@ class Prefetcher:
                 raise item
             step, batch = item
         return step, batch, time.perf_counter() - start
+
+    def _timed_load(self, step: int) -> Batch:
+        start = time.perf_counter()
+        try:
+            return self._load(step)
+        finally:
+            with self._load_lock:
+                self._load_s += time.perf_counter() - start
+
+    def take_load_seconds(self) -> float:
+        """Seconds spent loading batches since the last call (in the loader thread, or in next() at depth 0).
+        A loader as slow as the step hides from the data wait; this shows it."""
+        with self._load_lock:
+            seconds, self._load_s = self._load_s, 0.0
+        return seconds
+
+    def set_depth(self, depth: int) -> None:
+        """Keep up to `depth` batches ready from now on (a process slow for its data loads further ahead)."""
+        if self._queue is None:
+            raise ValueError("a Prefetcher of depth 0 loads in the consumer's thread and has no queue to deepen")
+        with self._queue.mutex:
+            self._queue.maxsize = depth
+            self._queue.not_full.notify_all()
 
     def close(self) -> None:
         """Stop the loader thread and wait for it; idempotent."""

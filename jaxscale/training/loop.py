@@ -30,6 +30,11 @@ from jaxscale.distributed import PeerWatchdog
 from jaxscale.errors import ConfigError
 from jaxscale.mesh import describe
 from jaxscale.model import FlaxModel, LossFn
+from jaxscale.observe import goodput, stragglers
+from jaxscale.observe.goodput import GoodputClock
+from jaxscale.observe.profile import StepProfiler
+from jaxscale.observe.stragglers import StragglerMonitor
+from jaxscale.observe.trackers import Trackers
 from jaxscale.parallel import describe_plan, plan_from_config
 from jaxscale.training.events import log_event, read_metrics
 from jaxscale.training.guards import GuardEvent, GuardMonitor
@@ -203,11 +208,16 @@ class Run:
     step_fn: Any  # the compiled train step
     tokens_per_step: int
     flops_per_token: float | None
+    profiler: StepProfiler
+    compile_s: float  # compiling the train step
+    startup_s: float = 0.0  # the rest of planning, opening the data, building and compiling (set by train)
+    started: float = 0.0  # time.time() when train was called
 
 
 def prepare(config: Config, model, loss_fn: LossFn | None, data, eval_data) -> Run:
     """plan -> data -> build -> compile, then the checkpoints: every check before anything is written."""
     builtin = model is None
+    profiler = StepProfiler(config.profile, config.resolved_run_dir(), config.train.steps)
     newest = newest_metadata(config)
     plan = plan_run(config, jax.device_count(), builtin_model=builtin,
                     checkpoint_per_device_batch=newest.per_device_batch if newest else None)
@@ -220,12 +230,14 @@ def prepare(config: Config, model, loss_fn: LossFn | None, data, eval_data) -> R
     trainer = build(plan, jax.devices(), model, loss_fn, example)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.data_sharding)
                       for k, v in (example or lm_batch_spec(config)).items()}
+    compile_started = time.perf_counter()
     compiled = trainer.train_step.lower(trainer.abstract_state(), abstract_batch).compile()
+    compile_s = time.perf_counter() - compile_started
     tokens = tokens_per_step(config, example)
     flops_per_token = config.model.flops_per_token() if builtin else user_flops_per_token(trainer, abstract_batch,
                                                                                            tokens)
     trainer.open_checkpoints()  # last: created, cleaned up or cleared only once every check has passed
-    return Run(trainer, dataset, compiled, tokens, flops_per_token)
+    return Run(trainer, dataset, compiled, tokens, flops_per_token, profiler, compile_s)
 
 
 def newest_metadata(config: Config):
@@ -267,12 +279,15 @@ def train(config: Config, model=None, loss_fn: LossFn | None = None, data=None, 
     data / eval_data: random-access sources of dicts of arrays, or grain.MapDatasets (default: config.data).
     """
     show_log_lines()
+    started, clock_started = time.time(), time.perf_counter()
     with PreemptionWatcher() as watcher, RunLock(config.resolved_run_dir()), \
             PeerWatchdog(lambda: newest_checkpoint(config)):
         run = prepare(config, model, loss_fn, data, eval_data)
+        run.started, run.startup_s = started, time.perf_counter() - clock_started - run.compile_s
         try:
             return loop(run, watcher)
         finally:
+            run.profiler.close()  # a loop that raised inside the profiled window leaves no trace running
             run.trainer.close()
 
 
@@ -337,8 +352,18 @@ def start_run_dir(config: Config, trainer: Trainer, dataset, builtin: bool) -> P
 def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
     trainer, dataset, store = run.trainer, run.dataset, run.trainer.store
     config, t = trainer.config, trainer.config.train
+    is_main = jax.process_index() == 0
+    clock = GoodputClock(config.resolved_run_dir(), is_main, run.started)
+    clock.add("compile", run.compile_s)
+    clock.add("startup", run.startup_s)
+    restore_started = time.perf_counter()
     state, restored = restore(run)  # the last check: the checkpoint must fit the model
+    # a fresh run's "restore" initializes the state: part of starting up
+    clock.add("restore" if restored else "startup", time.perf_counter() - restore_started)
     run_dir = start_run_dir(config, trainer, dataset, trainer.plan.builtin_model)
+    trackers = Trackers(config.tracking, run_dir, config.to_dict(), config.name, is_main)
+    straggler_monitor = StragglerMonitor(config.stragglers, jax.process_count(), config.data.prefetch)
+    profiler = run.profiler
     step = restored.metadata.step if restored else 0
     row_offset = data_row_offset(restored, t.batch_size)
     rollbacks = Rollbacks(config.guards.max_rollbacks,
@@ -353,8 +378,8 @@ def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
         return MetricsLogger(run_dir, total_steps=t.steps, start_step=start_step, log_every=t.log_every,
                              tokens_per_step=run.tokens_per_step, flops_per_token=run.flops_per_token,
                              n_devices=jax.device_count(), show_progress=t.progress,
-                             is_main_process=jax.process_index() == 0, started=session_started,
-                             tokens_before=tokens_before)
+                             is_main_process=is_main, started=session_started,
+                             tokens_before=tokens_before, trackers=trackers)
 
     def close_logger(logger: MetricsLogger) -> None:
         logger.close()
@@ -385,20 +410,32 @@ def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
                          out_shardings=trainer.shardings, donate_argnums=0)
     monitor, schedule = GuardMonitor(), SaveSchedule(config.checkpoint)
     preempted = False
+    if step < t.steps:
+        clock.start_loop(step)
     while step < t.steps and not preempted:
-        with Prefetcher(dataset, step, t.batch_size, depth=config.data.prefetch, row_offset=row_offset,
-                        **shard) as batches:
+        with Prefetcher(dataset, step, t.batch_size, depth=straggler_monitor.depths[jax.process_index()],
+                        row_offset=row_offset, **shard) as batches:
             for position, batch, wait_s in batches:  # position: the batch index = the steps done so far
+                clock.add("data_wait", wait_s)
+                straggler_monitor.push(wait_s)
                 events = []
                 if position in rollbacks.skipped_batches:
                     state = skip_batch(state)
                     log_event(logger, position + 1, "batch_skipped",
                               f"skipping batch {position} (a rollback took it out)", batch=position)
                 else:
+                    profiler.before(position + 1)
                     state, metrics = run.step_fn(state, to_global(batch, trainer.data_sharding, t.batch_size))
                     logger.push(position, metrics, wait_s)
                     events.append(monitor.push(position, metrics))
+                    with clock.timing("profile"):
+                        profiler.after(position + 1, state)
                 step = position + 1
+                if step % t.log_every == 0:
+                    clock.record(step)
+                checked = straggler_monitor.check(step, batches)  # a collective: all processes, every step
+                if checked:
+                    observe_stragglers(checked, step, logger, trackers, batches)
                 stop = watcher.should_stop(step)
                 save = schedule.due(step) or stop or step == t.steps
                 evaluate_now = bool(t.eval_every) and (step % t.eval_every == 0 or step == t.steps)
@@ -427,14 +464,18 @@ def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
                     break
                 if evaluate_now:
                     logger.flush()
-                    logger.write({"step": step, **evaluate(trainer, dataset, state, shard)})
+                    with clock.timing("eval"):
+                        logger.write({"step": step, **evaluate(trainer, dataset, state, shard)})
                 if save:
-                    trainer.save(state, step, rollbacks.skipped_batches, row_offset + step * t.batch_size)
+                    with clock.timing("checkpoint"):
+                        trainer.save(state, step, rollbacks.skipped_batches, row_offset + step * t.batch_size)
+                    clock.record(step, "checkpoint")
                     schedule.saved()
                     log_event(logger, step, "checkpoint", f"saving checkpoint {store.path(step)}",
                               path=str(store.path(step)))
                 if stop and step < t.steps:  # at the last step the run is simply complete
-                    store.wait()
+                    with clock.timing("checkpoint"):
+                        store.wait()
                     log_event(logger, step, "preempted",
                               f"preemption notice: checkpoint {store.path(step)} is saved; exiting with code "
                               f"{EXIT_PREEMPTED}. Rerun the same command to continue", logging.WARNING,
@@ -443,19 +484,41 @@ def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
                     break
                 if step >= t.steps:
                     break
-    store.wait()
+    with clock.timing("checkpoint"):
+        store.wait()
+    profiler.close()
     close_logger(logger)
+    trackers.close()
+    observed = {"stragglers": straggler_monitor.reports}
+    if clock.loop_started is not None:
+        clock.record(step, "end")
+        observed["goodput"] = goodput.account(run_dir) if is_main else None
+        if observed["goodput"]:
+            log.info("%s", goodput.describe(observed["goodput"]))
     return finish(history, trainer, state, preempted, run_dir, logger.tokens_trained,
-                  time.perf_counter() - session_started)
+                  time.perf_counter() - session_started, observed)
+
+
+def observe_stragglers(checked: tuple[dict, list[dict]], step: int, logger: MetricsLogger, trackers: Trackers,
+                       batches: Prefetcher) -> None:
+    """Every process's window figures to the trackers (under host/<i>/), and each straggler reported: a
+    warning, an event row, and a deeper prefetch on the process slow for its data."""
+    figures, reports = checked
+    trackers.write({"step": step, "host": {str(process): values for process, values in figures.items()}})
+    for report in reports:
+        log_event(logger, step, "straggler", stragglers.describe(report), logging.WARNING,
+                  **{k: v for k, v in report.items() if k != "step"})
+        if report["process"] == jax.process_index() and report["prefetch_depth"] is not None:
+            batches.set_depth(report["prefetch_depth"])
 
 
 def finish(history: list[dict], trainer: Trainer, state: TrainState, preempted: bool, run_dir: Path,
-           tokens: int, wall_s: float) -> TrainResult:
+           tokens: int, wall_s: float, observed: dict) -> TrainResult:
     """The session's summary: every step it trained counts, also those after the last log row (a preempted
     run saves at the step it stopped at). A session that found the run complete returns the rows the run
     recorded (and leaves its summary.json as it was), so rerunning a notebook cell shows the same curve."""
     rows = [row for row in history if "event" not in row]
-    summary = write_run_summary(rows, run_dir, tokens, wall_s)
+    summary = write_run_summary(rows, run_dir, tokens, wall_s, observed)
     if not any("loss" in row for row in rows) and (run_dir / "metrics.jsonl").exists():
         recorded = read_metrics(run_dir)
         rows = [row for row in recorded if "event" not in row]
@@ -464,18 +527,20 @@ def finish(history: list[dict], trainer: Trainer, state: TrainState, preempted: 
                        trainer.model)
 
 
-def write_run_summary(rows: list[dict], run_dir: Path, tokens: int, wall_s: float) -> dict:
-    """Tokens, time, measured energy and the cost at the catalog's price for this session of the run. A session
-    that trained nothing (the run was already complete) leaves the previous session's summary.json as it is."""
+def write_run_summary(rows: list[dict], run_dir: Path, tokens: int, wall_s: float, observed: dict) -> dict:
+    """Tokens, time, measured energy and the cost at the catalog's price for this session of the run, with what
+    `observed` adds (the goodput account of the whole run, stragglers). A session that trained nothing (the run
+    was already complete) leaves the previous session's summary.json as it is."""
     accelerator = accelerator_for_device_kind(jax.devices()[0].device_kind)
     trained = [r for r in rows if "loss" in r]
-    summary = run_summary(trained, accelerator, chips=jax.device_count(), tokens=tokens, wall_s=wall_s)
+    summary = {**run_summary(trained, accelerator, chips=jax.device_count(), tokens=tokens, wall_s=wall_s),
+               **observed}
     if not trained:
         return summary
     if jax.process_index() == 0:
         finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
         (run_dir / "summary.json").write_text(json.dumps(finite, indent=1, allow_nan=False) + "\n")
-    known = {k: v for k, v in summary.items() if v is not None}
+    known = {k: v for k, v in summary.items() if v is not None and k not in observed}
     log.info("run summary: %s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in known.items()))
     return summary

@@ -26,9 +26,10 @@ def device_peak_flops() -> float | None:
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, log_every: int, tokens_per_step: int,
                  flops_per_token: float | None, n_devices: int, show_progress: bool, is_main_process: bool,
-                 started: float | None = None, tokens_before: int = 0):
+                 started: float | None = None, tokens_before: int = 0, trackers=None):
         """started (a time.perf_counter() reading) and tokens_before: where the session's clock and token count
-        stand, for a logger that takes over after a rollback; rows count both from the session's start."""
+        stand, for a logger that takes over after a rollback; rows count both from the session's start.
+        trackers: also gets every row (`jaxscale.observe.trackers.Trackers`: TensorBoard, W&B)."""
         self.log_every = log_every
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
@@ -42,6 +43,7 @@ class MetricsLogger:
         self.window_start: tuple[int, float] | None = None  # (step, time) the current timing window began
         self.data_wait = 0.0
         self.history: list[dict] = []
+        self.trackers = trackers
         self.started = time.perf_counter() if started is None else started
         self.tokens_trained = tokens_before  # this session's, up to the newest pushed step
         self.energy = EnergyMeter()
@@ -97,6 +99,8 @@ class MetricsLogger:
         if self.file:
             self.file.write(encode_row(row) + "\n")
             self.file.flush()
+        if self.trackers is not None:
+            self.trackers.write(row)
 
     def close(self) -> None:
         self.flush()
