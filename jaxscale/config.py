@@ -20,6 +20,7 @@ from jaxscale.errors import ConfigError, check_range
 from jaxscale.model.config import ModelConfig, preset_values
 from jaxscale.parallel.plan import PipelineConfig, plan_from_config
 from jaxscale.presets import KINDS, find_preset, known_presets
+from jaxscale.remat import parse_remat
 
 MESH_AXES = ("data", "pipeline", "fsdp", "tensor")  # outermost (slowest links) to innermost (fastest)
 
@@ -136,7 +137,7 @@ class TrainConfig:
     batch_size: int = 32  # global, in sequences
     microbatches: int = 1  # gradient accumulation: the global batch is split into this many sequential pieces
     seed: int = 0
-    remat: str = "none"  # none | dots | full
+    remat: str = "none"  # none | dots | full | save:NAMES | offload:NAMES (jaxscale.remat)
     scan_unroll: int = 1  # layers per scan iteration: 1 = compile time flat in depth; n_layers = fastest on GPU
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU
@@ -167,8 +168,10 @@ class TrainConfig:
                               f"(train.eval_every={self.eval_every}); or set train.eval_every=0 to turn it off")
         if self.grad_reduce_dtype not in ("float32", "compute"):
             raise ConfigError(f"train.grad_reduce_dtype={self.grad_reduce_dtype!r}; choose float32 or compute")
-        if self.remat not in ("none", "dots", "full"):
-            raise ConfigError(f"train.remat={self.remat!r}; choose none, dots or full")
+        try:
+            parse_remat(self.remat)
+        except ValueError as e:
+            raise ConfigError(f"train.remat={self.remat!r}: {e}") from None
         for key in ("param_dtype", "compute_dtype"):
             if getattr(self, key) not in ("auto", "float32", "bfloat16", "float16") or (
                     key == "param_dtype" and self.param_dtype == "auto"):
