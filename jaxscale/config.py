@@ -152,6 +152,10 @@ class TrainConfig:
     eval_batches: int = 4
     progress: bool = True
     elastic: bool = False  # on another device count: refit the mesh; microbatches keep the per-device batch
+    # The memory one device may use, in GB (1e9 bytes); 0: the device's own (its runtime's limit, else the
+    # hardware catalog's; none on a CPU). A compiled step that needs more is refused before anything is allocated.
+    memory_limit_gb: float = 0.0
+    offload_optimizer: bool = False  # keep the Adam moments in host memory (pinned_host), moved in for the update
 
     def __post_init__(self):
         check_range("train.steps", self.steps, 1)
@@ -162,6 +166,7 @@ class TrainConfig:
         check_range("train.seed", self.seed, 0, 2**32 - 1)
         check_range("train.scan_unroll", self.scan_unroll, 1, note=" (1: a rolled loop over layers)")
         check_range("train.log_every", self.log_every, 1)
+        check_range("train.memory_limit_gb", self.memory_limit_gb, 0, note=" (0: the device's own memory)")
         check_range("train.eval_every", self.eval_every, 0, note=" (0 turns evaluation off)")
         if self.eval_every and self.eval_batches < 1:
             raise ConfigError(f"train.eval_batches={self.eval_batches} must be >= 1 while evaluation is on "
@@ -242,6 +247,12 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
+    plan: str = ""  # auto: lay the run out as `jaxscale plan` ranks first for these devices
+
+    def __post_init__(self):
+        if self.plan not in ("", "auto"):
+            raise ConfigError(f"plan={self.plan!r}; use plan=auto (the layout `jaxscale plan` ranks first), or "
+                              f"leave it out to lay the run out yourself")
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")

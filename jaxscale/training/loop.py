@@ -34,6 +34,7 @@ from jaxscale.parallel import describe_plan, plan_from_config
 from jaxscale.training.events import log_event, read_metrics
 from jaxscale.training.guards import GuardEvent, GuardMonitor
 from jaxscale.training.language_model import lm_batch_spec
+from jaxscale.training.memory_check import check_step_memory, step_memory
 from jaxscale.training.metrics import MetricsLogger
 from jaxscale.training.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from jaxscale.training.run_lock import RunLock
@@ -221,11 +222,33 @@ def prepare(config: Config, model, loss_fn: LossFn | None, data, eval_data) -> R
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.data_sharding)
                       for k, v in (example or lm_batch_spec(config)).items()}
     compiled = trainer.train_step.lower(trainer.abstract_state(), abstract_batch).compile()
+    check_memory(compiled, plan)  # the executable that trains: no second compilation
     tokens = tokens_per_step(config, example)
     flops_per_token = config.model.flops_per_token() if builtin else user_flops_per_token(trainer, abstract_batch,
                                                                                            tokens)
     trainer.open_checkpoints()  # last: created, cleaned up or cleared only once every check has passed
     return Run(trainer, dataset, compiled, tokens, flops_per_token)
+
+
+def check_memory(compiled, plan) -> None:
+    """Refuse a step that needs more memory than a device has, with the nearest layouts that fit (built-in
+    decoder: the planner's estimates); report its bytes otherwise."""
+    config = plan.config
+
+    def fitting_plans(limit: float) -> list[str]:
+        if not plan.builtin_model:
+            return []
+        from jaxscale.cost.catalog import accelerator_for_device_kind
+        from jaxscale.planner.plan import nearest_fitting
+        from jaxscale.planner.rates import rates_for
+
+        accelerator = accelerator_for_device_kind(jax.devices()[0].device_kind)
+        if accelerator is None:
+            return []
+        rates = rates_for(accelerator.key, config.train.compute_dtype)
+        return nearest_fitting(config, jax.device_count(), rates, limit, step_memory(compiled).device_bytes)
+
+    check_step_memory(compiled, jax.devices()[0], config.train.memory_limit_gb, config.name, fitting_plans)
 
 
 def newest_metadata(config: Config):
