@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from jaxscale.arguments import add_config_arguments
 from jaxscale.errors import ConfigError
 from jaxscale.extras import require
-from jaxscale.training.memory_check import DoesNotFit, step_memory
+from jaxscale.training.memory_check import ADVICE, DoesNotFit, step_memory
 
 # Cloud TPU generation -> (JAX's name, torus dimensions, the number the accelerator type counts per chip).
 # v4 and v5p names count TensorCores (two per chip: v5p-1024 is 512 chips); v5e and v6e names count chips.
@@ -32,8 +32,6 @@ COLLECTIVE = re.compile(r"\s(all-reduce|all-gather|reduce-scatter|all-to-all|rag
                         r"collective-permute|collective-broadcast)(?:-start)?\(")
 CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 GIB = 2 ** 30
-ADVICE = ("shard more (mesh.fsdp), recompute activations (train.remat=dots or full), or lower the rows per chip "
-          "and step (train.batch_size, or train.microbatches to accumulate)")
 
 
 @dataclass(frozen=True)

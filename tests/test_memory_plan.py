@@ -143,3 +143,19 @@ def test_a_plan_flag_other_than_auto_and_an_unknown_kind_are_refused():
         load_config("default", ["plan=best"])
     with pytest.raises(jaxscale.ConfigError, match=r"--device-kind z9: not in the hardware catalog; known: .*h200"):
         find_kind("z9")
+
+
+def test_the_check_logs_the_bytes_where_there_is_no_limit_and_advises_where_there_is_no_planner(caplog):
+    import logging
+
+    import jax.numpy as jnp
+
+    from jaxscale.training.memory_check import check_step_memory
+
+    compiled = jax.jit(lambda x: x @ x).lower(jnp.ones((256, 256))).compile()
+    with caplog.at_level(logging.INFO, logger="jaxscale"):
+        memory = check_step_memory(compiled, jax.devices()[0], 0, "toy", lambda limit: pytest.fail("planned"))
+    assert memory.argument_bytes == 256 * 256 * 4 and "the compiled step needs 0.5 MB per device" in caplog.text
+    with pytest.raises(DoesNotFit, match=r"toy does not fit: .* more than the 0.0 MB available "
+                                         r"\(train.memory_limit_gb\)\. Nothing was allocated\. To fit: shard more"):
+        check_step_memory(compiled, jax.devices()[0], 1e-6, "toy", lambda limit: None)

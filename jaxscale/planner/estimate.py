@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jaxscale.config import Config
+from jaxscale.errors import ConfigError
 from jaxscale.model.config import ModelConfig
 from jaxscale.planner.candidates import Candidate
 from jaxscale.remat import parse_remat
@@ -152,7 +153,8 @@ def estimate(config: Config, c: Candidate, rates: Rates) -> Estimate:
     if c.tensor > 1:
         comm += c.microbatches * 4 * 2 * (c.tensor - 1) / c.tensor * tokens * m.d_model * cb * layers
     if comm and rates.link_bytes_per_s is None:
-        raise ValueError(f"the catalog has no interconnect figure for {rates.kind}")
+        raise ConfigError(f"--device-kind {rates.kind}: the hardware catalog has no interconnect_bytes_per_s for "
+                          f"it, which layouts over several devices are timed by; add it with --catalog FILE")
     collective_s = comm / rates.link_bytes_per_s if comm else 0.0
 
     moved = 0.0

@@ -235,20 +235,22 @@ def check_memory(compiled, plan) -> None:
     decoder: the planner's estimates); report its bytes otherwise."""
     config = plan.config
 
-    def fitting_plans(limit: float) -> list[str]:
+    device = jax.local_devices()[0]
+
+    def fitting_plans(limit: float) -> list[str] | None:
         if not plan.builtin_model:
-            return []
+            return None
         from jaxscale.cost.catalog import accelerator_for_device_kind
         from jaxscale.planner.plan import nearest_fitting
         from jaxscale.planner.rates import rates_for
 
-        accelerator = accelerator_for_device_kind(jax.devices()[0].device_kind)
+        accelerator = accelerator_for_device_kind(device.device_kind)
         if accelerator is None:
-            return []
+            return None
         rates = rates_for(accelerator.key, config.train.compute_dtype)
         return nearest_fitting(config, jax.device_count(), rates, limit, step_memory(compiled).device_bytes)
 
-    check_step_memory(compiled, jax.devices()[0], config.train.memory_limit_gb, config.name, fitting_plans)
+    check_step_memory(compiled, device, config.train.memory_limit_gb, config.name, fitting_plans)
 
 
 def newest_metadata(config: Config):

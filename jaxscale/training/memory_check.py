@@ -73,10 +73,16 @@ def size(n: float) -> str:
     return f"{n / GB:.2f} GB" if n >= GB / 10 else f"{n / 1e6:.1f} MB"
 
 
+ADVICE = ("shard more (mesh.fsdp), recompute activations (train.remat=full or save:NAMES), keep the optimizer "
+          "state in host memory (train.offload_optimizer=true), or lower the rows per device and step "
+          "(train.batch_size, or train.microbatches to accumulate)")
+
+
 def check_step_memory(compiled, device, limit_gb: float, what: str,
-                      fitting_plans: Callable[[float], list[str]]) -> StepMemory:
+                      fitting_plans: Callable[[float], list[str] | None]) -> StepMemory:
     """Refuse (DoesNotFit) a step whose device bytes exceed the device's limit; otherwise log the bytes.
-    `fitting_plans(limit_bytes)` gives the `--set` flags of the nearest plans that fit, one string each."""
+    `fitting_plans(limit_bytes)` gives the `--set` flags of the nearest plans that fit, one string each, or
+    None where there is no planner for the model or the device."""
     memory = step_memory(compiled)
     limit, source = device_memory_limit(device, limit_gb)
     host = f", {size(memory.host_bytes)} in host memory" if memory.host_bytes else ""
@@ -87,10 +93,14 @@ def check_step_memory(compiled, device, limit_gb: float, what: str,
         log.info("the compiled step needs %s per device%s: %s", size(memory.device_bytes), of, detail)
         return memory
     plans = fitting_plans(limit)
-    fix = ("nearest plans that fit (by the analytic estimate of `jaxscale plan`):\n"
-           + "\n".join(f"  {p}" for p in plans)) if plans else \
-        ("no plan on these devices fits by the analytic estimate: use more devices, a shorter model.seq_len or a "
-         "smaller model")
+    if plans is None:
+        fix = f"To fit: {ADVICE}"
+    elif plans:
+        fix = ("The nearest plans that fit (by the analytic estimate of `jaxscale plan`):\n"
+               + "\n".join(f"  {p}" for p in plans))
+    else:
+        fix = ("No layout on these devices fits by the analytic estimate of `jaxscale plan`: use more devices, a "
+               "shorter model.seq_len or a smaller model")
     raise DoesNotFit(f"{what} does not fit: the compiled step needs {size(memory.device_bytes)} per device "
                      f"({detail}), {size(memory.device_bytes - limit)} more than the {size(limit)} available "
-                     f"({source}). Nothing was allocated. The {fix}")
+                     f"({source}). Nothing was allocated. {fix}")
