@@ -10,7 +10,7 @@ from test_equivalence import make_config, reference, run
 import jaxscale
 from jaxscale.cli import main
 from jaxscale.config import load_config
-from jaxscale.planner.candidates import candidates, of_config
+from jaxscale.planner.candidates import apply, candidates, of_config
 from jaxscale.planner.estimate import estimate
 from jaxscale.planner.plan import rank
 from jaxscale.planner.rates import find_kind, rates_for
@@ -159,3 +159,12 @@ def test_the_check_logs_the_bytes_where_there_is_no_limit_and_advises_where_ther
     with pytest.raises(DoesNotFit, match=r"toy does not fit: .* more than the 0.0 MB available "
                                          r"\(train.memory_limit_gb\)\. Nothing was allocated\. To fit: shard more"):
         check_step_memory(compiled, jax.devices()[0], 1e-6, "toy", lambda limit: None)
+
+
+def test_the_printed_flags_give_the_layout_they_describe():
+    config = load_config("default", ["model.n_layers=4"])
+    for c in candidates(config, 8)[::37]:
+        flagged = load_config("default", ["model.n_layers=4", *c.overrides()])
+        planned = apply(config, c)
+        assert flagged.mesh.sizes() == planned.mesh.sizes() and flagged.train == planned.train, c
+        assert flagged.pipeline == planned.pipeline, c
