@@ -168,3 +168,14 @@ def test_the_printed_flags_give_the_layout_they_describe():
         planned = apply(config, c)
         assert flagged.mesh.sizes() == planned.mesh.sizes() and flagged.train == planned.train, c
         assert flagged.pipeline == planned.pipeline, c
+
+
+def test_full_remat_recomputes_one_forward_pass_of_the_layers():
+    config = load_config("default", ["model.preset=gpt2-350m"])
+    rates = rates_for("h200")
+    layout = {c.remat: c for c in candidates(config, 1) if c.microbatches == 1 and not c.offload_optimizer}
+    none, full = estimate(config, layout["none"], rates), estimate(config, layout["full"], rates)
+    m = config.model
+    layers_forward = 2 * (m.matmul_params() - m.padded_vocab * m.d_model) + 4 * m.n_layers * m.d_model * m.seq_len
+    extra = layers_forward * none.tokens_per_step / rates.flops_per_s
+    assert full.compute_s - none.compute_s == pytest.approx(extra, rel=1e-9)

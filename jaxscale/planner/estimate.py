@@ -138,8 +138,7 @@ def estimate(config: Config, c: Candidate, rates: Rates) -> Estimate:
 
     step_tokens = t.batch_size * m.seq_len
     flops = m.flops_per_token() * step_tokens / n
-    flops += 2 * m.n_layers * sum(layer_forward_flops(m).values()) * recomputed_fraction(m, c.remat) \
-        * step_tokens / n
+    flops += m.n_layers * sum(layer_forward_flops(m).values()) * recomputed_fraction(m, c.remat) * step_tokens / n
     bubble = (c.pipeline - 1) / (c.pipeline_microbatches + c.pipeline - 1) if c.pipeline > 1 else 0.0
     compute_s = flops / rates.flops_per_s / (1 - bubble)
 
