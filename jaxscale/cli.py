@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxscale.data.tokenizer_cli import add_parser as add_tokenizer
     from jaxscale.hf.exporter import add_parser as add_export
     from jaxscale.observe.report import add_parser as add_report
+    from jaxscale.planner.cli import add_parser as add_plan
     from jaxscale.scaling.cli import add_parser as add_scaling
     from jaxscale.tpu_compile import add_parser as add_compile
     from jaxscale.tpu_vm import add_parser as add_tpu
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_scaling(commands)
     add_tokenizer(commands)
     add_export(commands)
+    add_plan(commands)
     add_tpu(commands)
     add_report(commands)
     return parser

@@ -23,6 +23,7 @@ from jaxscale.observe.stragglers import StragglerConfig
 from jaxscale.observe.trackers import TrackingConfig
 from jaxscale.parallel.plan import PipelineConfig, plan_from_config
 from jaxscale.presets import KINDS, find_preset, known_presets
+from jaxscale.remat import parse_remat
 
 MESH_AXES = ("data", "pipeline", "fsdp", "tensor")  # outermost (slowest links) to innermost (fastest)
 
@@ -139,7 +140,7 @@ class TrainConfig:
     batch_size: int = 32  # global, in sequences
     microbatches: int = 1  # gradient accumulation: the global batch is split into this many sequential pieces
     seed: int = 0
-    remat: str = "none"  # none | dots | full
+    remat: str = "none"  # none | dots | full | save:NAMES | offload:NAMES (jaxscale.remat)
     scan_unroll: int = 1  # layers per scan iteration: 1 = compile time flat in depth; n_layers = fastest on GPU
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU
@@ -154,6 +155,10 @@ class TrainConfig:
     eval_batches: int = 4
     progress: bool = True
     elastic: bool = False  # on another device count: refit the mesh; microbatches keep the per-device batch
+    # The memory one device may use, in GB (1e9 bytes); 0: the device's own (its runtime's limit, else the
+    # hardware catalog's; none on a CPU). A compiled step that needs more is refused before anything is allocated.
+    memory_limit_gb: float = 0.0
+    offload_optimizer: bool = False  # keep the Adam moments in host memory (pinned_host), moved in for the update
 
     def __post_init__(self):
         check_range("train.steps", self.steps, 1)
@@ -164,14 +169,17 @@ class TrainConfig:
         check_range("train.seed", self.seed, 0, 2**32 - 1)
         check_range("train.scan_unroll", self.scan_unroll, 1, note=" (1: a rolled loop over layers)")
         check_range("train.log_every", self.log_every, 1)
+        check_range("train.memory_limit_gb", self.memory_limit_gb, 0, note=" (0: the device's own memory)")
         check_range("train.eval_every", self.eval_every, 0, note=" (0 turns evaluation off)")
         if self.eval_every and self.eval_batches < 1:
             raise ConfigError(f"train.eval_batches={self.eval_batches} must be >= 1 while evaluation is on "
                               f"(train.eval_every={self.eval_every}); or set train.eval_every=0 to turn it off")
         if self.grad_reduce_dtype not in ("float32", "compute"):
             raise ConfigError(f"train.grad_reduce_dtype={self.grad_reduce_dtype!r}; choose float32 or compute")
-        if self.remat not in ("none", "dots", "full"):
-            raise ConfigError(f"train.remat={self.remat!r}; choose none, dots or full")
+        try:
+            parse_remat(self.remat)
+        except ValueError as e:
+            raise ConfigError(f"train.remat={self.remat!r}: {e}") from None
         for key in ("param_dtype", "compute_dtype"):
             if getattr(self, key) not in ("auto", "float32", "bfloat16", "float16") or (
                     key == "param_dtype" and self.param_dtype == "auto"):
@@ -245,6 +253,12 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # jaxscale/observe/
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     stragglers: StragglerConfig = field(default_factory=StragglerConfig)
+    plan: str = ""  # auto: lay the run out as `jaxscale plan` ranks first for these devices
+
+    def __post_init__(self):
+        if self.plan not in ("", "auto"):
+            raise ConfigError(f"plan={self.plan!r}; use plan=auto (the layout `jaxscale plan` ranks first), or "
+                              f"leave it out to lay the run out yourself")
 
     def resolved_run_dir(self) -> Path:
         return local_directory(self.run_dir or f"runs/{self.name}", "run_dir")

@@ -3,6 +3,9 @@
 none: everything. dots: the outputs of matmuls with weights and of fused attention (cuDNN, the Pallas kernels);
 the elementwise work between them (norms, GELU, bias adds) is redone in the backward pass, fused into its
 kernels, instead of being written out and read back. full: only each checkpointed block's input.
+save:NAMES: only the values the model tagged with these checkpoint names (the built-in decoder tags `qkv`,
+`attention_out` and `mlp_hidden`), e.g. `save:qkv,attention_out`. offload:NAMES: the same values, moved to host
+memory (`pinned_host`) after the forward pass and back for the backward pass; the device keeps block inputs only.
 """
 from __future__ import annotations
 
@@ -37,3 +40,34 @@ POLICIES = {
     "dots": weights_and_attention_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
 }
+# The checkpoint names the built-in decoder gives its activations (jax.ad_checkpoint.checkpoint_name).
+SAVE_POINTS = ("qkv", "attention_out", "mlp_hidden")
+NAMED_MODES = ("save", "offload")
+
+
+def parse_remat(value: str) -> tuple[str, tuple[str, ...]]:
+    """'save:qkv,mlp_hidden' -> ('save', ('qkv', 'mlp_hidden')); 'dots' -> ('dots', ()). Raises ValueError with
+    what is wrong."""
+    mode, sep, names = value.partition(":")
+    if not sep:
+        if value not in POLICIES:
+            raise ValueError(f"choose none, dots, full, save:NAMES or offload:NAMES (NAMES from "
+                             f"{', '.join(SAVE_POINTS)}, comma-separated)")
+        return value, ()
+    chosen = tuple(n.strip() for n in names.split(",") if n.strip())
+    if mode not in NAMED_MODES or not chosen or not set(chosen) <= set(SAVE_POINTS):
+        raise ValueError(f"a named policy is save:NAMES or offload:NAMES with NAMES from {', '.join(SAVE_POINTS)}"
+                         f", e.g. save:qkv,attention_out")
+    return mode, chosen
+
+
+def remat_policy(value: str):
+    """The jax.checkpoint policy of a train.remat value (None: keep everything, no checkpoint)."""
+    mode, names = parse_remat(value)
+    if mode == "save":
+        return jax.checkpoint_policies.save_only_these_names(*names)
+    if mode == "offload":
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=list(names), offload_src="device",
+            offload_dst="pinned_host")
+    return POLICIES[mode]

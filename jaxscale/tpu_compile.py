@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from jaxscale.arguments import add_config_arguments
 from jaxscale.errors import ConfigError
 from jaxscale.extras import require
+from jaxscale.training.memory_check import ADVICE, DoesNotFit, step_memory
 
 # Cloud TPU generation -> (JAX's name, torus dimensions, the number the accelerator type counts per chip).
 # v4 and v5p names count TensorCores (two per chip: v5p-1024 is 512 chips); v5e and v6e names count chips.
@@ -31,12 +32,6 @@ COLLECTIVE = re.compile(r"\s(all-reduce|all-gather|reduce-scatter|all-to-all|rag
                         r"collective-permute|collective-broadcast)(?:-start)?\(")
 CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 GIB = 2 ** 30
-ADVICE = ("shard more (mesh.fsdp), recompute activations (train.remat=dots or full), or lower the rows per chip "
-          "and step (train.batch_size, or train.microbatches to accumulate)")
-
-
-class DoesNotFit(ConfigError):
-    """The step needs more memory per chip than the chip has."""
 
 
 @dataclass(frozen=True)
@@ -195,19 +190,16 @@ def compile_for_topology(config, topology: Topology, slices: int = 1) -> Compile
         raise ConfigError(f"the TPU compiler refused the step: {first}"
                           + "".join(f"\n  {line}" for line in held[-5:])) from error
     compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
+    memory = step_memory(compiled)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list of one dict in older jax
     accelerator = accelerator_for_device_kind(devices[0].device_kind)
     chips = len(devices)
     hlo = compiled.as_text()
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-             + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
     return CompileReport(
         experiment=config.name, topology=topology, slices=slices, device_kind=devices[0].device_kind,
-        mesh=describe(trainer.mesh), compile_s=compile_s, bytes_per_chip=total,
-        argument_bytes=memory.argument_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
-        code_bytes=memory.generated_code_size_in_bytes,
+        mesh=describe(trainer.mesh), compile_s=compile_s, bytes_per_chip=memory.device_bytes,
+        argument_bytes=memory.argument_bytes, temp_bytes=memory.temp_bytes, code_bytes=memory.code_bytes,
         hbm_bytes=accelerator.hbm_bytes if accelerator else None,
         xla_flops=(cost or {}).get("flops"),
         model_flops=config.model.flops_per_token() * config.train.batch_size * config.model.seq_len / chips,

@@ -150,7 +150,8 @@ def test_a_typo_in_a_rule_table_is_caught_once_the_model_is_built(caplog):
     ("train.seed=-1", r"train\.seed=-1 must be in \[0, 4294967295\]$"),
     ("train.seed=4294967296", r"train\.seed=4294967296 must be in \[0, 4294967295\]$"),
     ("train.scan_unroll=0", r"train\.scan_unroll=0 must be >= 1 \(1: a rolled loop over layers\)$"),
-    ("train.remat=some", r"train\.remat='some'; choose none, dots or full$"),
+    ("train.remat=some", r"train\.remat='some': choose none, dots, full, save:NAMES or offload:NAMES \(NAMES from "
+     r"qkv, attention_out, mlp_hidden, comma-separated\)$"),
     ("model.rope_theta=0", r"model\.rope_theta=0\.0 must be > 0$"),
     ("model.norm_eps=-1e-5", r"model\.norm_eps=-1e-05 must be > 0$"),
     ("model.init_std=nan", r"model\.init_std=nan must be a finite number > 0$"),

@@ -43,6 +43,15 @@ def _finite(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
 
 
+def _in_device_memory(x: jax.Array) -> jax.Array:
+    """A host-memory array (train.offload_optimizer) copied to device memory, where it can be summed:
+    computations refuse operands of both memory kinds."""
+    sharding = getattr(x, "sharding", None)
+    if getattr(sharding, "memory_kind", None) == "pinned_host":
+        return jax.device_put(x, sharding.with_memory_kind("device"))
+    return x
+
+
 @jax.jit
 def _summaries(state) -> tuple[list[jax.Array], jax.Array]:
     leaves = jax.tree.leaves(state)
@@ -55,5 +64,5 @@ def leaf_paths(tree) -> list[str]:
 
 def summarize(state) -> tuple[dict[str, int], bool]:
     """({leaf path: fingerprint}, whether every floating-point element is finite). Waits for the state."""
-    fingerprints, finite = jax.device_get(_summaries(state))
+    fingerprints, finite = jax.device_get(_summaries(jax.tree.map(_in_device_memory, state)))
     return {path: int(fp) for path, fp in zip(leaf_paths(state), fingerprints)}, bool(finite)

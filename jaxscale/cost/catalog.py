@@ -22,7 +22,9 @@ CATALOG_ENV_VAR = "JAXSCALE_HARDWARE"
 
 # Per-chip figures; null (None) means unknown.
 NUMBER_FIELDS = ("peak_bf16_flops", "hbm_bytes", "hbm_bytes_per_s", "interconnect_bytes_per_s", "tdp_watts",
-                 "price_usd_per_chip_hour")
+                 "price_usd_per_chip_hour", "measured_mfu", "host_bytes_per_s")
+# Figures an entry may leave out (null): those `jaxscale plan` added, so older user files stay valid.
+OPTIONAL_FIELDS = ("measured_mfu", "host_bytes_per_s", "sources")
 ENTRY_FIELDS = ("name", "device_kinds", *NUMBER_FIELDS, "price_date", "sources")
 
 
@@ -44,6 +46,8 @@ class Accelerator:
     price_date: str | None
     sources: dict[str, str]
     from_user_file: bool = False
+    measured_mfu: float | None = None  # the best MFU jaxscale measured on it (BENCHMARKS.md); `jaxscale plan`
+    host_bytes_per_s: float | None = None  # device <-> host memory, one direction (host offload)
 
     def matches(self, device_kind: str) -> bool:
         return any(re.fullmatch(p, device_kind.strip(), re.IGNORECASE) for p in self.device_kinds)
@@ -147,14 +151,17 @@ def _merge_override(base: dict, override: dict, path: Path) -> dict:
 
 def _build(key: str, raw: dict, path: Path, from_user_file: bool) -> Accelerator:
     where = f"hardware catalog {path}: entry {key!r}"
-    missing = [f for f in ENTRY_FIELDS if f not in raw and f != "sources"]
+    missing = [f for f in ENTRY_FIELDS if f not in raw and f not in OPTIONAL_FIELDS]
     if missing:
         raise CatalogError(f"{where}: missing field(s) {', '.join(missing)} (a new entry must give every field; "
                            f"use null for a figure you do not know)")
     name = raw["name"]
     if not isinstance(name, str) or not name.strip():
         raise CatalogError(f"{where}, field 'name': must be a non-empty string, got {_short(name)}")
-    figures = {f: _number(raw[f], f"{where}, field {f!r}") for f in NUMBER_FIELDS}
+    figures = {f: _number(raw.get(f), f"{where}, field {f!r}") for f in NUMBER_FIELDS}
+    if figures["measured_mfu"] is not None and figures["measured_mfu"] > 1:
+        raise CatalogError(f"{where}, field 'measured_mfu': a fraction of the peak in (0, 1], got "
+                           f"{figures['measured_mfu']!r}")
     patterns = raw["device_kinds"]
     if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
         raise CatalogError(f"{where}, field 'device_kinds': must be a list of regular expressions, "

@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.kernels import attention
 from jaxscale.model.config import ModelConfig
@@ -105,7 +106,8 @@ def layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, se
 
     h = norm(x, p["attn_norm"], p.get("attn_norm_bias"), cfg.norm_eps)
     qkv = jnp.einsum("btd,dkgh->btkgh", h, w["wqkv"]) + bias("bqkv")
-    qkv = constrain(qkv, ("batch", "length", "kv_heads", None, "head_dim"))
+    # checkpoint names: the save points of train.remat=save:NAMES / offload:NAMES (jaxscale.remat.SAVE_POINTS)
+    qkv = checkpoint_name(constrain(qkv, ("batch", "length", "kv_heads", None, "head_dim")), "qkv")
     b, t, n_kv, groups, hd = qkv.shape
     q = qkv[:, :, :, :-2].reshape(b, t, n_kv * (groups - 2), hd)  # query head i uses KV head i // (H / K)
     k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
@@ -116,7 +118,7 @@ def layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, se
         freqs = rope_frequencies(cfg)
         q, k = rope(q, positions, freqs), rope(k, positions, freqs)
     y = attention(q, k, v, segment_ids, causal=True, implementation=cfg.attention)  # within each document
-    y = constrain(y, ("batch", "length", "heads", "head_dim"))
+    y = checkpoint_name(constrain(y, ("batch", "length", "heads", "head_dim")), "attention_out")
     x = x + jnp.einsum("btnh,dnh->btd", y, w["wo"]) + bias("bo")
     x = constrain(x, ("batch", "length", "embed"))
 
@@ -125,7 +127,7 @@ def layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, se
         hidden = bias_gelu(jnp.einsum("btd,df->btf", h, w["w_in"]), w["b_in"])
     else:
         hidden = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["w_gate"])) * jnp.einsum("btd,df->btf", h, w["w_up"])
-    hidden = constrain(hidden, ("batch", "length", "mlp"))
+    hidden = checkpoint_name(constrain(hidden, ("batch", "length", "mlp")), "mlp_hidden")
     x = x + jnp.einsum("btf,df->btd", hidden, w["w_out" if gpt2 else "w_down"]) + bias("b_out")
     return constrain(x, ("batch", "length", "embed"))
 

@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.parallel.plan import PipelineConfig, PipelinePlan, plan_from_config
-from jaxscale.remat import POLICIES, dots_and_attention_saveable
+from jaxscale.remat import dots_and_attention_saveable, remat_policy
 from jaxscale.sharding import Rules, activation_rules, constrain, current_activation_rules, rule_axes
 
 STATE_AXES = ("stage", "batch", "length", "embed")  # cut to the activation's rank, (batch, length) or (batch,)
@@ -91,7 +91,7 @@ def run_layers(apply_layer: LayerFn, stack, x: jax.Array, segment_ids: jax.Array
     if plan is not None:  # remat applies to whole pipeline iterations there
         return pipelined_layers(apply_layer, stack, x, segment_ids, plan, remat, unroll)
     if remat != "none":
-        apply_layer = jax.checkpoint(apply_layer, policy=POLICIES[remat], prevent_cse=False)
+        apply_layer = jax.checkpoint(apply_layer, policy=remat_policy(remat), prevent_cse=False)
     return jax.lax.scan(lambda x, p: (apply_layer(x, p, segment_ids), None), x, stack, unroll=unroll)[0]
 
 
@@ -176,7 +176,7 @@ def stage_remat_policy(remat: str, unrolled: bool):
     iteration's picked weights.
     """
     if remat != "none" or unrolled:
-        return POLICIES[remat]
+        return remat_policy(remat)
     return dots_and_attention_saveable
 
 

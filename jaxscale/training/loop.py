@@ -39,6 +39,7 @@ from jaxscale.parallel import describe_plan, plan_from_config
 from jaxscale.training.events import log_event, read_metrics
 from jaxscale.training.guards import GuardEvent, GuardMonitor
 from jaxscale.training.language_model import lm_batch_spec
+from jaxscale.training.memory_check import check_step_memory, step_memory
 from jaxscale.training.metrics import MetricsLogger
 from jaxscale.training.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from jaxscale.training.run_lock import RunLock
@@ -233,11 +234,35 @@ def prepare(config: Config, model, loss_fn: LossFn | None, data, eval_data) -> R
     compile_started = time.perf_counter()
     compiled = trainer.train_step.lower(trainer.abstract_state(), abstract_batch).compile()
     compile_s = time.perf_counter() - compile_started
+    check_memory(compiled, plan)  # the executable that trains: no second compilation
     tokens = tokens_per_step(config, example)
     flops_per_token = config.model.flops_per_token() if builtin else user_flops_per_token(trainer, abstract_batch,
                                                                                            tokens)
     trainer.open_checkpoints()  # last: created, cleaned up or cleared only once every check has passed
     return Run(trainer, dataset, compiled, tokens, flops_per_token, profiler, compile_s)
+
+
+def check_memory(compiled, plan) -> None:
+    """Refuse a step that needs more memory than a device has, with the nearest layouts that fit (built-in
+    decoder: the planner's estimates); report its bytes otherwise."""
+    config = plan.config
+
+    device = jax.local_devices()[0]
+
+    def fitting_plans(limit: float) -> list[str] | None:
+        if not plan.builtin_model:
+            return None
+        from jaxscale.cost.catalog import accelerator_for_device_kind
+        from jaxscale.planner.plan import nearest_fitting
+        from jaxscale.planner.rates import rates_for
+
+        accelerator = accelerator_for_device_kind(device.device_kind)
+        if accelerator is None:
+            return None
+        rates = rates_for(accelerator.key, config.train.compute_dtype)
+        return nearest_fitting(config, jax.device_count(), rates, limit, step_memory(compiled).device_bytes)
+
+    check_step_memory(compiled, device, config.train.memory_limit_gb, config.name, fitting_plans)
 
 
 def newest_metadata(config: Config):
@@ -306,8 +331,9 @@ def show_log_lines() -> None:
 
 # Settings that change how a run is carried out, not what it trains: a finished run rerun with other values of
 # these is still that run.
-HOW_NOT_WHAT = ("name", "run_dir", "train.steps", "train.progress", "train.log_every", "data.prefetch", "mesh.",
-                "sharding.", "checkpoint.")
+HOW_NOT_WHAT = ("name", "run_dir", "plan", "train.steps", "train.progress", "train.log_every", "train.eval_",
+                "train.remat", "train.scan_unroll", "train.memory_limit_gb", "train.offload_optimizer",
+                "data.prefetch", "mesh.", "sharding.", "checkpoint.", "tracking.", "profile.", "stragglers.")
 
 
 def restore(run: Run) -> tuple[TrainState, Restored | None]:

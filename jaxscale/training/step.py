@@ -29,15 +29,29 @@ class TrainState:
     opt_state: Any
 
 
-def state_shardings(model: FlaxModel, tx: optax.GradientTransformation, mesh: Mesh, param_rules: dict) -> TrainState:
-    """Parameters follow the rules; optimizer moments follow their parameter (ZeRO: sharded like it);
-    scalars (step, counts) are replicated."""
+def state_shardings(model: FlaxModel, tx: optax.GradientTransformation, mesh: Mesh, param_rules: dict,
+                    offload_optimizer: bool = False) -> TrainState:
+    """Parameters follow the rules; optimizer moments follow their parameter (ZeRO: sharded like it), in host
+    memory (`pinned_host`) with `offload_optimizer`; scalars (step, counts) are replicated on the devices."""
     params = param_shardings(model.logical_axes, model.shapes, mesh, param_rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, model.shapes)
-    opt = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, params,
+    place = (lambda sharding: sharding.with_memory_kind("pinned_host")) if offload_optimizer else (lambda s: s)
+    opt = optax.tree_map_params(tx, lambda _, sharding: place(sharding), abstract_opt, params,
                                 transform_non_params=lambda _: replicated)
     return TrainState(step=replicated, params=params, opt_state=opt)
+
+
+def on_device(tree, shardings):
+    """Arrays of `tree` whose sharding is in host memory, moved to device memory (inside a jitted function)."""
+    return jax.tree.map(lambda x, s: jax.device_put(x, s.with_memory_kind("device"))
+                        if s.memory_kind == "pinned_host" else x, tree, shardings)
+
+
+def on_host(tree, shardings):
+    """The inverse of `on_device`: arrays whose sharding is in host memory, moved back there."""
+    return jax.tree.map(lambda x, s: jax.device_put(x, s) if s.memory_kind == "pinned_host" else x,
+                        tree, shardings)
 
 
 def init_state(model: FlaxModel, tx: optax.GradientTransformation, shardings: TrainState, seed: int) -> TrainState:
@@ -146,7 +160,10 @@ def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule
         loss, grads = inject_nan(loss, grads, state.step, config.guards.inject_nan_at_step)  # testing only
         # tx is wrapped by guard_updates: a bad update (non-finite, loss spike) leaves params and opt state as
         # they were, and says why in the metrics
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
+        # with train.offload_optimizer the moments come in from host memory for the update and go back after
+        updates, opt_state = tx.update(grads, on_device(state.opt_state, shardings.opt_state), state.params,
+                                       value=loss)
+        opt_state = on_host(opt_state, shardings.opt_state)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": schedule(state.step),
                    **guard_metrics(opt_state), **model_metrics}

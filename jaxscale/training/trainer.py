@@ -60,10 +60,18 @@ class RunPlan:
 
 
 def plan_run(config: Config, n_devices: int, *, builtin_model: bool = True,
-             checkpoint_per_device_batch: int | None = None) -> RunPlan:
+             checkpoint_per_device_batch: int | None = None, device_kind: str | None = None) -> RunPlan:
     """Check the config against the devices, once. `checkpoint_per_device_batch`: that of the checkpoint an
-    elastic run resumes from, which its microbatches keep."""
+    elastic run resumes from, which its microbatches keep. With plan=auto the layout is the planner's top
+    choice for `n_devices` of `device_kind` (default: this machine's)."""
     note = None
+    if config.plan == "auto":
+        if not builtin_model:
+            raise ConfigError("plan=auto plans the built-in decoder's layout (its shape is what the planner "
+                              "estimates); for your own model set the mesh yourself")
+        from jaxscale.planner.plan import auto_layout
+
+        config = auto_layout(config, n_devices, device_kind or jax.devices()[0].device_kind)
     if config.train.elastic:
         config, note = adapt_to_devices(config, n_devices, checkpoint_per_device_batch)
     sizes = validate(config, n_devices, builtin_model=builtin_model)
@@ -212,7 +220,7 @@ def build(plan: RunPlan, devices: list, model=None, loss_fn: LossFn | None = Non
     check_rules(config, flax)
     tx, schedule = build_optimizer(config.optimizer, config.train.steps, flax)
     tx = guard_updates(tx, config.guards)
-    shardings = state_shardings(flax, tx, mesh, config.sharding.params)
+    shardings = state_shardings(flax, tx, mesh, config.sharding.params, config.train.offload_optimizer)
     data_sharding = batch_sharding(mesh, config.sharding.activations)
     return Trainer(config, mesh, flax, tx, schedule, shardings, data_sharding,
                    train_step=make_train_step(flax, tx, schedule, config, mesh, shardings, data_sharding,
@@ -227,5 +235,5 @@ def build_trainer(config: Config, devices: list | None = None, *, model=None, lo
     `rngs -> nnx.Module`, or a `flax.linen.Module`) and `loss_fn(model, batch, rngs)`. A Linen model is
     initialized by running the loss on `example_batch` (arrays or jax.ShapeDtypeStruct, one global batch)."""
     devices = devices if devices is not None else jax.devices()
-    plan = plan_run(config, len(devices), builtin_model=model is None)
+    plan = plan_run(config, len(devices), builtin_model=model is None, device_kind=devices[0].device_kind)
     return build(plan, devices, model, loss_fn, example_batch)
