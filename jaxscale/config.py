@@ -19,6 +19,7 @@ from jaxscale.data import DataConfig, DataError
 from jaxscale.errors import ConfigError, check_range
 from jaxscale.model.config import ModelConfig, preset_values
 from jaxscale.parallel.plan import PipelineConfig, plan_from_config
+from jaxscale.posttrain.config import PosttrainConfig
 from jaxscale.presets import KINDS, find_preset, known_presets
 
 MESH_AXES = ("data", "pipeline", "fsdp", "tensor")  # outermost (slowest links) to innermost (fastest)
@@ -239,6 +240,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
+    posttrain: PosttrainConfig = field(default_factory=PosttrainConfig)
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
