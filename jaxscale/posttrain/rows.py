@@ -1,8 +1,8 @@
 """Tokenized fine-tuning examples as fixed-size rows, random-access sources for the trainer (`RecordData`).
 
-SFT: conversations are packed in file order into rows of seq_len + 1 tokens, as many as fit whole; each has its
-own segment id (attention stays inside it) and its loss mask beside the tokens; the rest of a row is padding
-with segment id 0 and mask 0. A conversation's first token is never a target, so no loss crosses from one
+SFT: conversations are packed whole into rows of seq_len + 1 tokens, each into the first of the newest rows with
+room for it; each has its own segment id (attention stays inside it) and its loss mask beside the tokens; the
+rest of a row is padding with segment id 0 and mask 0. A conversation's first token is never a target, so no loss crosses from one
 conversation into the next.
 DPO: one pair per row, the chosen and the rejected conversation each padded to seq_len + 1 tokens, with the
 reference model's log-probabilities of both responses (filled in by `attach_reference`).
@@ -14,6 +14,8 @@ import numpy as np
 from jaxscale.errors import ConfigError
 from jaxscale.posttrain.chat import TemplateError
 from jaxscale.posttrain.config import PosttrainConfig
+
+PACKING_WINDOW = 64  # rows still open for shorter conversations
 
 
 def encode(template, messages, where: str, row_tokens: int, truncate: str) -> tuple[np.ndarray, np.ndarray]:
@@ -42,13 +44,17 @@ class PackedConversations:
 
     def __init__(self, encoded: list[tuple[np.ndarray, np.ndarray]], row_tokens: int, pad_id: int):
         self.rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
-        used = row_tokens
+        free: list[int] = []  # tokens left in each row
         for ids, mask in encoded:
-            if used + len(ids) > row_tokens:
+            # first fit among the newest rows (a bounded search keeps packing linear in the examples)
+            start = max(0, len(free) - PACKING_WINDOW)
+            row = next((r for r in range(start, len(free)) if free[r] >= len(ids)), None)
+            if row is None:
+                row = len(free)
                 self.rows.append([])
-                used = 0
-            self.rows[-1].append((ids, mask))
-            used += len(ids)
+                free.append(row_tokens)
+            self.rows[row].append((ids, mask))
+            free[row] -= len(ids)
         self.row_tokens, self.pad_id = row_tokens, pad_id
         self.conversations = len(encoded)
 
