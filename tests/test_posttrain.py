@@ -47,7 +47,7 @@ def make_config(method: str, source: str, mesh: dict | None = None, style: str =
     return Config(model=ModelConfig.from_preset("tiny" if style == "gpt2" else "tiny-llama", seq_len=SEQ_LEN),
                   mesh=MeshConfig(**{"data": 1, **(mesh or {})}),
                   optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0),
-                  train=TrainConfig(steps=3, batch_size=8, compute_dtype="float32", eval_every=0),
+                  train=TrainConfig(steps=2, batch_size=8, compute_dtype="float32", eval_every=0),
                   posttrain=PosttrainConfig(method=method, source=source, validation_fraction=0.0, **posttrain))
 
 
@@ -128,17 +128,26 @@ def log_softmax_sum(logits, tokens, mask):
     return ((picked - lse) * np.asarray(mask)[:, 1:]).sum(-1)
 
 
-@pytest.mark.parametrize("settings", [dict(), dict(label_smoothing=0.2), dict(loss="ipo", beta=0.5)])
-def test_dpo_loss_margin_and_accuracy_equal_a_hand_computation(files, settings):
-    config = make_config("dpo", files["dpo"], **settings)
-    trainer, model = tiny_model(config)
+@pytest.fixture(scope="module")
+def pairs_and_model(files):
+    """A tiny model's parameters, four pairs, and the model's logits of both sides (jitted once)."""
+    config = make_config("dpo", files["dpo"])
+    trainer = build_trainer(config, jax.devices()[:1])
+    params = trainer.init_state().params
     pairs, _ = open_posttrain_data(config)
     batch = stacked(pairs, range(4))
     batch["reference_chosen"] = np.array([-40.0, -35.0, -30.0, -20.0], np.float32)
     batch["reference_rejected"] = np.array([-41.0, -30.0, -35.0, -19.0], np.float32)
-    loss, metrics = dpo_loss(config, "cpu")(model, batch, None)
-    policy = {side: log_softmax_sum(model(jnp.asarray(batch[f"{side}_tokens"])[:, :-1], None,
-                                          compute_dtype=jnp.float32), batch[f"{side}_tokens"], batch[f"{side}_mask"])
+    logits = jax.jit(lambda p, t: trainer.model.bind(p)(t[:, :-1], None, compute_dtype=jnp.float32))
+    return trainer, params, batch, {side: logits(params, batch[f"{side}_tokens"]) for side in ("chosen", "rejected")}
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(label_smoothing=0.2), dict(loss="ipo", beta=0.5)])
+def test_dpo_loss_margin_and_accuracy_equal_a_hand_computation(files, pairs_and_model, settings):
+    trainer, params, batch, logits = pairs_and_model
+    config = make_config("dpo", files["dpo"], **settings)
+    loss, metrics = jax.jit(lambda p, b: dpo_loss(config, "cpu")(trainer.model.bind(p), b, None))(params, batch)
+    policy = {side: log_softmax_sum(logits[side], batch[f"{side}_tokens"], batch[f"{side}_mask"])
               for side in ("chosen", "rejected")}
     chosen, rejected = policy["chosen"] - batch["reference_chosen"], policy["rejected"] - batch["reference_rejected"]
     h, beta, eps = chosen - rejected, config.posttrain.beta, config.posttrain.label_smoothing
@@ -150,6 +159,42 @@ def test_dpo_loss_margin_and_accuracy_equal_a_hand_computation(files, settings):
     assert float(metrics["reward_accuracy"]) == (h > 0).mean()
     assert 0 < (h > 0).mean() < 1  # the hand-picked references make both outcomes occur
     assert float(metrics["kl_to_reference"]) == pytest.approx((chosen + rejected).mean() / 2, rel=1e-5)
+
+
+def test_the_cached_reference_is_the_initial_policy_so_the_first_loss_is_log_2(files, pairs_and_model):
+    trainer, params, _, _ = pairs_and_model
+    pairs, _ = open_posttrain_data(trainer.config)
+    attach_reference(trainer, pairs)
+    batch = stacked(pairs, range(8))
+    loss, metrics = jax.jit(lambda p, b: dpo_loss(trainer.config, "cpu")(trainer.model.bind(p), b, None))(params, batch)
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(metrics["reward_margin"]) == pytest.approx(0, abs=1e-6)
+    assert float(metrics["kl_to_reference"]) == pytest.approx(0, abs=1e-5)
+    assert (pairs.reference < 0).all()  # log-probabilities of whole responses
+
+
+def resumed_losses(tmp_path, method, source, stops):
+    """Training rows' losses of a run trained to each step in `stops` in turn, resuming from its checkpoint."""
+    import jaxscale
+
+    rows = []
+    for steps in stops:
+        config = jaxscale.load_config("default", [
+            f"posttrain.method={method}", f"posttrain.source={source}", "posttrain.validation_fraction=0",
+            f"model.seq_len={SEQ_LEN}", "model.d_model=64", "model.n_layers=2", "mesh.data=2", "mesh.fsdp=2",
+            "mesh.tensor=2", f"train.steps={steps}", "train.batch_size=8", "train.log_every=1",
+            "train.eval_every=0", "train.progress=false", "checkpoint.every_steps=1", f"run_dir={tmp_path}"])
+        rows += [(r["step"], r["loss"]) for r in jaxscale.train(config).metrics if "loss" in r]
+    return rows
+
+
+@pytest.mark.slow  # about a minute each on the 2-core CPU machine
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_a_resumed_run_continues_exactly(files, tmp_path, method):
+    straight = resumed_losses(tmp_path / "straight", method, files[method], [4])
+    resumed = resumed_losses(tmp_path / "resumed", method, files[method], [2, 4])
+    assert [step for step, _ in resumed] == [1, 2, 3, 4]
+    np.testing.assert_array_equal(resumed, straight)
 
 
 def layout_run(config: Config, devices):
@@ -166,6 +211,7 @@ def layout_run(config: Config, devices):
     return out, getattr(rows, "reference", None)
 
 
+@pytest.mark.slow  # 2-4 minutes on the 2-core CPU machine: 4 layouts, each compiled
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_one_device_equals_data_fsdp_and_tensor_layouts(files, method):
     want, reference = layout_run(make_config(method, files[method]), jax.devices()[:1])
