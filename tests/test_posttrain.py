@@ -174,7 +174,8 @@ def test_the_cached_reference_is_the_initial_policy_so_the_first_loss_is_log_2(f
 
 
 def resumed_losses(tmp_path, method, source, stops):
-    """Training rows' losses of a run trained to each step in `stops` in turn, resuming from its checkpoint."""
+    """Training rows' losses of a run trained to each step in `stops` in turn, resuming from its checkpoint (a
+    constant learning rate: the schedule does not depend on train.steps)."""
     import jaxscale
 
     rows = []
@@ -182,7 +183,7 @@ def resumed_losses(tmp_path, method, source, stops):
         config = jaxscale.load_config("default", [
             f"posttrain.method={method}", f"posttrain.source={source}", "posttrain.validation_fraction=0",
             f"model.seq_len={SEQ_LEN}", "model.d_model=64", "model.n_layers=2", "mesh.data=2", "mesh.fsdp=2",
-            "mesh.tensor=2", f"train.steps={steps}", "train.batch_size=8", "train.log_every=1",
+            "mesh.tensor=2", "optimizer.warmup_steps=0", "optimizer.min_lr_ratio=1", f"train.steps={steps}", "train.batch_size=8", "train.log_every=1",
             "train.eval_every=0", "train.progress=false", "checkpoint.every_steps=1", f"run_dir={tmp_path}"])
         rows += [(r["step"], r["loss"]) for r in jaxscale.train(config).metrics if "loss" in r]
     return rows
