@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     sft, results["sft_s"], last = train_and_export("sft", [
         f"model.init_from=hf:{pretrained}", "posttrain.method=sft", f"posttrain.source={data['sft']}",
         f"train.steps={args.sft_steps}", f"train.eval_every={args.sft_steps}", "train.batch_size=16",
-        "optimizer.learning_rate=1e-3", "optimizer.warmup_steps=20"], work)
+        "optimizer.learning_rate=2e-3", "optimizer.warmup_steps=20"], work)
     results["sft_eval_loss"] = last.get("eval_loss")
     results["exact_match_sft"] = exact_match(sft, data["exact_match"])
     results["preference_accuracy_sft"] = preference_accuracy(sft, data["preferences"])
