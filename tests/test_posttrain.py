@@ -189,7 +189,7 @@ def resumed_losses(tmp_path, method, source, stops):
     return rows
 
 
-@pytest.mark.slow  # about a minute each on the 2-core CPU machine
+@pytest.mark.slow  # 4-6 minutes each on the shared 2-core CPU machine: four sessions of a run on 8 devices
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_a_resumed_run_continues_exactly(files, tmp_path, method):
     straight = resumed_losses(tmp_path / "straight", method, files[method], [4])
