@@ -10,6 +10,7 @@ answers to 200 held-out prompts, and how often the model gives the right answer 
 a higher probability than the wrong one.
 
     python examples/finetune_arithmetic.py [--work DIR] [--pretrain-steps 300 --sft-steps 400 --dpo-steps 150]
+                                           [--dpo-learning-rate 2e-4 --dpo-beta 0.1]
 """
 from __future__ import annotations
 
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--sft-steps", type=int, default=400)
     parser.add_argument("--dpo-steps", type=int, default=150)
+    parser.add_argument("--dpo-learning-rate", type=float, default=2e-4)
+    parser.add_argument("--dpo-beta", type=float, default=0.1)
     args = parser.parse_args(argv)
     work = Path(args.work)
     if work.exists():
@@ -142,8 +145,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     dpo, results["dpo_s"], last = train_and_export("dpo", [
         f"model.init_from=hf:{sft}", "posttrain.method=dpo", f"posttrain.source={data['dpo']}",
-        "posttrain.beta=0.1", f"train.steps={args.dpo_steps}", f"train.eval_every={args.dpo_steps}",
-        "train.batch_size=16", "optimizer.learning_rate=2e-4", "optimizer.warmup_steps=10"], work)
+        f"posttrain.beta={args.dpo_beta}", f"train.steps={args.dpo_steps}", f"train.eval_every={args.dpo_steps}",
+        "train.batch_size=16", f"optimizer.learning_rate={args.dpo_learning_rate}", "optimizer.warmup_steps=10"],
+        work)
     results["dpo_eval_reward_accuracy"] = last.get("eval_reward_accuracy")
     results["exact_match_dpo"] = exact_match(dpo, data["exact_match"])
     results["preference_accuracy_dpo"] = preference_accuracy(dpo, data["preferences"])
