@@ -22,6 +22,7 @@ from jaxscale.observe.profile import ProfileConfig
 from jaxscale.observe.stragglers import StragglerConfig
 from jaxscale.observe.trackers import TrackingConfig
 from jaxscale.parallel.plan import PipelineConfig, plan_from_config
+from jaxscale.posttrain.config import PosttrainConfig
 from jaxscale.presets import KINDS, find_preset, known_presets
 from jaxscale.remat import parse_remat
 
@@ -250,6 +251,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
+    posttrain: PosttrainConfig = field(default_factory=PosttrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # jaxscale/observe/
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     stragglers: StragglerConfig = field(default_factory=StragglerConfig)

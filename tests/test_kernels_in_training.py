@@ -85,7 +85,7 @@ def test_cross_entropy_kernel_without_gradient_on_a_mesh():
 
     def loss(logits, targets):
         with activation_rules(mesh(data=8), RULES):
-            return loss_module.kernel_cross_entropy(logits, targets, row_layout(loss_module.LOGITS))
+            return loss_module.kernel_cross_entropy(logits, targets, None, row_layout(loss_module.LOGITS))
 
     np.testing.assert_allclose(jax.jit(loss)(logits, targets), loss_module.fused_cross_entropy(logits, targets),
                                rtol=1e-6)

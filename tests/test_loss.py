@@ -41,7 +41,7 @@ def test_value_and_gradient_match_the_plain_formula(shift):
 def test_kernel_matches_the_plain_formula_and_the_xla_form(shift):
     logits, targets = sample(shift, (3, 7), 1000)  # 21 rows, 1000 columns: partial blocks both ways below
     one_device = RowKernelLayout(None, PartitionSpec())
-    kernel = lambda logits, targets: kernel_cross_entropy(logits, targets, one_device)  # noqa: E731
+    kernel = lambda logits, targets: kernel_cross_entropy(logits, targets, None, one_device)  # noqa: E731
     assert_matches_plain(kernel, logits, targets)
     np.testing.assert_array_equal(kernel(logits, targets), fused_cross_entropy(logits, targets))  # no gradient
     want = jax.grad(fused_cross_entropy)(logits, targets)
@@ -62,3 +62,24 @@ def test_vocabulary_split_over_devices_gives_the_same_loss_and_gradient():
     want_loss, want_grad = jax.value_and_grad(cross_entropy)(logits, targets)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     np.testing.assert_array_equal(grad, want_grad)
+
+
+def test_weighted_mean_matches_the_plain_formula_in_both_forms():
+    """A loss mask: sum(w * loss) / sum(w), value and gradient, by the XLA form and by the kernel."""
+    logits, targets = sample(0.0, (3, 7), 200)
+    weights = (jax.random.uniform(jax.random.key(2), targets.shape) < 0.5).astype(jnp.float32)
+
+    def plain(logits, targets):
+        x = logits.astype(jnp.float32)
+        losses = jax.nn.logsumexp(x, -1) - jnp.take_along_axis(x, targets[..., None], -1)[..., 0]
+        return jnp.sum(losses * weights) / jnp.sum(weights)
+
+    want_loss, want_grad = jax.value_and_grad(plain)(logits, targets)
+    one_device = RowKernelLayout(None, PartitionSpec())
+    for loss_fn in (lambda x, t: fused_cross_entropy(x, t, weights),
+                    lambda x, t: kernel_cross_entropy(x, t, weights, one_device)):
+        loss, grad = jax.value_and_grad(loss_fn)(logits, targets)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+        np.testing.assert_allclose(grad.astype(jnp.float32), want_grad.astype(jnp.float32),
+                                   atol=float(jnp.abs(want_grad.astype(jnp.float32)).max()) / 128)
+        assert not np.asarray(grad.astype(jnp.float32))[np.asarray(weights) == 0].any()  # masked rows: no gradient

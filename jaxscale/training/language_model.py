@@ -26,11 +26,16 @@ def builtin_factory(config: Config):
     return transformer_factory(config.model, jnp.dtype(config.train.param_dtype), config.optimizer.decay_embeddings)
 
 
+def model_options(config: Config, platform: str) -> dict:
+    """The built-in decoder's call options: the config's compute dtype (on `platform`), remat, scan and pipeline
+    settings."""
+    return dict(compute_dtype=compute_dtype_for(config, platform), remat=config.train.remat,
+                scan_unroll=config.train.scan_unroll, pipeline=config.pipeline)
+
+
 def next_token_loss(config: Config, platform: str) -> LossFn:
-    """Cross entropy of each next token, run with the config's compute dtype (on `platform`), remat, scan and
-    pipeline settings."""
-    options = dict(compute_dtype=compute_dtype_for(config, platform), remat=config.train.remat,
-                   scan_unroll=config.train.scan_unroll, pipeline=config.pipeline)
+    """Cross entropy of each next token, run with the config's options (`model_options`)."""
+    options = model_options(config, platform)
     use_segments = config.data.document_masking
 
     def loss_fn(model, batch, rngs):

@@ -36,6 +36,7 @@ from jaxscale.observe.profile import StepProfiler
 from jaxscale.observe.stragglers import StragglerMonitor
 from jaxscale.observe.trackers import Trackers
 from jaxscale.parallel import describe_plan, plan_from_config
+from jaxscale.posttrain.prepare import attach_reference, open_posttrain_data
 from jaxscale.training.events import log_event, read_metrics
 from jaxscale.training.guards import GuardEvent, GuardMonitor
 from jaxscale.training.language_model import lm_batch_spec
@@ -123,6 +124,8 @@ def tokens_per_step(config: Config, example: dict | None) -> int:
     tokens = example.get("tokens")
     if tokens is not None and len(tokens.shape) == 2:
         return tokens.shape[0] * (tokens.shape[1] - 1)
+    if "chosen_tokens" in example:  # preference pairs: both sequences of each pair are run
+        return 2 * example["chosen_tokens"].shape[0] * (example["chosen_tokens"].shape[1] - 1)
     return config.train.batch_size
 
 
@@ -222,13 +225,17 @@ def prepare(config: Config, model, loss_fn: LossFn | None, data, eval_data) -> R
     newest = newest_metadata(config)
     plan = plan_run(config, jax.device_count(), builtin_model=builtin,
                     checkpoint_per_device_batch=newest.per_device_batch if newest else None)
-    dataset = open_data(plan.config, data, eval_data, builtin)
     config = plan.config
+    if config.posttrain.method != "none":
+        data, eval_data = posttrain_data(config, model, data, eval_data)
+    dataset = open_data(config, data, eval_data, builtin)
     example = None
     if data is not None:
         example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
                    for k, v in dataset.example_batch(config.train.batch_size).items()}
     trainer = build(plan, jax.devices(), model, loss_fn, example)
+    if config.posttrain.method == "dpo" and loss_fn is None:
+        attach_reference(trainer, data, eval_data)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.data_sharding)
                       for k, v in (example or lm_batch_spec(config)).items()}
     compile_started = time.perf_counter()
@@ -263,6 +270,14 @@ def check_memory(compiled, plan) -> None:
         return nearest_fitting(config, jax.device_count(), rates, limit, step_memory(compiled).device_bytes)
 
     check_step_memory(compiled, device, config.train.memory_limit_gb, config.name, fitting_plans)
+
+
+def posttrain_data(config: Config, model, data, eval_data):
+    """The rows of posttrain.method's data, for the built-in decoder; a user's model or data is refused."""
+    if model is not None or data is not None or eval_data is not None:
+        raise ConfigError(f"posttrain.method={config.posttrain.method} fine-tunes the built-in decoder on "
+                          f"posttrain.source; pass no model or data, or set posttrain.method=none")
+    return open_posttrain_data(config)
 
 
 def newest_metadata(config: Config):

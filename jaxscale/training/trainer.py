@@ -176,10 +176,13 @@ def run_info(plan: RunPlan, skipped_batches, data_rows: int) -> RunInfo:
 
 
 def resolve_model(config: Config, model, loss_fn: LossFn | None, example_batch, platform: str) -> FlaxModel:
-    """The model the run trains: the built-in decoder unless `model` is given; next-token cross entropy unless
-    `loss_fn` is given. `platform`: that of the devices the step is compiled for."""
+    """The model the run trains: the built-in decoder unless `model` is given; next-token cross entropy (or the
+    loss of posttrain.method) unless `loss_fn` is given. `platform`: that of the devices the step is compiled for."""
     if model is None:
-        return flax_model(builtin_factory(config), loss_fn or next_token_loss(config, platform), example_batch)
+        from jaxscale.posttrain.prepare import posttrain_loss
+
+        loss_fn = loss_fn or posttrain_loss(config, platform) or next_token_loss(config, platform)
+        return flax_model(builtin_factory(config), loss_fn, example_batch)
     return flax_model(model, loss_fn or plain_next_token_loss, example_batch)
 
 

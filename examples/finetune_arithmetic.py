@@ -1,0 +1,162 @@
+"""Fine-tuning a small pretrained jaxscale model to add two-digit numbers: SFT, then DPO.
+
+Everything is made here, offline, in --work (default runs/finetune_arithmetic):
+  1. pretrain: the default experiment's 0.9M-parameter GPT-2-style model on the built-in corpus (byte tokens),
+     exported as a Hugging Face directory (jaxscale.hf.export)
+  2. SFT on "07+42=" -> "049" pairs (posttrain.method=sft, model.init_from=hf:<pretrained>), exported
+  3. DPO on (prompt, right answer, wrong answer) triples (posttrain.method=dpo, model.init_from=hf:<SFT model>)
+Sums of 400 held-out number pairs are never trained on. Measured on each model: exact-match accuracy of greedy
+answers to 200 held-out prompts, and how often the model gives the right answer of 200 held-out preference pairs
+a higher probability than the wrong one.
+
+    python examples/finetune_arithmetic.py [--work DIR] [--pretrain-steps 300 --sft-steps 400 --dpo-steps 150]
+                                           [--dpo-learning-rate 2e-4 --dpo-beta 0.1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxscale
+import jaxscale.hf
+from jaxscale.data.tokenizers import ByteTokenizer
+from jaxscale.posttrain.chat import BuiltinTemplate
+
+HELD_OUT = 400  # number pairs kept out of training: the first half for exact match, the rest for preferences
+
+
+def problem(a: int, b: int) -> tuple[str, str]:
+    return f"{a:02d}+{b:02d}=", f"{a + b:03d}"
+
+
+def wrong_answer(a: int, b: int, rng: random.Random) -> str:
+    """A near miss: one digit of the sum off by one (the mistakes a half-trained model makes)."""
+    digits = list(f"{a + b:03d}")
+    i = rng.randrange(3)
+    digits[i] = str((int(digits[i]) + rng.choice([1, 9])) % 10)
+    return "".join(digits)
+
+
+def write_data(work: Path, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(100) for b in range(100)]
+    rng.shuffle(pairs)
+    held, train = pairs[:HELD_OUT], pairs[HELD_OUT:]
+
+    def jsonl(name, records):
+        path = work / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return str(path)
+
+    def preference(a, b):
+        prompt, answer = problem(a, b)
+        return {"prompt": prompt, "chosen": answer, "rejected": wrong_answer(a, b, rng)}
+
+    return {
+        "sft": jsonl("sft.jsonl", [dict(zip(("prompt", "response"), problem(a, b))) for a, b in train[:4000]]),
+        "dpo": jsonl("dpo.jsonl", [preference(a, b) for a, b in train[4000:6000]]),
+        "exact_match": held[:HELD_OUT // 2],
+        "preferences": [preference(a, b) for a, b in held[HELD_OUT // 2:]],
+    }
+
+
+def exact_match(model_dir: Path, pairs: list[tuple[int, int]]) -> float:
+    """Share of prompts whose greedy 3-digit answer is the sum."""
+    model, params = jaxscale.hf.load(model_dir)
+    template = BuiltinTemplate(ByteTokenizer())
+    prompts = np.stack([template.generation_prompt([{"role": "user", "content": problem(a, b)[0]}])
+                        for a, b in pairs])
+    next_token = jax.jit(lambda p, t: jnp.argmax(model.apply(p, t)[:, -1, :model.cfg.vocab_size], -1))
+    tokens = jnp.asarray(prompts)
+    for _ in range(3):
+        tokens = jnp.concatenate([tokens, next_token(params, tokens)[:, None].astype(tokens.dtype)], 1)
+    answers = [ByteTokenizer().decode(row) for row in np.asarray(tokens[:, -3:]).tolist()]
+    return float(np.mean([answer == problem(a, b)[1] for answer, (a, b) in zip(answers, pairs)]))
+
+
+def preference_accuracy(model_dir: Path, preferences: list[dict]) -> float:
+    """Share of pairs where the model gives the right answer a higher log-probability than the wrong one."""
+    model, params = jaxscale.hf.load(model_dir)
+    template = BuiltinTemplate(ByteTokenizer())
+
+    def encoded(side):
+        out = [template.tokenize([{"role": "user", "content": p["prompt"]},
+                                  {"role": "assistant", "content": p[side]}]) for p in preferences]
+        return jnp.asarray(np.stack([ids for ids, _ in out])), jnp.asarray(np.stack([mask for _, mask in out]))
+
+    @jax.jit
+    def log_probs(params, tokens, mask):
+        logits = model.apply(params, tokens[:, :-1])[..., :model.cfg.vocab_size]
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[:, 1:, None], -1)[..., 0]
+        return jnp.sum(picked * mask[:, 1:], -1)
+
+    chosen, rejected = (log_probs(params, *encoded(side)) for side in ("chosen", "rejected"))
+    return float(jnp.mean(chosen > rejected))
+
+
+def train_and_export(name: str, overrides: list[str], work: Path) -> tuple[Path, float, dict]:
+    """Train the run work/<name> and export it to work/<name>-hf; (that directory, seconds, last metrics)."""
+    run_dir, out = work / name, work / f"{name}-hf"
+    config = jaxscale.load_config("default", [f"run_dir={run_dir}", "train.progress=false", *overrides])
+    started = time.perf_counter()
+    result = jaxscale.train(config)
+    seconds = time.perf_counter() - started
+    shutil.rmtree(out, ignore_errors=True)
+    jaxscale.hf.export(run_dir, out)
+    last = {k: v for row in result.metrics for k, v in row.items()}
+    return out, seconds, last
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", default="runs/finetune_arithmetic")
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--sft-steps", type=int, default=400)
+    parser.add_argument("--dpo-steps", type=int, default=150)
+    parser.add_argument("--dpo-learning-rate", type=float, default=2e-4)
+    parser.add_argument("--dpo-beta", type=float, default=0.1)
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    if work.exists():
+        shutil.rmtree(work)  # a fresh run each time: the runs here would otherwise resume
+    work.mkdir(parents=True)
+    data = write_data(work)
+    results: dict = {}
+
+    pretrained, results["pretrain_s"], _ = train_and_export(
+        "pretrain", [f"train.steps={args.pretrain_steps}", "train.eval_every=0"], work)
+    results["exact_match_pretrained"] = exact_match(pretrained, data["exact_match"])
+
+    sft, results["sft_s"], last = train_and_export("sft", [
+        f"model.init_from=hf:{pretrained}", "posttrain.method=sft", f"posttrain.source={data['sft']}",
+        f"train.steps={args.sft_steps}", f"train.eval_every={args.sft_steps}", "train.batch_size=16",
+        "optimizer.learning_rate=2e-3", "optimizer.warmup_steps=20"], work)
+    results["sft_eval_loss"] = last.get("eval_loss")
+    results["exact_match_sft"] = exact_match(sft, data["exact_match"])
+    results["preference_accuracy_sft"] = preference_accuracy(sft, data["preferences"])
+
+    dpo, results["dpo_s"], last = train_and_export("dpo", [
+        f"model.init_from=hf:{sft}", "posttrain.method=dpo", f"posttrain.source={data['dpo']}",
+        f"posttrain.beta={args.dpo_beta}", f"train.steps={args.dpo_steps}", f"train.eval_every={args.dpo_steps}",
+        "train.batch_size=16", f"optimizer.learning_rate={args.dpo_learning_rate}", "optimizer.warmup_steps=10"],
+        work)
+    results["dpo_eval_reward_accuracy"] = last.get("eval_reward_accuracy")
+    results["exact_match_dpo"] = exact_match(dpo, data["exact_match"])
+    results["preference_accuracy_dpo"] = preference_accuracy(dpo, data["preferences"])
+
+    (work / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    for key, value in results.items():
+        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Fine-tuning: the SFT loss mask and packing, the DPO loss against a hand computation, the same numbers on every
+mesh layout, and bad data named by file and line."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxscale.cli import main
+from jaxscale.config import Config, MeshConfig, OptimizerConfig, TrainConfig
+from jaxscale.data.tokenizers import ByteTokenizer
+from jaxscale.errors import ConfigError
+from jaxscale.model import ModelConfig
+from jaxscale.posttrain.chat import BuiltinTemplate, load_template
+from jaxscale.posttrain.config import PosttrainConfig
+from jaxscale.posttrain.losses import dpo_loss, sft_loss
+from jaxscale.posttrain.prepare import attach_reference, open_posttrain_data
+from jaxscale.posttrain.rows import build_rows
+from jaxscale.training import build_trainer
+from jaxscale.training.loss import cross_entropy
+
+SEQ_LEN = 64
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("posttrain")
+    sft, dpo = [], []
+    for i in range(64):
+        a, b = (int(x) for x in rng.integers(0, 100, 2))
+        sft.append({"prompt": f"{a}+{b}=", "response": str(a + b)} if i % 2 else
+                   {"messages": [{"role": "system", "content": "add"}, {"role": "user", "content": f"{a}+{b}="},
+                                 {"role": "assistant", "content": str(a + b)}]})
+        dpo.append({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)})
+    return {"sft": write_jsonl(root / "sft.jsonl", sft), "dpo": write_jsonl(root / "dpo.jsonl", dpo)}
+
+
+def make_config(method: str, source: str, mesh: dict | None = None, style: str = "gpt2", **posttrain) -> Config:
+    return Config(model=ModelConfig.from_preset("tiny" if style == "gpt2" else "tiny-llama", seq_len=SEQ_LEN),
+                  mesh=MeshConfig(**{"data": 1, **(mesh or {})}),
+                  optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0),
+                  train=TrainConfig(steps=2, batch_size=8, compute_dtype="float32", eval_every=0),
+                  posttrain=PosttrainConfig(method=method, source=source, validation_fraction=0.0, **posttrain))
+
+
+def stacked(rows, indices):
+    return {k: np.stack([rows[i][k] for i in indices]) for k in rows[0]}
+
+
+def test_the_builtin_template_trains_on_the_assistant_content_and_its_end_only():
+    template = BuiltinTemplate(ByteTokenizer())
+    ids, mask = template.tokenize([{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}])
+    assert bytes(ids[ids < 256].tolist()).decode() == "user: 2+2=\nassistant: 4"
+    assert ids[mask].tolist() == [ord("4"), ByteTokenizer.eos_id]  # the answer and the end-of-turn token
+
+
+def test_a_jinja_chat_template_masks_each_assistant_turn(tmp_path):
+    template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}"
+                "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "</s>"}))
+    chat = load_template(f"hf:{tmp_path}", ByteTokenizer())
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                {"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}]
+    ids, mask = chat.tokenize(messages)
+    assert bytes(ids.tolist()).decode() == "<|user|>hi\n<|assistant|>yo</s>\n<|user|>2+2=\n<|assistant|>4</s>\n"
+    assert bytes(ids[mask].tolist()).decode() == "yo</s>\n4</s>\n"
+    assert bytes(chat.generation_prompt(messages[:1]).tolist()).decode() == "<|user|>hi\n<|assistant|>"
+
+
+def sft_rows(files, **posttrain):
+    cfg = make_config("sft", files["sft"], **posttrain).posttrain
+    rows, _ = build_rows(cfg, BuiltinTemplate(ByteTokenizer()), SEQ_LEN + 1, ByteTokenizer.eos_id)
+    return rows
+
+
+def test_packed_rows_keep_each_conversation_apart(files):
+    rows = sft_rows(files)
+    row = rows[0]
+    segments = row["segment_ids"]
+    assert segments.max() >= 2  # several conversations share the row
+    starts = np.flatnonzero(np.diff(segments) != 0) + 1
+    assert not row["loss_mask"][starts].any()  # a conversation's first token is never a target
+    assert not row["loss_mask"][segments == 0].any()  # nor padding
+    assert rows.conversations == 64
+
+
+def tiny_model(config):
+    trainer = build_trainer(config, jax.devices()[:1])
+    params = trainer.init_state().params
+    return trainer, trainer.model.bind(params)
+
+
+def test_no_loss_comes_from_prompt_targets_and_no_attention_crosses_conversations(files):
+    config = make_config("sft", files["sft"])
+    trainer, model = tiny_model(config)
+    row = sft_rows(files)[0]
+    tokens, segments, mask = (jnp.asarray(row[k])[None] for k in ("tokens", "segment_ids", "loss_mask"))
+    logits = model(tokens[:, :-1], segments[:, :-1], compute_dtype=jnp.float32)
+    targets, weights = tokens[:, 1:], mask[:, 1:]
+    changed = jnp.where(weights == 0, (targets + 7) % 256, targets)  # every prompt target different
+    assert not np.array_equal(changed, targets)
+    assert float(cross_entropy(logits, changed, weights)) == float(cross_entropy(logits, targets, weights))
+    loss, metrics = sft_loss(config, "cpu")(model, {k: v[None] for k, v in row.items()}, None)
+    assert float(loss) == float(cross_entropy(logits, targets, weights))
+    assert float(metrics["trained_fraction"]) == pytest.approx(float(weights.mean()))
+    # the first conversation's tokens changed: the second one's logits stay exactly the same
+    first = segments[0, :-1] == 1
+    other = tokens.at[0, 1:int(first.sum())].set((tokens[0, 1:int(first.sum())] + 1) % 256)
+    other_logits = model(other[:, :-1], segments[:, :-1], compute_dtype=jnp.float32)
+    second = np.asarray(segments[0, :-1] == 2)
+    np.testing.assert_array_equal(other_logits[0][second], logits[0][second])
+    assert not np.allclose(other_logits[0][np.asarray(first)], logits[0][np.asarray(first)])
+
+
+def log_softmax_sum(logits, tokens, mask):
+    """By hand, in float64: sum over the masked targets of log softmax(logits)[target]."""
+    x = np.asarray(logits, np.float64)
+    lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    picked = np.take_along_axis(x, np.asarray(tokens)[:, 1:, None], -1)[..., 0]
+    return ((picked - lse) * np.asarray(mask)[:, 1:]).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def pairs_and_model(files):
+    """A tiny model's parameters, four pairs, and the model's logits of both sides (jitted once)."""
+    config = make_config("dpo", files["dpo"])
+    trainer = build_trainer(config, jax.devices()[:1])
+    params = trainer.init_state().params
+    pairs, _ = open_posttrain_data(config)
+    batch = stacked(pairs, range(4))
+    batch["reference_chosen"] = np.array([-40.0, -35.0, -30.0, -20.0], np.float32)
+    batch["reference_rejected"] = np.array([-41.0, -30.0, -35.0, -19.0], np.float32)
+    logits = jax.jit(lambda p, t: trainer.model.bind(p)(t[:, :-1], None, compute_dtype=jnp.float32))
+    return trainer, params, batch, {side: logits(params, batch[f"{side}_tokens"]) for side in ("chosen", "rejected")}
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(label_smoothing=0.2), dict(loss="ipo", beta=0.5)])
+def test_dpo_loss_margin_and_accuracy_equal_a_hand_computation(files, pairs_and_model, settings):
+    trainer, params, batch, logits = pairs_and_model
+    config = make_config("dpo", files["dpo"], **settings)
+    loss, metrics = jax.jit(lambda p, b: dpo_loss(config, "cpu")(trainer.model.bind(p), b, None))(params, batch)
+    policy = {side: log_softmax_sum(logits[side], batch[f"{side}_tokens"], batch[f"{side}_mask"])
+              for side in ("chosen", "rejected")}
+    chosen, rejected = policy["chosen"] - batch["reference_chosen"], policy["rejected"] - batch["reference_rejected"]
+    h, beta, eps = chosen - rejected, config.posttrain.beta, config.posttrain.label_smoothing
+    log_sigmoid = lambda x: -np.log1p(np.exp(-x))  # noqa: E731
+    want = ((h - 1 / (2 * beta)) ** 2 if config.posttrain.loss == "ipo"
+            else -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h)).mean()
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert float(metrics["reward_margin"]) == pytest.approx((beta * h).mean(), rel=1e-5, abs=1e-6)
+    assert float(metrics["reward_accuracy"]) == (h > 0).mean()
+    assert 0 < (h > 0).mean() < 1  # the hand-picked references make both outcomes occur
+    assert float(metrics["kl_to_reference"]) == pytest.approx((chosen + rejected).mean() / 2, rel=1e-5)
+
+
+def test_the_cached_reference_is_the_initial_policy_so_the_first_loss_is_log_2(files, pairs_and_model):
+    trainer, params, _, _ = pairs_and_model
+    pairs, _ = open_posttrain_data(trainer.config)
+    attach_reference(trainer, pairs)
+    batch = stacked(pairs, range(8))
+    loss, metrics = jax.jit(lambda p, b: dpo_loss(trainer.config, "cpu")(trainer.model.bind(p), b, None))(params, batch)
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(metrics["reward_margin"]) == pytest.approx(0, abs=1e-6)
+    assert float(metrics["kl_to_reference"]) == pytest.approx(0, abs=1e-5)
+    assert (pairs.reference < 0).all()  # log-probabilities of whole responses
+
+
+def resumed_losses(tmp_path, method, source, stops):
+    """Training rows' losses of a run trained to each step in `stops` in turn, resuming from its checkpoint (a
+    constant learning rate: the schedule does not depend on train.steps)."""
+    import jaxscale
+
+    rows = []
+    for steps in stops:
+        config = jaxscale.load_config("default", [
+            f"posttrain.method={method}", f"posttrain.source={source}", "posttrain.validation_fraction=0",
+            f"model.seq_len={SEQ_LEN}", "model.d_model=64", "model.n_layers=2", "mesh.data=2", "mesh.fsdp=2",
+            "mesh.tensor=2", "optimizer.warmup_steps=0", "optimizer.min_lr_ratio=1", f"train.steps={steps}", "train.batch_size=8", "train.log_every=1",
+            "train.eval_every=0", "train.progress=false", "checkpoint.every_steps=1", f"run_dir={tmp_path}"])
+        rows += [(r["step"], r["loss"]) for r in jaxscale.train(config).metrics if "loss" in r]
+    return rows
+
+
+@pytest.mark.slow  # 4-6 minutes each on the shared 2-core CPU machine: four sessions of a run on 8 devices
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_a_resumed_run_continues_exactly(files, tmp_path, method):
+    straight = resumed_losses(tmp_path / "straight", method, files[method], [4])
+    resumed = resumed_losses(tmp_path / "resumed", method, files[method], [2, 4])
+    assert [step for step, _ in resumed] == [1, 2, 3, 4]
+    np.testing.assert_array_equal(resumed, straight)
+
+
+def layout_run(config: Config, devices):
+    """(loss, gradient norm) per step and the reference values, on `devices`."""
+    trainer = build_trainer(config, devices)
+    rows, _ = open_posttrain_data(config)
+    if config.posttrain.method == "dpo":
+        attach_reference(trainer, rows)
+    state, out = trainer.init_state(), []
+    for step in range(config.train.steps):
+        batch = stacked(rows, range(step * 8, step * 8 + 8))
+        state, metrics = trainer.train_step(state, jax.device_put(batch, trainer.data_sharding))
+        out.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+    return out, getattr(rows, "reference", None)
+
+
+@pytest.mark.slow  # 2-4 minutes on the 2-core CPU machine: 4 layouts, each compiled
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_one_device_equals_data_fsdp_and_tensor_layouts(files, method):
+    want, reference = layout_run(make_config(method, files[method]), jax.devices()[:1])
+    if method == "dpo":
+        assert want[0][0] == pytest.approx(math.log(2), abs=1e-6)  # the policy is the reference at step 0
+    for mesh in ({"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}):
+        got, got_reference = layout_run(make_config(method, files[method], mesh), jax.devices())
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        if method == "dpo":
+            np.testing.assert_allclose(got_reference, reference, rtol=1e-5)
+
+
+BAD = [
+    ("sft", {"messages": [{"content": "hi"}, {"role": "assistant", "content": "4"}]}, "messages[0] has no 'role'"),
+    ("sft", {"prompt": "2+2="}, "no 'response' field"),
+    ("sft", {"prompt": "2+2=", "response": "  "}, "'response' must be a non-empty string"),
+    ("sft", {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]},
+     "empty assistant response"),
+    ("sft", {"prompt": "x" * 80, "response": "4"}, "longer than a row of seq_len + 1 = 65; set posttrain.truncate"),
+    ("dpo", {"prompt": "2+2=", "chosen": "4"}, "no 'rejected' field"),
+    ("sft", {"messages": [{"role": "tool", "content": "x"}]}, "role 'tool'"),
+]
+
+
+@pytest.mark.parametrize("method, record, message", BAD)
+def test_bad_examples_are_named_by_file_and_line_with_exit_code_2(tmp_path, capsys, method, record, message):
+    good = {"prompt": "1+1=", "response": "2"} if method == "sft" else {"prompt": "1+1=", "chosen": "2",
+                                                                        "rejected": "3"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, good, record])
+    code = main(["train", "default", "--set", f"posttrain.method={method}", "--set", f"posttrain.source={path}",
+                 "--set", f"model.seq_len={SEQ_LEN}", "--set", f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{path}:3" in err and message in err
+    assert not (tmp_path / "run").exists()  # nothing written before every check has passed
+
+
+def test_truncation_keeps_the_end_or_the_start(files, tmp_path):
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 80, "response": "42"}])
+    template = BuiltinTemplate(ByteTokenizer())
+    for rule, kept in (("prompt", "42"), ("end", None)):
+        cfg = make_config("sft", long, truncate=rule).posttrain
+        if kept is None:  # the response was cut off: nothing to train on is an error too
+            with pytest.raises(ConfigError, match="long.jsonl:1: no assistant token left"):
+                build_rows(cfg, template, SEQ_LEN + 1, ByteTokenizer.eos_id)
+            continue
+        rows, _ = build_rows(cfg, template, SEQ_LEN + 1, ByteTokenizer.eos_id)
+        row = rows[0]
+        assert (row["segment_ids"] == 1).all()
+        assert bytes(row["tokens"][row["loss_mask"] == 1][:-1].tolist()).decode() == kept
+
+
+def test_a_template_that_fails_to_render_is_named_with_the_example(tmp_path):
+    template = "{% if messages[0].role != 'user' %}{{ raise_exception('must start with user') }}{% endif %}x"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    source = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "system", "content": "s"},
+                                                              {"role": "assistant", "content": "4"}]}])
+    cfg = make_config("sft", source).posttrain
+    with pytest.raises(ConfigError, match=r"c.jsonl:1: the chat template failed to render .*must start with user"):
+        build_rows(cfg, load_template(str(tmp_path / "tokenizer_config.json"), ByteTokenizer()), 65, 256)
