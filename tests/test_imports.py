@@ -27,7 +27,7 @@ def loaded_after(code: str) -> list[str]:
 
 
 @pytest.mark.parametrize("code", ["import jaxscale", "import jaxscale.data",
-                                  "import jaxscale.training.curves, jaxscale.cost.cli, jaxscale.scaling.cli"])
+                                  "import jaxscale.training.curves, jaxscale.cost.estimate, jaxscale.scaling.sweep"])
 def test_package_and_light_modules_load_neither_jax_nor_optional_packages(code):
     assert loaded_after(code) == []
 
