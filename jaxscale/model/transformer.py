@@ -13,10 +13,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxscale.kernels import attention
+from jaxscale.kernels.gelu import bias_gelu
+from jaxscale.kernels.norm import norm
 from jaxscale.model.config import ModelConfig
 from jaxscale.model.embedding import embedding_lookup
-from jaxscale.model.gelu import bias_gelu
-from jaxscale.model.norm import norm
 from jaxscale.parallel import PipelineConfig, run_layers
 from jaxscale.sharding import constrain
 
