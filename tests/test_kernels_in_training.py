@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_equivalence import assert_same, make_config, reference, run
+from helpers import assert_same, make_config, reference, run
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxscale.kernels import cross_entropy as loss_module
