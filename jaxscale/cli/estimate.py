@@ -25,8 +25,8 @@ from jaxscale.cost.memory import (
     state_shard_count,
     training_memory,
 )
-from jaxscale.cost.metrics import measured_mfu
 from jaxscale.errors import ConfigError
+from jaxscale.training.events import measured_mfu
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from jaxscale.hf import exporter
-from jaxscale.hf.exporter import export
+from jaxscale.training import hf_export
+from jaxscale.training.hf_export import export
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("export", help="write a run's checkpoint as a Hugging Face model directory",
-                                   description=exporter.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=hf_export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="the run's directory (holds config.yaml and checkpoints/)")
     parser.add_argument("--hf", required=True, metavar="OUT_DIR",
                         help="where to write config.json, *.safetensors and the tokenizer files (must not exist)")
