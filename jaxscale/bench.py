@@ -20,8 +20,8 @@ from pathlib import Path
 
 import jax
 
-from jaxscale.checkpointing.store import any_process
 from jaxscale.config import Config
+from jaxscale.distributed import any_process
 from jaxscale.errors import ConfigError
 from jaxscale.kernels import traced_kernels
 from jaxscale.trace_summary import summarize

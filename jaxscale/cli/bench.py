@@ -14,9 +14,9 @@ from jaxscale.bench import (
     check_out_file,
     run_bench,
 )
-from jaxscale.checkpointing.store import any_process
 from jaxscale.cli.arguments import add_config_arguments, add_distributed_arguments, initialize_distributed
 from jaxscale.config import load_config
+from jaxscale.distributed import any_process
 from jaxscale.errors import ConfigError
 from jaxscale.trace_summary import DeviceTime, format_summary
 from jaxscale.training.rows import encode_row
