@@ -4,10 +4,10 @@ It builds the same trainer `jaxscale train` uses and feeds it the same data load
 step. Steps are timed in windows that end with a device sync, so asynchronous dispatch cannot flatter the
 numbers, and the median window is reported.
 
-Timing starts only after the warm-up has also run for `warmup_s` seconds. A GPU runs at its top clock until the
-board's power average reaches the cap, a second or two: an H200 (700 W cap) trained gpt2-124m at 1980 MHz at
-first and at about 1600 MHz sustained, and windows timed right after compiling read 3-4% faster than sustained
-ones (BENCHMARKS.md). A training run lives at the sustained clock, so that is what is reported.
+Timing starts only after the warm-up has also run for `warmup_s` seconds: a GPU runs at its top clock until the
+board's power average reaches the cap (a second or two), and windows timed right after compiling read faster
+than sustained ones (BENCHMARKS.md, History). A training run lives at the sustained clock, so that is what is
+reported.
 """
 from __future__ import annotations
 
@@ -35,11 +35,10 @@ def peak_memory_bytes() -> int | None:
     return stats.get("peak_bytes_in_use") if stats else None
 
 
-ACCELERATOR_WARMUP_S = 10.0  # several times the power-cap settling time measured on an H200
+ACCELERATOR_WARMUP_S = 10.0  # several times the power-cap settling time measured
 # Profiled steps follow the last window's sync and the profiler's start, an idle moment in which a power-capped
-# GPU's clock recovers: the first steps after it run faster than sustained ones (H200s, 350M at fsdp=4: 3
-# profiled steps spanned 82.7 ms each, 87.0 timed; of 15, the last ten 87.1, 86.7 timed). More steps come
-# nearer the sustained clock; the kernels' shares change little.
+# GPU's clock recovers: the first steps after it run faster than sustained ones. More steps come nearer the
+# sustained clock; the kernels' shares change little.
 PROFILE_STEPS = 3
 
 

@@ -1,12 +1,12 @@
-"""GPT-2's MLP activation, GELU (tanh form) of a matmul output plus its bias; on GPUs as two Pallas kernels.
+"""GPT-2's MLP activation, GELU (tanh form) of a matmul output plus its bias: the XLA reference, and on GPUs
+two Pallas kernels (`gelu_gpu`).
 
-XLA runs gelu(y + b) as a fusion that reaches about 2.6 TB/s on an H200 (0.155 ms for gpt2-124m's 32k x 3072
-bf16 per layer); the forward kernel here 0.119 ms. The backward kernel reads y and the incoming gradient once,
-recomputes GELU's slope from y (the forward output is never kept: the matmul's gradient keeps y anyway), writes
-dy and each program's column sums for the bias gradient, which XLA adds up. Measured on whole steps: about 1%
-off gpt2-350m; at gpt2-124m between 1.5% faster and 0.2% slower, the run-to-run spread (BENCHMARKS.md). Used
-on each GPU's own rows when the mesh splits the batch; XLA's form where the MLP dimension is split (tensor
-parallelism) or under pipeline stages.
+The forward kernel reads y + b once and writes GELU; the backward kernel reads y and the incoming gradient
+once, recomputes GELU's slope from y (the forward output is never kept: the matmul's gradient keeps y anyway),
+writes dy and each program's column sums for the bias gradient, which XLA adds up. The forward kernel was
+measured faster than XLA's fusion, the backward level with it (BENCHMARKS.md, History). Used on each GPU's own
+rows when the mesh splits the batch; XLA's form where the MLP dimension is split (tensor parallelism) or under
+pipeline stages.
 """
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ MIN_COLUMN_BLOCK = 128  # widths that are not a multiple of this keep XLA's form
 
 def reference(y, b):
     """XLA's form. GELU is recomputed in the backward pass from y, which the matmul's gradient keeps anyway;
-    otherwise XLA stores an intermediate of its own, one more (batch, length, mlp) write per layer (gpt2-124m on
-    an H100: 69.2 -> 67.8 ms per step, 2.3 GB less memory)."""
+    otherwise XLA stores an intermediate of its own, one more (batch, length, mlp) write per layer."""
     return jax.checkpoint(lambda y, b: jax.nn.gelu(y + b))(y, b)
 
 

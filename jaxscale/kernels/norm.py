@@ -1,13 +1,11 @@
-"""LayerNorm (GPT-2) and RMSNorm (Llama), and on GPUs a backward pass written as one Pallas kernel.
+"""LayerNorm (GPT-2) and RMSNorm (Llama): the XLA reference, and on GPUs a backward pass as one Pallas kernel.
 
 XLA differentiates the norm into a row-wise fusion for the input gradient and separate column sums (over every
-token) for the scale and bias gradients; at gpt2-124m's shape (32 x 1024 rows of 768) forward and backward take
-0.23 ms on an H100, about five times the memory bound. The kernel here reads each row of x and of the incoming
-gradient once, writes the input gradient, and keeps each program's column sums; XLA adds those few partial sums
-up. It measured 0.13 ms there and 4% off the whole gpt2-124m step; retiled (1024 programs, 2 rows at a time
-for wider rows) it also beats XLA at d = 1024, 3% off the gpt2-350m step (BENCHMARKS.md). It is used where it
-was measured faster, rows of at most 1024, on each GPU's own rows when the mesh splits the batch (data, FSDP;
-tensor-parallel ranks repeat the same rows), not under pipeline stages.
+token) for the scale and bias gradients, several times the memory bound. The kernel (`norm_gpu`) reads each row
+of x and of the incoming gradient once, writes the input gradient, and keeps each program's column sums; XLA
+adds those few partial sums up. It is used where it was measured faster than XLA (BENCHMARKS.md, History):
+rows of at most 1024, on each GPU's own rows when the mesh splits the batch (data, FSDP; tensor-parallel ranks
+repeat the same rows), not under pipeline stages.
 """
 from __future__ import annotations
 
@@ -20,7 +18,7 @@ from jax.sharding import PartitionSpec
 from jaxscale.kernels.norm_gpu import norm_backward
 from jaxscale.kernels.rows import RowKernelLayout, row_kernel_layout
 
-FUSED_BACKWARD_MAX_WIDTH = 1024  # retiled, faster than XLA at 768 and 1024 (H200)
+FUSED_BACKWARD_MAX_WIDTH = 1024  # the widest rows where the kernel was measured faster than XLA
 ACTIVATION = ("batch", "length", "embed")  # the logical names of what is normalized
 
 

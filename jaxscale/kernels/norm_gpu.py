@@ -12,7 +12,7 @@ def norm_backward(x, dy, scale, mean, rstd, *, centred: bool, interpret: bool = 
 
     mean and rstd: one float32 number per row (any shape that flattens to the rows). Each of ~`programs`
     programs walks its rows `rows_per_block` at a time (by default 8 rows up to width 768, else 2: the fastest
-    tilings measured on an H200). interpret=True runs the kernel on any backend (tests)."""
+    tilings measured). interpret=True runs the kernel on any backend (tests)."""
     from jax.experimental import pallas as pl  # imported here: only the GPU path and its tests need Pallas
     from jax.experimental.pallas import triton as plgpu
 
