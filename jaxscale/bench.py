@@ -4,34 +4,31 @@ It builds the same trainer `jaxscale train` uses and feeds it the same data load
 step. Steps are timed in windows that end with a device sync, so asynchronous dispatch cannot flatter the
 numbers, and the median window is reported.
 
-Timing starts only after the warm-up has also run for `warmup_s` seconds. A GPU runs at its top clock until the
-board's power average reaches the cap, a second or two: an H200 (700 W cap) trained gpt2-124m at 1980 MHz at
-first and at about 1600 MHz sustained, and windows timed right after compiling read 3-4% faster than sustained
-ones (BENCHMARKS.md). A training run lives at the sustained clock, so that is what is reported.
+Timing starts only after the warm-up has also run for `warmup_s` seconds: a GPU runs at its top clock until the
+board's power average reaches the cap (a second or two), and windows timed right after compiling read faster
+than sustained ones (BENCHMARKS.md, History). A training run lives at the sustained clock, so that is what is
+reported.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import jax
 
-from jaxscale.arguments import add_config_arguments, add_distributed_arguments, initialize_distributed
-from jaxscale.checkpointing.store import any_process
 from jaxscale.config import Config
+from jaxscale.distributed import any_process
 from jaxscale.errors import ConfigError
 from jaxscale.kernels import traced_kernels
-from jaxscale.trace_summary import DeviceTime, format_summary, summarize
+from jaxscale.trace_summary import summarize
 from jaxscale.training import build_trainer
-from jaxscale.training.loop import batch_shard, open_dataset, to_global
+from jaxscale.training.batches import batch_shard, to_global
+from jaxscale.training.loop import open_dataset
 from jaxscale.training.metrics import device_peak_flops
-from jaxscale.training.rows import encode_row
 
 
 def peak_memory_bytes() -> int | None:
@@ -39,11 +36,10 @@ def peak_memory_bytes() -> int | None:
     return stats.get("peak_bytes_in_use") if stats else None
 
 
-ACCELERATOR_WARMUP_S = 10.0  # several times the power-cap settling time measured on an H200
+ACCELERATOR_WARMUP_S = 10.0  # several times the power-cap settling time measured
 # Profiled steps follow the last window's sync and the profiler's start, an idle moment in which a power-capped
-# GPU's clock recovers: the first steps after it run faster than sustained ones (H200s, 350M at fsdp=4: 3
-# profiled steps spanned 82.7 ms each, 87.0 timed; of 15, the last ten 87.1, 86.7 timed). More steps come
-# nearer the sustained clock; the kernels' shares change little.
+# GPU's clock recovers: the first steps after it run faster than sustained ones. More steps come nearer the
+# sustained clock; the kernels' shares change little.
 PROFILE_STEPS = 3
 
 
@@ -177,56 +173,3 @@ def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None,
         "profile_steps": profile_steps if profile is not None else None,
         "profile": [dataclasses.asdict(device) for device in profile] if profile is not None else None,
     }
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-
-    p = subparsers.add_parser("bench", help="time the training step: tokens/s, MFU, memory, compile time")
-    add_config_arguments(p)
-    add_distributed_arguments(p)
-    p.add_argument("--warmup", type=int, default=5, help="warm-up steps, at least")
-    p.add_argument("--warmup-s", type=float, default=None,
-                   help=f"warm up for at least this many seconds (default {ACCELERATOR_WARMUP_S:g} on GPUs and TPUs, "
-                        "0 on the CPU): clocks settle under the power cap")
-    p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
-    p.add_argument("--steps-per-window", type=int, default=10)
-    p.add_argument("--profile", metavar="DIR",
-                   help="also write a trace of a few steps (TensorBoard / Perfetto) and print where their device "
-                        "time went")
-    p.add_argument("--profile-steps", type=int, default=PROFILE_STEPS,
-                   help=f"steps to trace with --profile (default {PROFILE_STEPS}); the first steps after the timing "
-                        "run at a recovered clock, more steps read nearer the sustained step")
-    p.add_argument("--out", metavar="FILE", help="write the result as JSON here too")
-    p.add_argument("--force", action="store_true", help="replace the --out file if it exists")
-    p.set_defaults(func=_run)
-    return p
-
-
-def _run(args: argparse.Namespace) -> int:
-    from jaxscale.config import load_config
-
-    # Every flag is checked before any work: a bad one must not cost a whole benchmark.
-    check_bench_arguments(warmup=args.warmup, windows=args.windows, steps_per_window=args.steps_per_window,
-                          profile_dir=args.profile, profile_steps=args.profile_steps, warmup_s=args.warmup_s)
-    initialize_distributed(args)
-    problem = None
-    if args.out is not None and jax.process_index() == 0:  # process 0 writes it
-        try:
-            check_out_file(args.out, args.force)
-        except ConfigError as e:
-            problem = str(e)
-    if any_process(problem is not None):
-        raise ConfigError(problem or "--out: process 0 cannot write it")
-    config = load_config(args.experiment, args.overrides + ["train.progress=false"])
-    result = run_bench(config, warmup=args.warmup, warmup_s=args.warmup_s, windows=args.windows,
-                       steps_per_window=args.steps_per_window, profile_dir=args.profile,
-                       profile_steps=args.profile_steps)
-    if result["profile"] is not None:  # the JSON line stays last on stdout
-        print(format_summary([DeviceTime(**device) for device in result["profile"]]), file=sys.stderr)
-        print(f"timed step (median window): {result['step_s'] * 1e3:.2f} ms", file=sys.stderr)
-    line = encode_row(result)  # strict JSON: a NaN loss is written as null (see training/rows.py)
-    print(line)  # every process: its own device's peak memory and its own view of the timing
-    if args.out is not None and jax.process_index() == 0:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(line + "\n")
-    return 0

@@ -6,6 +6,7 @@
   answering, every survivor exits within `heartbeat_s` with one line naming the lost process and the newest
   checkpoint, and with EXIT_PEER_LOST: restart all processes to continue from that checkpoint. (Left alone, JAX
   aborts the survivors later, with a native stack trace.)
+- `any_process`, `sync_processes`: a flag or a barrier shared by every process of a run.
 - `launch_local`: `jaxscale train --num-processes N` with no coordinator runs the N processes on this machine
   and restarts them all, up to a set count, when they stop with a restart code (75 preempted, 76 peer lost).
 """
@@ -122,6 +123,28 @@ class PeerWatchdog:
               f"{jax.process_index()}. The newest checkpoint is {newest}. Exiting with code {EXIT_PEER_LOST}: "
               f"restart all processes (the same command) to continue from it", file=sys.stderr, flush=True)
         os._exit(EXIT_PEER_LOST)  # a survivor may be blocked in a collective that will never complete
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is true on any (the processes must call this together)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def sync_processes(name: str) -> None:
+    """Wait until every process has reached the barrier `name`."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def free_port() -> int:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
-import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,7 +18,6 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.errors import ConfigError
-from jaxscale.platforms import devices_platform
 
 Rules = dict[str, Any]  # logical name -> mesh axis | [mesh axes] | None
 
@@ -120,63 +117,6 @@ def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
 def current_activation_rules() -> tuple[Mesh, Rules] | None:
     """The mesh and rules `activation_rules` installed, or None outside it (a plain single-device call)."""
     return _ACTIVATION_CONTEXT.get()
-
-
-@dataclasses.dataclass(frozen=True)
-class RowKernelLayout:
-    """Where a kernel that works row by row (a Pallas call: one opaque program that XLA cannot split) runs: on
-    each device's own rows of an activation laid out as `spec` over `mesh` (shard_map), or, with no mesh, on the
-    one device there is. `spec` never splits the last dimension, the one the kernel walks along."""
-    mesh: Mesh | None
-    spec: PartitionSpec
-
-    @property
-    def rows(self) -> PartitionSpec:
-        """The spec of one value per row (the activation without its last dimension)."""
-        return PartitionSpec(*self.spec[:-1])
-
-    @property
-    def per_device(self) -> PartitionSpec:
-        """The spec of per-device partial results (e.g. column sums, one row per program), each device's
-        concatenated along the first dimension for the caller to sum."""
-        axes = tuple(axis for entry in self.spec for axis in rule_axes(entry))
-        return PartitionSpec(axes or None, None)
-
-    def apply(self, kernel, in_specs, out_specs):
-        """`kernel` (a function taking `interpret=`) run here: natively on GPUs, by Pallas's interpreter
-        elsewhere (tests force the kernels on there)."""
-        kernel = functools.partial(kernel, interpret=kernel_platform() != "gpu")
-        if self.mesh is None:
-            return kernel
-        return jax.shard_map(kernel, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-
-
-def kernel_platform() -> str:
-    """The platform the code being traced will run on: that of the traced mesh's devices (a TPU topology
-    compiled on a CPU host is "tpu"), else JAX's default backend (a plain single-device call)."""
-    context = _ACTIVATION_CONTEXT.get()
-    return devices_platform(context[0].devices) if context is not None else jax.default_backend()
-
-
-def row_kernel_layout(names: Sequence[str | None]) -> RowKernelLayout | None:
-    """The layout a row-by-row GPU kernel (Pallas on Triton) runs in for an activation with these logical
-    names; None when compiling for another platform (the XLA reference runs there) and where `row_layout`
-    finds none."""
-    return row_layout(names) if kernel_platform() == "gpu" else None
-
-
-def row_layout(names: Sequence[str | None]) -> RowKernelLayout | None:
-    """`row_kernel_layout` on any backend (Pallas's interpreter runs the kernels on CPUs, in tests). None where
-    the last dimension is split (e.g. the vocabulary over `tensor`), under pipeline stages (the layers run
-    inside the pipeline's own schedule), or with several devices outside a traced mesh."""
-    context = _ACTIVATION_CONTEXT.get()
-    if context is None:
-        return RowKernelLayout(None, PartitionSpec()) if jax.device_count() == 1 else None
-    mesh, rules = context
-    spec = logical_to_spec(names, rules, mesh)
-    if spec[-1] is not None or dict(mesh.shape).get("pipeline", 1) > 1:
-        return None
-    return RowKernelLayout(mesh if mesh.size > 1 else None, spec)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

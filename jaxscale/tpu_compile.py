@@ -7,7 +7,6 @@ for the slice.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -19,7 +18,6 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from jaxscale.arguments import add_config_arguments
 from jaxscale.errors import ConfigError
 from jaxscale.extras import require
 from jaxscale.training.memory_check import ADVICE, DoesNotFit, step_memory
@@ -236,33 +234,3 @@ def format_report(r: CompileReport) -> str:
     elif r.fits:
         lines.append(f"fits: {_size(r.bytes_per_chip)} of {_size(r.hbm_bytes)} per chip")
     return "\n".join(lines)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-
-    p = subparsers.add_parser("compile", help="compile the train step for a TPU slice here (no TPU needed: "
-                                              "pip install 'jaxscale[tpu]'); per-chip memory, FLOPs, collectives",
-                              description=__doc__)
-    add_config_arguments(p)
-    p.add_argument("--topology", required=True, help="a Cloud TPU type (v5e-256, v5p-1024, v6e-256, v4-32) or "
-                                                     "JAX's form (v5e:16x16)")
-    p.add_argument("--slices", type=int, default=1, help="slices joined by the data-center network (multislice);"
-                                                          " set mesh.dcn_* to lay axes across them")
-    p.set_defaults(func=run_compile)
-    return p
-
-
-def run_compile(args: argparse.Namespace) -> int:
-    """Exit code 0 when the step fits the chip's HBM, 1 when it does not, 2 for a bad config or topology."""
-    from jaxscale.config import load_config
-
-    if args.slices < 1:
-        raise ConfigError(f"--slices {args.slices}: give the number of slices, >= 1")
-    topology = parse_topology(args.topology)
-    try:
-        report = compile_for_topology(load_config(args.experiment, args.overrides), topology, args.slices)
-    except DoesNotFit as e:
-        print(f"DOES NOT FIT: {e}")
-        return 1
-    print(format_report(report))
-    return 1 if report.fits is False else 0

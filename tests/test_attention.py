@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import batches, make_config
 from jax.ad_checkpoint import print_saved_residuals
 from jax.sharding import Mesh, PartitionSpec
-from test_equivalence import batches, make_config
 
 from jaxscale.data.packing import segment_ids as packed_segment_ids
 from jaxscale.errors import ConfigError

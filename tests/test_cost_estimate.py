@@ -8,7 +8,7 @@ from jaxscale.config import load_config
 from jaxscale.cost.catalog import Accelerator, load_catalog
 from jaxscale.cost.estimate import EstimateError, cheapest, estimate_training, fastest
 from jaxscale.cost.memory import activation_bytes_per_chip, state_shard_count, training_memory
-from jaxscale.cost.metrics import measured_mfu
+from jaxscale.training.events import measured_mfu
 
 ROUND_CHIP = Accelerator(key="round", name="Round numbers", device_kinds=("round",), peak_bf16_flops=1e15,
                          hbm_bytes=80e9, hbm_bytes_per_s=None, interconnect_bytes_per_s=None, tdp_watts=600.0,

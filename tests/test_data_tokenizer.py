@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
+from jaxscale.cli import tokenizer as tokenizer_cli
 from jaxscale.data import (
     DataConfig,
     DataError,
     build_dataset,
     check_vocab,
     load_tokenizer,
-    tokenizer_cli,
     train_tokenizer,
 )
 

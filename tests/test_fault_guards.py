@@ -8,8 +8,8 @@ import optax
 from jaxscale.config import GuardsConfig, load_config
 from jaxscale.data import build_dataset
 from jaxscale.training import build_trainer
+from jaxscale.training.batches import to_global
 from jaxscale.training.guards import GuardMonitor, guard_updates
-from jaxscale.training.loop import to_global
 
 
 def host(tree) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""GPT-2's bias + GELU and its two Pallas kernels (`jaxscale.model.gelu`), run here by Pallas's interpreter: the
+"""GPT-2's bias + GELU and its two Pallas kernels (`jaxscale.kernels.gelu`), run here by Pallas's interpreter: the
 forward kernel equals GELU of float32 inputs within float32 rounding, its gradients equal autodiff's (the bias
 gradient from per-program partial sums), for widths that are not a multiple of the column block and row counts
 that leave partial blocks; in bfloat16 the kernels are at least as close to float32 GELU as XLA's bfloat16
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from jaxscale.model import gelu as gelu_module
-from jaxscale.model.gelu import bias_gelu, bias_gelu_with_kernels, gelu_backward, gelu_forward, reference
-from jaxscale.sharding import RowKernelLayout
+from jaxscale.kernels import gelu as gelu_module
+from jaxscale.kernels.gelu import bias_gelu, bias_gelu_with_kernels, gelu_backward, gelu_forward, reference
+from jaxscale.kernels.rows import RowKernelLayout
 
 
 def inputs(shape, dtype=jnp.float32):

@@ -24,10 +24,11 @@ from jaxscale import cli
 from jaxscale.config import Config, load_config, save_config
 from jaxscale.data import DataError, load_tokenizer, train_tokenizer
 from jaxscale.errors import ConfigError
-from jaxscale.hf.hf_config import model_fields
 from jaxscale.hf.importer import NOT_WEIGHTS, read_params
 from jaxscale.hf.safetensors_io import MAX_SHARD_BYTES
+from jaxscale.model.hf_config import model_fields
 from jaxscale.training import build_trainer
+from jaxscale.training.hf_export import export
 from jaxscale.training.loop import open_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
@@ -224,7 +225,7 @@ def test_import_export_import_is_bitwise(name, tmp_path):
     trainer, state = imported_state(config, jax.devices())
     run_dir = save_run(config, trainer, state)
     out = tmp_path / "exported"
-    hf.export(run_dir, out, max_shard_bytes=200_000 if name == "llama" else MAX_SHARD_BYTES)
+    export(run_dir, out, max_shard_bytes=200_000 if name == "llama" else MAX_SHARD_BYTES)
 
     original = {}
     for file in directory.glob("*.safetensors"):
@@ -250,7 +251,7 @@ def test_exported_config_keeps_what_transformers_reads(name, tmp_path):
     directory, _, _ = fixture(name)
     config = fine_tune_config(name, tmp_path)
     trainer, state = imported_state(config, jax.devices()[:1])
-    out = hf.export(save_run(config, trainer, state), tmp_path / "exported")
+    out = export(save_run(config, trainer, state), tmp_path / "exported")
     written = json.loads((out / "config.json").read_text())
     source = json.loads((directory / "config.json").read_text())
     shared = {"architectures", "model_type", "vocab_size", "tie_word_embeddings", "bos_token_id", "eos_token_id"}
@@ -299,10 +300,10 @@ def test_export_refuses_before_writing_anything(tmp_path):
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="already exists and is not an empty directory"):
-        hf.export(run_dir, occupied)
+        export(run_dir, occupied)
     assert [p.name for p in occupied.iterdir()] == ["notes.txt"]
     with pytest.raises(ConfigError, match="config.yaml does not exist"):
-        hf.export(tmp_path, tmp_path / "out")
+        export(tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
@@ -311,7 +312,7 @@ def test_export_refuses_a_gpt2_with_grouped_query_attention(tmp_path):
     run_dir = tmp_path / "run"
     save_config(config, run_dir / "config.yaml")  # refused before the checkpoint is looked at
     with pytest.raises(ConfigError, match="GPT2LMHeadModel has no grouped-query attention"):
-        hf.export(run_dir, tmp_path / "out")
+        export(run_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

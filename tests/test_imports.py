@@ -1,5 +1,6 @@
 """Importing jaxscale is cheap: heavy and optional packages load when a feature needs them, not before; a
 missing optional package is named together with the extra that installs it."""
+import ast
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ def loaded_after(code: str) -> list[str]:
 
 
 @pytest.mark.parametrize("code", ["import jaxscale", "import jaxscale.data",
-                                  "import jaxscale.training.curves, jaxscale.cost.cli, jaxscale.scaling.cli"])
+                                  "import jaxscale.training.curves, jaxscale.cost.estimate, jaxscale.scaling.sweep"])
 def test_package_and_light_modules_load_neither_jax_nor_optional_packages(code):
     assert loaded_after(code) == []
 
@@ -54,3 +55,105 @@ def test_a_missing_optional_package_names_its_extra(hidden, code, extra):
     result = run_python(probe)
     assert f"needs {hidden}, which is not installed: pip install 'jaxscale[{extra}]'" in result.stdout, \
         result.stdout + result.stderr
+
+
+def import_graph() -> dict[str, set[str]]:
+    """jaxscale's modules, each with the jaxscale modules it imports anywhere in its file (module level, inside
+    functions, under TYPE_CHECKING): `from P import name` counts as importing P.name where that is a module."""
+    package = REPO / "jaxscale"
+    paths = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in package.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        is_package = path.name == "__init__.py"
+        graph[module] = targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the module's own package, up level - 1 more
+                    parts = module.split(".")[:len(module.split(".")) - node.level + is_package]
+                    base = ".".join(parts + ([base] if base else []))
+                names = [f"{base}.{alias.name}" for alias in node.names]
+                targets.update(name if name in paths else base for name in names)
+        targets.intersection_update(paths)
+        targets.discard(module)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (its nodes in import order, the first repeated at the end) for each strongly connected group of
+    nodes larger than one (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = {stack.pop()}
+            while node not in group:
+                group.add(stack.pop())
+            if len(group) > 1:
+                groups.append(group)
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return [cycle_through(graph, group) for group in groups]
+
+
+def cycle_through(graph: dict[str, set[str]], group: set[str]) -> list[str]:
+    """A shortest path from the group's first node back to itself, through the group only (breadth first)."""
+    start = min(group)
+    previous: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            for target in sorted(graph[node] & group):
+                if target == start:
+                    path = [node]
+                    while path[-1] != start:
+                        path.append(previous[path[-1]])
+                    return [start, *reversed(path[:-1]), start]
+                if target not in previous:
+                    previous[target] = node
+                    following.append(target)
+        frontier = following
+    raise AssertionError(f"{group} holds no cycle")
+
+
+def folder(module: str) -> str:
+    """The part of the package a module belongs to: its subpackage (jaxscale.training), or itself for a
+    module at the top (jaxscale.sharding)."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_import_cycle_between_modules():
+    found = cycles(import_graph())
+    assert not found, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in found)
+
+
+def test_no_import_cycle_between_folders():
+    graph: dict[str, set[str]] = {}
+    for module, targets in import_graph().items():
+        graph.setdefault(folder(module), set()).update(folder(t) for t in targets)
+    for part, targets in graph.items():
+        targets.discard(part)
+    found = cycles(graph)
+    assert not found, "import cycles between folders:\n" + "\n".join(" -> ".join(cycle) for cycle in found)
+
+
+def test_the_cycle_finder_names_each_cycle_once():
+    graph = {"a": {"b"}, "b": {"c", "d"}, "c": {"a"}, "d": set(), "e": {"f"}, "f": {"e", "a"}}
+    assert cycles(graph) == [["a", "b", "c", "a"], ["e", "f", "e"]]

@@ -9,13 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_same, make_config, reference, run
 from jax.sharding import Mesh, PartitionSpec
-from test_equivalence import assert_same, make_config, reference, run
 
-from jaxscale.model import gelu as gelu_module
-from jaxscale.model import norm as norm_module
-from jaxscale.sharding import activation_rules, row_layout
-from jaxscale.training import loss as loss_module
+from jaxscale.kernels import cross_entropy as loss_module
+from jaxscale.kernels import gelu as gelu_module
+from jaxscale.kernels import norm as norm_module
+from jaxscale.kernels.rows import row_layout
+from jaxscale.sharding import activation_rules
 
 MESHES = {"one-device": {}, "data2-fsdp4": dict(data=2, fsdp=4), "data4-tensor2": dict(data=4, tensor=2)}
 KERNELS = ((norm_module, "norm_backward"), (loss_module, "softmax_kernel"), (gelu_module, "gelu_forward"),

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxscale.sharding import RowKernelLayout
-from jaxscale.training.loss import cross_entropy, fused_cross_entropy, kernel_cross_entropy, softmax_kernel
+from jaxscale.kernels.cross_entropy import (
+    cross_entropy,
+    fused_cross_entropy,
+    kernel_cross_entropy,
+    softmax_kernel,
+)
+from jaxscale.kernels.rows import RowKernelLayout
 
 
 def plain_cross_entropy(logits, targets):

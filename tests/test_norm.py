@@ -1,4 +1,4 @@
-"""The norms and their one-kernel backward pass (`jaxscale.model.norm`), run here by Pallas's interpreter: the
+"""The norms and their one-kernel backward pass (`jaxscale.kernels.norm`), run here by Pallas's interpreter: the
 kernel's gradients equal autodiff's of the same forward (float32 inputs: within 2e-5 of the largest entry;
 bfloat16: within one rounding step), for LayerNorm and RMSNorm, widths that are not powers of two and row
 counts that leave a partial block. Training with it: test_kernels_in_training.py."""
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from jaxscale.model import norm as norm_module
-from jaxscale.model.norm import norm, norm_backward, norm_with_fused_backward, normalize
-from jaxscale.sharding import RowKernelLayout
+from jaxscale.kernels import norm as norm_module
+from jaxscale.kernels.norm import norm, norm_backward, norm_with_fused_backward, normalize
+from jaxscale.kernels.rows import RowKernelLayout
 
 
 def inputs(shape, dtype=jnp.float32, seed=0):

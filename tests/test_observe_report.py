@@ -5,7 +5,7 @@ import sys
 
 from fault_helpers import REPO
 
-from jaxscale.observe.report import report
+from jaxscale.training.report import report
 
 
 def rows_file(path, rows):

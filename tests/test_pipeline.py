@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_equivalence import assert_same, batches, run
-from test_equivalence import make_config as equivalence_config
+from helpers import assert_same, batches, run
+from helpers import make_config as equivalence_config
 
 from jaxscale.config import Config, MeshConfig, TrainConfig, load_config, validate
 from jaxscale.errors import ConfigError

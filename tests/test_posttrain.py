@@ -12,14 +12,16 @@ from jaxscale.cli import main
 from jaxscale.config import Config, MeshConfig, OptimizerConfig, TrainConfig
 from jaxscale.data.tokenizers import ByteTokenizer
 from jaxscale.errors import ConfigError
+from jaxscale.kernels.cross_entropy import cross_entropy
 from jaxscale.model import ModelConfig
 from jaxscale.posttrain.chat import BuiltinTemplate, load_template
 from jaxscale.posttrain.config import PosttrainConfig
 from jaxscale.posttrain.losses import dpo_loss, sft_loss
-from jaxscale.posttrain.prepare import attach_reference, open_posttrain_data
 from jaxscale.posttrain.rows import build_rows
 from jaxscale.training import build_trainer
-from jaxscale.training.loss import cross_entropy
+from jaxscale.training.language_model import model_options
+from jaxscale.training.posttrain import open_posttrain_data
+from jaxscale.training.reference import attach_reference
 
 SEQ_LEN = 64
 
@@ -108,7 +110,7 @@ def test_no_loss_comes_from_prompt_targets_and_no_attention_crosses_conversation
     changed = jnp.where(weights == 0, (targets + 7) % 256, targets)  # every prompt target different
     assert not np.array_equal(changed, targets)
     assert float(cross_entropy(logits, changed, weights)) == float(cross_entropy(logits, targets, weights))
-    loss, metrics = sft_loss(config, "cpu")(model, {k: v[None] for k, v in row.items()}, None)
+    loss, metrics = sft_loss(model_options(config, "cpu"))(model, {k: v[None] for k, v in row.items()}, None)
     assert float(loss) == float(cross_entropy(logits, targets, weights))
     assert float(metrics["trained_fraction"]) == pytest.approx(float(weights.mean()))
     # the first conversation's tokens changed: the second one's logits stay exactly the same
@@ -146,7 +148,7 @@ def pairs_and_model(files):
 def test_dpo_loss_margin_and_accuracy_equal_a_hand_computation(files, pairs_and_model, settings):
     trainer, params, batch, logits = pairs_and_model
     config = make_config("dpo", files["dpo"], **settings)
-    loss, metrics = jax.jit(lambda p, b: dpo_loss(config, "cpu")(trainer.model.bind(p), b, None))(params, batch)
+    loss, metrics = jax.jit(lambda p, b: dpo_loss(config.posttrain, model_options(config, "cpu"))(trainer.model.bind(p), b, None))(params, batch)
     policy = {side: log_softmax_sum(logits[side], batch[f"{side}_tokens"], batch[f"{side}_mask"])
               for side in ("chosen", "rejected")}
     chosen, rejected = policy["chosen"] - batch["reference_chosen"], policy["rejected"] - batch["reference_rejected"]
@@ -166,7 +168,7 @@ def test_the_cached_reference_is_the_initial_policy_so_the_first_loss_is_log_2(f
     pairs, _ = open_posttrain_data(trainer.config)
     attach_reference(trainer, pairs)
     batch = stacked(pairs, range(8))
-    loss, metrics = jax.jit(lambda p, b: dpo_loss(trainer.config, "cpu")(trainer.model.bind(p), b, None))(params, batch)
+    loss, metrics = jax.jit(lambda p, b: dpo_loss(trainer.config.posttrain, model_options(trainer.config, "cpu"))(trainer.model.bind(p), b, None))(params, batch)
     assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
     assert float(metrics["reward_margin"]) == pytest.approx(0, abs=1e-6)
     assert float(metrics["kl_to_reference"]) == pytest.approx(0, abs=1e-5)

@@ -11,8 +11,10 @@ from jax.sharding import Mesh
 from jaxscale.cli import main
 from jaxscale.config import Config, load_config
 from jaxscale.errors import ConfigError
-from jaxscale.model.norm import ACTIVATION
-from jaxscale.sharding import activation_rules, kernel_platform, row_kernel_layout
+from jaxscale.kernels.norm import ACTIVATION
+from jaxscale.kernels.platform import kernel_platform
+from jaxscale.kernels.rows import row_kernel_layout
+from jaxscale.sharding import activation_rules
 from jaxscale.tpu_compile import compile_for_topology, parse_topology, tpu_devices
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

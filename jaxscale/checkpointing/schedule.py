@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import jax
 
-from jaxscale.checkpointing.store import any_process
 from jaxscale.config import CheckpointConfig
+from jaxscale.distributed import any_process
 
 
 class SaveSchedule:

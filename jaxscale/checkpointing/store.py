@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from jaxscale.checkpointing.files import DamagedFiles, check_array_files
 from jaxscale.checkpointing.fingerprint import summarize
 from jaxscale.checkpointing.metadata import CheckpointMetadata, RunInfo, array_layout, layout_differences
 from jaxscale.config import CheckpointConfig
+from jaxscale.distributed import any_process, sync_processes
 
 log = logging.getLogger("jaxscale")
 
@@ -46,18 +45,6 @@ class Restored:
     metadata: CheckpointMetadata
     path: Path
     damaged: list[Path]  # newer checkpoints found damaged and moved aside on the way
-
-
-def any_process(flag: bool) -> bool:
-    """True on every process if `flag` is true on any (the processes must call this together)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
-
-
-def sync_processes(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def retention_policy(config: CheckpointConfig):

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 
 from jaxscale.config import DEFAULT_PARAM_RULES, Config, MeshConfig, from_dict, validate
 from jaxscale.errors import ConfigError
-from jaxscale.hf.hf_config import PREFIX, model_directory, resolve_init_from
 from jaxscale.hf.layout import Placement, by_param, fill_block, placements
 from jaxscale.hf.safetensors_io import FLOAT_DTYPES, CheckpointReader
 from jaxscale.mesh import build_mesh
 from jaxscale.model import Model, ModelConfig
+from jaxscale.model.hf_config import PREFIX, model_directory, resolve_init_from
 from jaxscale.sharding import param_shardings
 
 # Buffers some checkpoints carry that are not weights: GPT-2's causal mask, old rotary frequency tables.

@@ -29,7 +29,8 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxscale.errors import ConfigError
 from jaxscale.kernels import flash_gpu, splash_tpu
-from jaxscale.sharding import current_activation_rules, kernel_platform, logical_to_spec, split_count
+from jaxscale.kernels.platform import kernel_platform
+from jaxscale.sharding import current_activation_rules, logical_to_spec, split_count
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla", "pallas")
 Q_AXES = ("batch", "length", "heads", "head_dim")

@@ -1,8 +1,8 @@
 """Table lookups (token and position embeddings) and their gradient, computed without a scatter.
 
 The gradient of `table[ids]` sums the incoming rows of every id into that id's table row. As a scatter-add it
-serializes on repeated ids (frequent words, byte-level text: 50 ms of a 110 ms GPT-2 step on an H100-class GPU);
-as a one-hot matmul it costs 2 x tokens x vocab x d tensor-core FLOPs (about 5 ms of a gpt2-124m step). Here the
+serializes on repeated ids (frequent words, byte-level text: a large share of a GPT-2 step on a GPU); as a
+one-hot matmul it costs 2 x tokens x vocab x d tensor-core FLOPs (BENCHMARKS.md, History). Here the
 rows are sorted by id instead, so that each id's rows are neighbours, and each id's sum is the difference of two
 running sums over the sorted rows: a sort, a blocked prefix sum (small matmuls with a triangular matrix) and two
 gathers, whatever the id distribution, and deterministic.

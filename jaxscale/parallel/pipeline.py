@@ -145,7 +145,7 @@ def next_stage(x: jax.Array) -> jax.Array:
     """x (stages, ...): stage s's rows move to stage s + 1 and the last stage's to stage 0. With the stage
     dimension sharded this is one collective-permute, and so is its gradient, the opposite shift. Left to
     autodiff, the transpose of `jnp.roll` (slices, pads and an add) compiled to two to four permutes per
-    schedule iteration; a 16 MB permute takes ~0.3 ms on 4 x H200, and the forward ones cannot overlap."""
+    schedule iteration, and the forward ones cannot overlap."""
     return jnp.roll(x, 1, axis=0)
 
 
@@ -171,8 +171,7 @@ def stage_remat_policy(remat: str, unrolled: bool):
     full and dots: as everywhere (`jaxscale.remat`). none, unrolled: keep every residual. none, looped: every
     matmul's and fused attention's outputs are kept and the elementwise rest is recomputed, which is faster
     than keeping everything there: the loop stacks each iteration's residuals into per-iteration buffers, and
-    copying them all cost more than the recompute (gpt2-350m, 2 stages, 8 microbatches on 2 x H200: 209 ms per
-    step keeping everything; see BENCHMARKS.md). With several repeats, keeping everything would also keep each
+    copying them all cost more than the recompute (BENCHMARKS.md, pipeline parallelism). With several repeats, keeping everything would also keep each
     iteration's picked weights.
     """
     if remat != "none" or unrolled:

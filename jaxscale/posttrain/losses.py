@@ -11,14 +11,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxscale.config import Config
+from jaxscale.kernels.cross_entropy import cross_entropy, token_cross_entropy
 from jaxscale.model import LossFn
-from jaxscale.training.language_model import model_options
-from jaxscale.training.loss import cross_entropy, token_cross_entropy
+from jaxscale.posttrain.config import PosttrainConfig
 
 
-def sft_loss(config: Config, platform: str) -> LossFn:
-    options = model_options(config, platform)
+def sft_loss(options: dict) -> LossFn:
+    """`options`: the built-in decoder's call options (training.language_model.model_options)."""
 
     def loss_fn(model, batch, rngs):
         tokens, mask = batch["tokens"], batch["loss_mask"][:, 1:]
@@ -51,8 +50,7 @@ def preference_loss(chosen, rejected, reference_chosen, reference_rejected, *, b
     return jnp.mean(losses), metrics
 
 
-def dpo_loss(config: Config, platform: str) -> LossFn:
-    options, settings = model_options(config, platform), config.posttrain
+def dpo_loss(settings: PosttrainConfig, options: dict) -> LossFn:
 
     def loss_fn(model, batch, rngs):
         chosen = response_log_probs(model, batch["chosen_tokens"], batch["chosen_mask"], options)

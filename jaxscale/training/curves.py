@@ -3,7 +3,6 @@ and the throughput against steps or tokens, with restarts and rollbacks marked, 
 On the command line: `jaxscale plot RUN_DIR [RUN_DIR ...]`."""
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -197,28 +196,3 @@ def summary_line(run: RunCurves) -> str:
     if restarts or run.skipped_updates:
         line += f"; restarts {restarts}, skipped updates {run.skipped_updates}"
     return line
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `plot` on the core CLI's subparsers; the handler is `args.func(args) -> exit code`."""
-    p = subparsers.add_parser("plot", help="training curves of runs (loss, held-out loss, tokens/s) as a PNG",
-                              description=__doc__)
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run directory (holds metrics.jsonl)")
-    p.add_argument("--out", type=Path, help="PNG to write (default: RUN_DIR/curves.png for one run, "
-                                            "curves.png here for several)")
-    p.add_argument("--x", choices=["step", "tokens"], default="step",
-                   help="x axis; tokens compares runs with different batch sizes")
-    p.add_argument("--smooth", type=float, default=0.6, help="moving-average weight for the loss, 0 to 1 "
-                                                             "(default 0.6; 0: raw)")
-    p.set_defaults(func=run_plot)
-    return p
-
-
-def run_plot(args: argparse.Namespace) -> int:
-    out = args.out or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else Path("curves.png"))
-    runs = read_runs(args.run_dirs)
-    path = save_figure(curves_figure(runs, x=args.x, smooth=args.smooth), out, "--out")
-    for run in runs:
-        print(summary_line(run))
-    print(f"wrote {path}")
-    return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,3 +85,15 @@ def _cut_short(lines: list[str], number: int) -> bool:
     except json.JSONDecodeError:
         return False
     return isinstance(following, dict) and following.get("event") in RESTART_EVENTS
+
+
+def median_of(rows: list[dict], key: str) -> float | None:
+    """Median of the numeric, non-null values of `key`; None when there are none."""
+    values = [r[key] for r in rows
+              if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    return float(statistics.median(values)) if values else None
+
+
+def measured_mfu(run_dir: str | Path) -> float | None:
+    """Median MFU over a run's log steps (null MFU, as on CPU, is ignored); None when no step has one."""
+    return median_of(read_metrics(run_dir), "mfu")

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxscale.config import Config
+from jaxscale.kernels.cross_entropy import cross_entropy
 from jaxscale.model import LossFn, transformer_factory
-from jaxscale.training.loss import cross_entropy
 
 
 def compute_dtype_for(config: Config, platform: str):

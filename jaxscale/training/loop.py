@@ -17,7 +17,6 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from jaxscale.checkpointing import CheckpointStore, Restored
 from jaxscale.checkpointing.schedule import SaveSchedule
@@ -36,13 +35,15 @@ from jaxscale.observe.profile import StepProfiler
 from jaxscale.observe.stragglers import StragglerMonitor
 from jaxscale.observe.trackers import Trackers
 from jaxscale.parallel import describe_plan, plan_from_config
-from jaxscale.posttrain.prepare import attach_reference, open_posttrain_data
+from jaxscale.training.batches import batch_shard, to_global
 from jaxscale.training.events import log_event, read_metrics
 from jaxscale.training.guards import GuardEvent, GuardMonitor
 from jaxscale.training.language_model import lm_batch_spec
 from jaxscale.training.memory_check import check_step_memory, step_memory
 from jaxscale.training.metrics import MetricsLogger
+from jaxscale.training.posttrain import open_posttrain_data
 from jaxscale.training.preemption import EXIT_PREEMPTED, PreemptionWatcher
+from jaxscale.training.reference import attach_reference
 from jaxscale.training.run_lock import RunLock
 from jaxscale.training.step import TrainState, model_flops
 from jaxscale.training.trainer import Trainer, build, checkpoint_dir, plan_run
@@ -90,30 +91,6 @@ def open_data(config: Config, data: Any, eval_data: Any, builtin_model: bool):
         raise ConfigError(f"train.eval_every={config.train.eval_every} evaluates on held-out data, but there is "
                           f"none: {fix}, or turn evaluation off with train.eval_every=0")
     return dataset
-
-
-def batch_shard(sharding: NamedSharding, batch_size: int) -> dict[str, int]:
-    """Which rows of each global batch this process reads, as `Dataset.batch` / `Prefetcher` keyword arguments:
-    the block of rows its devices hold. Processes whose devices hold the same rows (a tensor or pipeline axis
-    that spans processes) read the same block."""
-    held = sorted({(rows.start or 0, batch_size if rows.stop is None else rows.stop)
-                   for rows, *_ in sharding.addressable_devices_indices_map((batch_size,)).values()})
-    start, stop, gap = held[0][0], held[0][1], False
-    for first, end in held[1:]:
-        gap |= first > stop
-        stop = max(stop, end)
-    size = stop - start
-    if gap or batch_size % size or start % size:
-        raise ConfigError(f"this process's devices hold rows {held} of the batch of {batch_size}, not one block of "
-                          f"a whole number of equal blocks; give each process adjacent positions on the batch "
-                          f"axes (mesh.data / mesh.fsdp) or make train.batch_size a multiple of {size}")
-    return dict(shard_index=start // size, shard_count=batch_size // size)
-
-
-def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int) -> dict[str, jax.Array]:
-    """This process's rows of the global batch -> one global array sharded over the mesh."""
-    return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size, *v.shape[1:]))
-            for k, v in batch.items()}
 
 
 def tokens_per_step(config: Config, example: dict | None) -> int:

@@ -19,7 +19,7 @@ from types import FrameType
 import jax
 from jax.experimental import multihost_utils
 
-from jaxscale.checkpointing.store import any_process
+from jaxscale.distributed import any_process
 
 log = logging.getLogger("jaxscale")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jax
 
-from jaxscale.checkpointing.store import any_process
+from jaxscale.distributed import any_process
 from jaxscale.errors import ConfigError
 
 LOCK_NAME = ".lock"

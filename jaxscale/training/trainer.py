@@ -31,10 +31,12 @@ from jaxscale.training.language_model import (
     builtin_factory,
     compute_dtype_for,
     lm_batch_spec,
+    model_options,
     next_token_loss,
     plain_next_token_loss,
 )
 from jaxscale.training.optimizer import build_optimizer
+from jaxscale.training.posttrain import posttrain_loss
 from jaxscale.training.step import (
     TrainState,
     batch_sharding,
@@ -179,9 +181,8 @@ def resolve_model(config: Config, model, loss_fn: LossFn | None, example_batch, 
     """The model the run trains: the built-in decoder unless `model` is given; next-token cross entropy (or the
     loss of posttrain.method) unless `loss_fn` is given. `platform`: that of the devices the step is compiled for."""
     if model is None:
-        from jaxscale.posttrain.prepare import posttrain_loss
-
-        loss_fn = loss_fn or posttrain_loss(config, platform) or next_token_loss(config, platform)
+        loss_fn = (loss_fn or posttrain_loss(config, model_options(config, platform))
+                   or next_token_loss(config, platform))
         return flax_model(builtin_factory(config), loss_fn, example_batch)
     return flax_model(model, loss_fn or plain_next_token_loss, example_batch)
 

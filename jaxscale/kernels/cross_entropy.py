@@ -2,16 +2,15 @@
 
 Written plainly (logsumexp, then pick the target logit), XLA reads the logits three times forward: for the max,
 for the sum of exponentials, for the target. Here one variadic reduction finds the max and the target logit
-together, so the forward reads them twice and the backward once more (gpt2-124m on an H100: about 0.6 ms of a
-68 ms step saved; an online softmax as one XLA reduction measured the same, its two exponentials per element
-make it compute bound).
+together, so the forward reads them twice and the backward once more. (An online softmax as one XLA reduction
+is no faster: its two exponentials per element make it compute bound.)
 
-On GPUs a Pallas kernel does better (each device on its own rows; XLA's form where the vocabulary is split):
-each program reads its rows once for the max and the normalizer (an online softmax per column block, one
-exponential per element) and, when a gradient is wanted, a second time, mostly from L2, to write softmax minus
-one-hot already scaled for the mean. The backward pass then only scales that by the incoming cotangent, which
-XLA drops when it is the constant 1 of a loss being differentiated (gpt2-124m's shape on an H200: value and
-gradient 4.1 -> 2.6 ms).
+On GPUs a Pallas kernel (`cross_entropy_gpu`) does better (each device on its own rows; XLA's form where the
+vocabulary is split): each program reads its rows once for the max and the normalizer (an online softmax per
+column block, one exponential per element) and, when a gradient is wanted, a second time, mostly from L2, to
+write softmax minus one-hot already scaled for the mean. The backward pass then only scales that by the
+incoming cotangent, which XLA drops when it is the constant 1 of a loss being differentiated. Figures:
+BENCHMARKS.md, History.
 """
 from __future__ import annotations
 
@@ -20,7 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxscale.sharding import RowKernelLayout, row_kernel_layout
+from jaxscale.kernels.cross_entropy_gpu import softmax_kernel
+from jaxscale.kernels.rows import RowKernelLayout, row_kernel_layout
 
 LOGITS = ("batch", "length", "vocab")  # their logical names; the kernel needs the vocabulary whole on a device
 
@@ -120,66 +120,3 @@ def _kernel_backward(layout, residuals, grad):
 
 
 kernel_cross_entropy.defvjp(_kernel_forward, _kernel_backward)
-
-
-def softmax_kernel(logits, targets, *, gradient: bool, mean_over: int | None = None, interpret: bool = False,
-                   rows_per_block: int = 1, block_width: int = 2048, num_warps: int = 4):
-    """Per position -log softmax(logits)[target] (float32, shaped like targets) and, if `gradient`, the gradient
-    of their mean over `mean_over` positions (default: these), (softmax - one-hot) / mean_over, in the logits'
-    dtype (else None).
-
-    Each program takes `rows_per_block` rows and walks the vocabulary `block_width` columns at a time.
-    interpret=True runs the kernel on any backend (tests)."""
-    from jax.experimental import pallas as pl  # imported here: only the GPU path and its tests need Pallas
-    from jax.experimental.pallas import triton as plgpu
-
-    vocab = logits.shape[-1]
-    rows = logits.reshape(-1, vocab)
-    n_rows = rows.shape[0]
-    blocks = pl.cdiv(vocab, block_width)
-    scale = 1.0 / (mean_over or n_rows)
-    lowest = -1e30  # stands in for -inf in masked lanes: exp(lowest - max) is 0, and no inf - inf NaNs
-
-    def kernel(logits_ref, targets_ref, losses_ref, *gradient_ref):
-        row = pl.program_id(0) * rows_per_block + jnp.arange(rows_per_block)
-        row_ok = row < n_rows
-        target = plgpu.load(targets_ref.at[row], mask=row_ok, other=0)
-
-        def columns(block):
-            cols = block * block_width + jnp.arange(block_width)
-            ok = row_ok[:, None] & (cols < vocab)[None, :]
-            return cols, ok, (row[:, None], cols[None, :])
-
-        def normalizer(block, carry):  # online softmax: running max and sum of exponentials per row
-            top, total = carry
-            _, ok, at = columns(block)
-            x = plgpu.load(logits_ref.at[at], mask=ok, other=lowest).astype(jnp.float32)
-            new_top = jnp.maximum(top, jnp.max(x, axis=1))
-            total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(x - new_top[:, None]), axis=1)
-            return new_top, total
-
-        start = (jnp.full((rows_per_block,), lowest, jnp.float32), jnp.zeros((rows_per_block,), jnp.float32))
-        top, total = jax.lax.fori_loop(0, blocks, normalizer, start)
-        log_normalizer = top + jnp.log(total)
-        target_logit = plgpu.load(logits_ref.at[row, target], mask=row_ok, other=0.0).astype(jnp.float32)
-        plgpu.store(losses_ref.at[row], log_normalizer - target_logit, mask=row_ok)
-        if gradient:
-            def write_gradient(block, _):
-                cols, ok, at = columns(block)
-                x = plgpu.load(logits_ref.at[at], mask=ok, other=lowest).astype(jnp.float32)
-                probs = jnp.exp(x - log_normalizer[:, None])
-                g = (probs - jnp.where(cols[None, :] == target[:, None], 1.0, 0.0)) * scale
-                plgpu.store(gradient_ref[0].at[at], g.astype(gradient_ref[0].dtype), mask=ok)
-                return 0
-
-            jax.lax.fori_loop(0, blocks, write_gradient, 0)
-
-    out_shape = [jax.ShapeDtypeStruct((n_rows,), jnp.float32)]
-    if gradient:
-        out_shape.append(jax.ShapeDtypeStruct(rows.shape, logits.dtype))
-    out = pl.pallas_call(
-        kernel, grid=(pl.cdiv(n_rows, rows_per_block),), out_shape=out_shape, interpret=interpret,
-        name="cross_entropy", compiler_params=plgpu.CompilerParams(num_warps=num_warps),
-    )(rows, targets.reshape(-1).astype(jnp.int32))
-    losses = out[0].reshape(targets.shape)
-    return losses, out[1].reshape(logits.shape) if gradient else None

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from jaxscale.arguments import add_config_arguments
+from jaxscale.cli.arguments import add_config_arguments
+from jaxscale.config import load_config
 from jaxscale.errors import ConfigError
+from jaxscale.plan_check import compile_check
+from jaxscale.planner.plan import rank, with_memory_limit
+from jaxscale.planner.rates import rates_for
+from jaxscale.training.memory_check import size
 
 GB = 1e9
 
@@ -27,8 +32,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def format_table(ranked, rates, n_devices: int, top: int) -> str:
-    from jaxscale.training.memory_check import size
-
     limit = rates.memory_bytes
     lines = [f"{n_devices} x {rates.kind}: step time at {rates.efficiency_note}"
              + (f"; {limit / GB:.1f} GB per device" if limit else "; no per-device memory limit"),
@@ -45,10 +48,6 @@ def format_table(ranked, rates, n_devices: int, top: int) -> str:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Exit code 0 when a layout fits, 1 when none does, 2 for a bad config or device kind."""
-    from jaxscale.config import load_config
-    from jaxscale.planner.plan import compile_check, rank, with_memory_limit
-    from jaxscale.planner.rates import rates_for
-
     if args.devices < 1 or args.top < 1 or args.check < 0:
         raise ConfigError(f"--devices {args.devices} and --top {args.top} must be >= 1, --check {args.check} >= 0")
     config = load_config(args.experiment, args.overrides)

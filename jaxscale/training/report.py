@@ -2,7 +2,6 @@
 goodput.jsonl, summary.json, config.yaml); no JAX is loaded."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -91,16 +90,3 @@ def cost_line(summary: dict) -> str:
     else:
         parts.append("energy not measured")
     return "cost and energy: " + ", ".join(parts)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("report", help="a run in a few lines: steps, tokens, loss, goodput, stragglers, "
-                                             "cost and energy", description=__doc__)
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds metrics.jsonl)")
-    p.set_defaults(func=run_report)
-    return p
-
-
-def run_report(args: argparse.Namespace) -> int:
-    print(report(args.run_dir))
-    return 0

@@ -5,20 +5,30 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jaxscale.scaling.points import N_DEFINITION
-
-if TYPE_CHECKING:
-    from jaxscale.scaling.sweep import SweepRun
+from jaxscale.cli.arguments import add_config_arguments
+from jaxscale.errors import ConfigError
+from jaxscale.figures import figure_path
+from jaxscale.scaling.plot import plot_scaling
+from jaxscale.scaling.points import N_DEFINITION, SCALING_FILE, find_points, unfinished_runs
+from jaxscale.scaling.sweep import (
+    PRESETS,
+    ModelShape,
+    SweepRun,
+    SweepStopped,
+    parse_budgets,
+    plan_sweep,
+    run_sweep,
+    run_sweep_parallel,
+    worker_devices,
+)
+from jaxscale.training.preemption import EXIT_PREEMPTED
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `scaling` with its `sweep` and `fit` subcommands; handlers are `args.func(args) -> exit code`."""
-    from jaxscale.scaling.sweep import PRESETS
-
     p = subparsers.add_parser("scaling", help="scaling-law sweeps and fits (Chinchilla approach 3)",
                               description=__doc__)
     commands = p.add_subparsers(dest="scaling_command", required=True)
@@ -29,14 +39,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "<run_dir>/scaling.json (N, D, final eval loss). Finished runs are skipped, so an "
                     "interrupted sweep resumes. Presets: "
                     + "; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()))
-    sweep.add_argument("experiment", nargs="?", default=None, help="experiment name or YAML path (default: default)")
+    add_config_arguments(sweep)  # the overrides reach every run
     sweep.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="grid and run settings (default cpu)")
     sweep.add_argument("--sizes", metavar="DxL,...", help="model sizes as d_model x layers, e.g. 32x1,64x2 "
                                                          "(default: the preset's)")
     sweep.add_argument("--tokens", metavar="T,...", help="token budgets, e.g. 2.5e5,1e6 (default: the preset's)")
     sweep.add_argument("--out", metavar="DIR", help="parent of the run directories (default: runs/scaling-PRESET)")
-    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="config override for every run (repeatable)")
     sweep.add_argument("--workers", type=int, default=1, metavar="N",
                        help="train up to N runs at once, each in its own process on one GPU (CUDA_VISIBLE_DEVICES "
                             "= its worker slot), largest runs first, output in <run_dir>/sweep.log; use the GPU "
@@ -63,19 +71,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    from jaxscale.scaling.sweep import (
-        PRESETS,
-        ModelShape,
-        SweepFailed,
-        SweepStopped,
-        parse_budgets,
-        plan_sweep,
-        run_sweep,
-        run_sweep_parallel,
-        worker_devices,
-    )
-    from jaxscale.training.preemption import EXIT_PREEMPTED
-
     preset = PRESETS[args.preset]
     try:
         devices = worker_devices(args.workers)  # checked before planning: a bad count fails at once
@@ -83,8 +78,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                                                                  else preset.shapes)]
         budgets = parse_budgets(args.tokens) if args.tokens is not None else list(preset.tokens)
     except ValueError as e:
-        print(f"jaxscale scaling sweep: error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(e)) from e
     out = Path(args.out or f"runs/scaling-{args.preset}")
     runs = plan_sweep(args.experiment, preset, shapes, budgets, out, args.overrides)
     print(f"{len(runs)} runs in {out} (N = {N_DEFINITION}):")
@@ -97,9 +91,6 @@ def run_sweep_command(args: argparse.Namespace) -> int:
             run_sweep(runs)
         else:
             run_sweep_parallel(runs, devices, lambda run: child_command(args, run))
-    except SweepFailed as e:
-        print(f"jaxscale scaling sweep: error: {e}", file=sys.stderr)
-        return 1
     except (SweepStopped, KeyboardInterrupt) as e:  # a signal; the runs in progress saved a checkpoint
         print(f"jaxscale scaling sweep: stopped{f' ({e})' if isinstance(e, SweepStopped) else ''}; rerun the same "
               f"command to continue (exit code {EXIT_PREEMPTED})", file=sys.stderr)
@@ -123,10 +114,8 @@ def child_command(args: argparse.Namespace, run: SweepRun) -> list[str]:
 
 
 def run_fit_command(args: argparse.Namespace) -> int:
-    from jaxscale.figures import figure_path
+    # scipy (the scaling extra) loads when a fit runs: every other command works without it
     from jaxscale.scaling.fit import bootstrap, fit_loss_law, holdout_largest
-    from jaxscale.scaling.plot import plot_scaling
-    from jaxscale.scaling.points import SCALING_FILE, find_points, unfinished_runs
 
     try:  # the options first: the fit and its bootstrap can take minutes
         if args.bootstrap < 0:
@@ -145,8 +134,7 @@ def run_fit_command(args: argparse.Namespace) -> int:
             print(f"bootstrap: refitting {args.bootstrap} resamples of the {len(points)} runs...", flush=True)
         boot = bootstrap(n, d, loss, resamples=args.bootstrap, seed=args.seed, full_fit=fit) if args.bootstrap else None
     except (FileNotFoundError, ValueError) as e:
-        print(f"jaxscale scaling fit: error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(e)) from e
     kinds = sorted({p.loss_kind for p in points})
     budget = args.budget if args.budget is not None else float(max(6 * n * d))
     law = fit.law

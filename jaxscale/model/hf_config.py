@@ -15,7 +15,7 @@ from jaxscale.model.config import ModelConfig, RopeScaling
 
 PREFIX = "hf:"
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
-GPT2_GELU = ("gelu_new", "gelu_pytorch_tanh")  # GELU's tanh form, as jaxscale/model/gelu.py computes it
+GPT2_GELU = ("gelu_new", "gelu_pytorch_tanh")  # GELU's tanh form, as jaxscale/kernels/gelu.py computes it
 # Keys of the model section that config.json decides; the rest (attention, init_std, ...) stay the user's.
 SHAPE_KEYS = ("style", "vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
               "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps")

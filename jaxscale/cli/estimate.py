@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
-from jaxscale.cost.catalog import Accelerator, CatalogError, get_accelerator, load_catalog
+from jaxscale.cli.arguments import add_config_arguments
+from jaxscale.config import load_config, resolve_mesh_sizes
+from jaxscale.cost.catalog import Accelerator, get_accelerator, load_catalog
 from jaxscale.cost.estimate import (
     DEFAULT_GRID_GCO2_PER_KWH,
     DEFAULT_MFU,
@@ -24,7 +25,8 @@ from jaxscale.cost.memory import (
     state_shard_count,
     training_memory,
 )
-from jaxscale.cost.metrics import measured_mfu
+from jaxscale.errors import ConfigError
+from jaxscale.training.events import measured_mfu
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,9 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Estimate training FLOPs (FLOPs/token x tokens, FLOPs/token = 6N + 12 L d T), wall-clock, "
                     "chip-hours, cost at the catalog's on-demand list price, energy from the chips' TDP (an upper "
                     "bound) and CO2e, and check that training state and activations fit in HBM.")
-    p.add_argument("experiment", nargs="?", default=None, help="experiment name or YAML path (default: default)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, as for `jaxscale train` (repeatable)")
+    add_config_arguments(p)
     p.add_argument("--tokens", type=float, required=True, help="tokens to train on, e.g. 20e9")
     p.add_argument("--hardware", help="catalog entry, e.g. tpu-v5p, h100-sxm (see --catalog)")
     p.add_argument("--chips", type=int, required=True, help="number of chips (GPUs or TPU chips)")
@@ -78,9 +78,8 @@ def run_estimate(args: argparse.Namespace) -> int:
         mfu, mfu_note = _choose_mfu(args.mfu, args.from_run)
         figures, mesh_sizes, mesh_note = _load_experiment(args.experiment, args.overrides, args.chips)
         rows = [_estimate_one(figures, mesh_sizes, a, args, mfu) for a in accelerators]
-    except (CatalogError, EstimateError, FileNotFoundError, ValueError) as e:
-        print(f"jaxscale estimate: error: {e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError) as e:  # EstimateError, a bad catalog or config: input to fix, exit 2
+        raise ConfigError(str(e)) from e
     warnings = _batch_warnings(figures, mesh_sizes)
     if args.json:
         estimates = [{**dataclasses.asdict(t), "memory": {**dataclasses.asdict(m), "fits": m.fits}} for t, m in rows]
@@ -125,9 +124,6 @@ def _choose_mfu(flag: float | None, run_dir: str | None) -> tuple[float, str]:
 def _load_experiment(experiment: str | None, overrides: list[str], chips: int
                      ) -> tuple[ModelFigures, dict[str, int], str]:
     """The model's figures, the mesh axis sizes over `chips`, and where that mesh came from."""
-    from jaxscale.config import load_config, resolve_mesh_sizes  # the core's config: imported when used
-    from jaxscale.errors import ConfigError
-
     config = load_config(experiment, overrides)
     m, t = config.model, config.train
     figures = ModelFigures(name=config.name, matmul_params=m.matmul_params(), total_params=m.total_params(),

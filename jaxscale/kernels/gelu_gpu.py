@@ -1,61 +1,12 @@
-"""GPT-2's MLP activation, GELU (tanh form) of a matmul output plus its bias; on GPUs as two Pallas kernels.
-
-XLA runs gelu(y + b) as a fusion that reaches about 2.6 TB/s on an H200 (0.155 ms for gpt2-124m's 32k x 3072
-bf16 per layer); the forward kernel here 0.119 ms. The backward kernel reads y and the incoming gradient once,
-recomputes GELU's slope from y (the forward output is never kept: the matmul's gradient keeps y anyway), writes
-dy and each program's column sums for the bias gradient, which XLA adds up. Measured on whole steps: about 1%
-off gpt2-350m; at gpt2-124m between 1.5% faster and 0.2% slower, the run-to-run spread (BENCHMARKS.md). Used
-on each GPU's own rows when the mesh splits the batch; XLA's form where the MLP dimension is split (tensor
-parallelism) or under pipeline stages.
-"""
+"""GPT-2's bias + GELU (tanh form) as two Pallas kernels on Triton (GPUs), forward and backward;
+`jaxscale.kernels.gelu` decides where they run."""
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
-from jaxscale.sharding import RowKernelLayout, row_kernel_layout
-
-ACTIVATION = ("batch", "length", "mlp")  # the logical names of y
 SQRT_2_OVER_PI = 0.7978845608028654
 CUBIC = 0.044715
-MIN_COLUMN_BLOCK = 128  # widths that are not a multiple of this keep XLA's form
-
-
-def reference(y, b):
-    """XLA's form. GELU is recomputed in the backward pass from y, which the matmul's gradient keeps anyway;
-    otherwise XLA stores an intermediate of its own, one more (batch, length, mlp) write per layer (gpt2-124m on
-    an H100: 69.2 -> 67.8 ms per step, 2.3 GB less memory)."""
-    return jax.checkpoint(lambda y, b: jax.nn.gelu(y + b))(y, b)
-
-
-def bias_gelu(y, b):
-    """gelu(y + b), tanh form, over an activation (batch, length, mlp) and a bias (mlp,)."""
-    layout = row_kernel_layout(ACTIVATION)
-    if layout is None or y.shape[-1] % MIN_COLUMN_BLOCK:
-        return reference(y, b)
-    return bias_gelu_with_kernels(y, b, layout)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def bias_gelu_with_kernels(y, b, layout: RowKernelLayout):
-    return _forward(y, b, layout)[0]
-
-
-def _forward(y, b, layout):
-    return layout.apply(gelu_forward, in_specs=(layout.spec, PartitionSpec()), out_specs=layout.spec)(y, b), (y, b)
-
-
-def _backward(layout, saved, dg):
-    y, b = saved
-    dy, db = layout.apply(gelu_backward, in_specs=(layout.spec, PartitionSpec(), layout.spec),
-                          out_specs=(layout.spec, layout.per_device))(y, b, dg)
-    return dy, db.sum(0).astype(b.dtype)
-
-
-bias_gelu_with_kernels.defvjp(_forward, _backward)
 
 
 def gelu_and_slope(x):
@@ -105,8 +56,8 @@ def _column_block_call(block, name, b, arrays, *, column_sums, interpret, tiling
     column blocks, each program walking its rows `rows_per_block` at a time. Returns an array like the first,
     and with column_sums the float32 sums `block` returns, one row per row program.
 
-    tiling: (rows_per_block, columns_per_block, row programs, warps); the default was the fastest for forward
-    plus backward at gpt2-124m's MLP shape on an H200 and within 6% of the fastest at gpt2-350m's."""
+    tiling: (rows_per_block, columns_per_block, row programs, warps); the default is the fastest tiling measured
+    for forward plus backward at GPT-2's MLP shapes."""
     from jax.experimental import pallas as pl  # imported here: only the GPU path and its tests need Pallas
     from jax.experimental.pallas import triton as plgpu
 

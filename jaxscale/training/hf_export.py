@@ -8,7 +8,6 @@ to be written comes.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -20,11 +19,14 @@ import numpy as np
 
 from jaxscale.checkpointing import CheckpointStore
 from jaxscale.config import Config, from_dict, read_yaml, resolve_mesh_sizes
+from jaxscale.data.tokenizers import load_tokenizer
 from jaxscale.errors import ConfigError
-from jaxscale.hf.hf_config import PREFIX, config_json, read_config_json, special_token_ids
 from jaxscale.hf.layout import placements
 from jaxscale.hf.safetensors_io import MAX_SHARD_BYTES, write_checkpoint
+from jaxscale.model.hf_config import PREFIX, config_json, read_config_json, special_token_ids
 from jaxscale.parallel import plan_from_config
+from jaxscale.training.elastic import fit_mesh
+from jaxscale.training.trainer import build_trainer
 
 # What transformers' tokenizers save beside the model; those present in the run's tokenizer directory are copied.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -68,7 +70,6 @@ def special_tokens(config: Config) -> dict:
             ids = special_token_ids(read_config_json(directory), config.model.vocab_size)
             if ids:
                 return ids
-    from jaxscale.data.tokenizers import load_tokenizer
     tokenizer = load_tokenizer(config.data.tokenizer, config.data.eos_token)
     return {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}
 
@@ -76,8 +77,6 @@ def special_tokens(config: Config) -> dict:
 def local_config(config: Config, n_devices: int) -> Config:
     """The run's config on this process's devices: its mesh where that fits, else refit (as an elastic restart
     does), with a batch that the mesh divides (no batch is run)."""
-    from jaxscale.training.elastic import fit_mesh
-
     mesh = fit_mesh(config.mesh, n_devices)
     sizes = resolve_mesh_sizes(mesh, n_devices)
     pieces = (plan_from_config(config.pipeline, config.model.n_layers, sizes["pipeline"]).microbatches
@@ -90,8 +89,6 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
            max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write checkpoint `step` (default: the newest) of the run in `run_dir` to `out_dir` as a Hugging Face
     model directory: config.json, safetensors in the parameters' dtype, and the run's tokenizer files."""
-    from jaxscale.training import build_trainer
-
     run_dir, out = Path(run_dir), Path(out_dir)
     if jax.process_count() > 1:
         raise ConfigError("jaxscale export runs as one process; it restores the checkpoint onto that process's "
@@ -146,24 +143,3 @@ def _at(tree: dict, path: tuple[str, ...]):
     for key in path:
         tree = tree[key]
     return tree
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("export", help="write a run's checkpoint as a Hugging Face model directory",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="the run's directory (holds config.yaml and checkpoints/)")
-    parser.add_argument("--hf", required=True, metavar="OUT_DIR",
-                        help="where to write config.json, *.safetensors and the tokenizer files (must not exist)")
-    parser.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
-    parser.set_defaults(func=_run)
-    return parser
-
-
-def _run(args: argparse.Namespace) -> int:
-    out = export(args.run_dir, args.hf, args.step)
-    files = sorted(p.name for p in out.iterdir())
-    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    print(f"wrote {out}: {', '.join(files)} ({size / 1e9:.2f} GB of weights); load it with "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
-    return 0
-

@@ -10,6 +10,10 @@ from jaxscale.errors import ConfigError
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", nargs="?", default=None,
                         help="experiment preset name (`jaxscale presets` lists them) or a YAML path (default: default)")
+    add_overrides_argument(parser)
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=100 --set mesh.fsdp=8 (repeatable)")
 

@@ -1,0 +1,46 @@
+"""DPO's reference: each preference pair's log-probabilities under the initial model, computed once before
+training on the run's mesh."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxscale.platforms import devices_platform
+from jaxscale.posttrain.losses import response_log_probs
+from jaxscale.posttrain.rows import PreferencePairs
+from jaxscale.training.batches import batch_shard, to_global
+from jaxscale.training.language_model import model_options
+from jaxscale.training.step import tracing_model
+
+
+def attach_reference(trainer, *pair_sets: PreferencePairs | None) -> None:
+    """Each pair's reference log-probabilities under the initial model (the seed's, or model.init_from's),
+    computed on the trainer's mesh with the parameters sharded as in training, then kept with the pairs. The
+    initial model is the same on every start, so a resumed run gets the same values."""
+    config, mesh = trainer.config, trainer.mesh
+    options = model_options(config, devices_platform(mesh.devices))
+
+    def log_probs(params, batch):
+        with tracing_model(config, mesh, trainer.plan.per_device_batch):
+            model = trainer.model.bind(params)
+            model.eval()
+            return jnp.stack([response_log_probs(model, batch[f"{side}_tokens"], batch[f"{side}_mask"], options)
+                              for side in ("chosen", "rejected")], -1)
+
+    compute = jax.jit(log_probs, in_shardings=(trainer.shardings.params, trainer.data_sharding),
+                      out_shardings=NamedSharding(mesh, PartitionSpec()))
+    params = trainer.init_state().params
+    size = config.train.batch_size
+    shard = batch_shard(trainer.data_sharding, size)
+    rows = size // shard["shard_count"]
+    for pairs in (p for p in pair_sets if p is not None):
+        values = []
+        for start in range(0, len(pairs), size):
+            # this process's rows of the chunk; past the end, the last pair again (its values are dropped)
+            mine = [min(start + shard["shard_index"] * rows + i, len(pairs) - 1) for i in range(rows)]
+            batch = {k: np.stack([pairs[i][k] for i in mine]) for k in pairs[0] if k.endswith(("tokens", "mask"))}
+            values.append(np.asarray(jax.device_get(compute(params, to_global(batch, trainer.data_sharding, size)))))
+        pairs.attach_reference(np.concatenate(values)[:len(pairs)])
+    del params
