@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jaxscale.config import Config
 from jaxscale.model import LossFn, transformer_factory
+from jaxscale.model.moe import moe_objective
 from jaxscale.training.loss import cross_entropy
 
 
@@ -28,7 +29,7 @@ def builtin_factory(config: Config):
 
 def next_token_loss(config: Config, platform: str) -> LossFn:
     """Cross entropy of each next token, run with the config's compute dtype (on `platform`), remat, scan and
-    pipeline settings."""
+    pipeline settings; with mixtures of experts plus their balance losses, and the routing metrics."""
     options = dict(compute_dtype=compute_dtype_for(config, platform), remat=config.train.remat,
                    scan_unroll=config.train.scan_unroll, pipeline=config.pipeline)
     use_segments = config.data.document_masking
@@ -36,7 +37,9 @@ def next_token_loss(config: Config, platform: str) -> LossFn:
     def loss_fn(model, batch, rngs):
         tokens = batch["tokens"]
         segments = batch["segment_ids"][:, :-1] if use_segments else None
-        return cross_entropy(model(tokens[:, :-1], segments, **options), tokens[:, 1:])
+        logits, moe_stats = model.forward(tokens[:, :-1], segments, **options)
+        loss = cross_entropy(logits, tokens[:, 1:])
+        return loss if moe_stats is None else moe_objective(loss, moe_stats, config.model.moe)
 
     return loss_fn
 
