@@ -126,9 +126,11 @@ class ModelConfig:
         positions = self.seq_len * d if self.style == "gpt2" else 0
         embed = 0 if self.tie_embeddings else self.padded_vocab * d  # untied: the input table is extra
         final_norm = d * (2 if self.style == "gpt2" else 1)
-        # the experts no token of a layer passes through are parameters too; the MoE layers' MLP biases are not
+        # the experts no token of a layer passes through and the router biases are parameters too; the MoE
+        # layers have no dense MLP biases
         idle = self.moe_layers * (self.expert_params(self.moe.experts) - self.expert_params(self.moe.top_k)
-                                  - (self.d_ff + d if self.style == "gpt2" else 0)) if self.moe else 0
+                                  + self.moe.experts - (self.d_ff + d if self.style == "gpt2" else 0)
+                                  ) if self.moe else 0
         return (self.matmul_params() + idle + embed + positions + final_norm
                 + self.n_layers * (norms_per_layer + biases_per_layer))
 

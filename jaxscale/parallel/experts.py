@@ -40,9 +40,11 @@ class ExpertAxes:
 
 def route(logits: jax.Array, bias: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(choice (tokens, top_k) expert ids, gates (tokens, top_k), probabilities (tokens, experts)). The bias
-    moves the choice only; with top_k > 1 the gates are the chosen probabilities normalized to sum to one."""
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    _, choice = jax.lax.top_k(probs + jax.lax.stop_gradient(bias), top_k)
+    moves the choice only, added to the logits (where, unlike on saturated probabilities, one bias shifts every
+    token's preference alike); with top_k > 1 the gates are the chosen probabilities normalized to sum to one."""
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    _, choice = jax.lax.top_k(logits + jax.lax.stop_gradient(bias), top_k)
     gates = jnp.take_along_axis(probs, choice, axis=-1)
     if top_k > 1:
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
