@@ -21,7 +21,7 @@ from jaxscale.model.config import ModelConfig, preset_values
 from jaxscale.parallel.plan import PipelineConfig, plan_from_config
 from jaxscale.presets import KINDS, find_preset, known_presets
 
-MESH_AXES = ("data", "pipeline", "fsdp", "expert", "tensor")  # outermost (slowest links) to innermost (fastest)
+MESH_AXES = ("data", "pipeline", "fsdp", "expert", "context", "tensor")  # outermost (slowest links) to innermost (fastest)
 BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes that split the batch (by the default rules)
 
 
@@ -33,18 +33,21 @@ class MeshConfig:
     host (ICI / NVLink). Total axis size = in-slice part x dcn part. `axes` adds named axes of a model's own
     (e.g. `moe_group: 4`) for rule tables to map onto; they sit between expert and tensor and stay inside a slice.
     `expert` holds a mixture-of-experts model's experts, a share on each rank, and splits the batch like data
-    elsewhere (tokens reach their experts by all-to-all).
+    elsewhere (tokens reach their experts by all-to-all). `context` splits each sequence (long contexts):
+    attention gathers the keys and values of the whole sequence (jaxscale.parallel.context).
     """
 
     data: int = -1
     pipeline: int = 1
     fsdp: int = 1
     expert: int = 1
+    context: int = 1
     tensor: int = 1
     dcn_data: int = 1
     dcn_pipeline: int = 1
     dcn_fsdp: int = 1
     dcn_expert: int = 1
+    dcn_context: int = 1
     dcn_tensor: int = 1
     axes: dict[str, int] = field(default_factory=dict)
 
@@ -58,7 +61,7 @@ class MeshConfig:
 
     def names(self) -> tuple[str, ...]:
         """Outermost (slowest links) to innermost (fastest)."""
-        return ("data", "pipeline", "fsdp", "expert", *self.axes, "tensor")
+        return ("data", "pipeline", "fsdp", "expert", "context", *self.axes, "tensor")
 
     def sizes(self) -> dict[str, int]:
         return {a: self.axes[a] if a in self.axes else getattr(self, a) for a in self.names()}
@@ -85,7 +88,7 @@ DEFAULT_PARAM_RULES: dict[str, Any] = {
 }
 DEFAULT_ACTIVATION_RULES: dict[str, Any] = {
     "batch": list(BATCH_AXES),
-    "length": None,
+    "length": "context",
     "embed": None,
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -449,6 +452,11 @@ def validate(config: Config, n_devices: int, builtin_model: bool = True) -> dict
                                   f"choose a tensor size that divides it")
         if m.moe is not None:
             m.moe.check_mesh(sizes)
+        if sizes["context"] > 1 and m.seq_len % (2 * sizes["context"]):
+            raise ConfigError(f"model.seq_len={m.seq_len} must be a multiple of 2 x mesh.context = "
+                              f"{2 * sizes['context']}: each context rank holds two of 2 x context equal chunks")
+        if sizes["context"] > 1 and sizes["pipeline"] > 1:
+            raise ConfigError("mesh.context > 1 with mesh.pipeline > 1 is not supported yet; use one of them")
     shards = batch_shards(sizes)
     if t.batch_size % (shards * t.microbatches):
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by mesh.data x mesh.fsdp x "

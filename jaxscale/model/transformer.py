@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxscale.kernels import attention
@@ -19,6 +20,7 @@ from jaxscale.model.gelu import bias_gelu
 from jaxscale.model.moe import SHARED_WEIGHTS, moe_mlp, moe_weights, no_stats
 from jaxscale.model.norm import norm
 from jaxscale.parallel import PipelineConfig, run_layers
+from jaxscale.parallel.context import balanced_order, context_attention, context_ranks
 from jaxscale.parallel.experts import EXPERT_WEIGHTS
 from jaxscale.sharding import constrain
 
@@ -141,7 +143,10 @@ def attention_half(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, posi
     if not gpt2:
         freqs = rope_frequencies(cfg)
         q, k = rope(q, positions, freqs), rope(k, positions, freqs)
-    y = attention(q, k, v, segment_ids, causal=True, implementation=cfg.attention)  # within each document
+    if context_ranks() > 1:  # the sequence split over the context axis, in balanced_order
+        y = context_attention(q, k, v, positions, segment_ids)
+    else:
+        y = attention(q, k, v, segment_ids, causal=True, implementation=cfg.attention)  # within each document
     y = constrain(y, ("batch", "length", "heads", "head_dim"))
     x = x + jnp.einsum("btnh,dnh->btd", y, w["wo"]) + bias("bo")
     return constrain(x, ("batch", "length", "embed"))
@@ -225,7 +230,12 @@ class Transformer(nnx.Module):
         (`jaxscale.model.moe`), or None for a dense model)."""
         cfg = self.cfg
         b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        ranks = context_ranks()
+        order = balanced_order(t, ranks) if ranks > 1 else None
+        if order is not None:  # each context rank gets an early and a late chunk: equal causal work
+            tokens = tokens[:, order]
+            segment_ids = None if segment_ids is None else segment_ids[:, order]
+        positions = jnp.broadcast_to(jnp.arange(t) if order is None else jnp.asarray(order), (b, t))
         x = embedding_lookup(self.embed[...].astype(compute_dtype), tokens)
         if cfg.style == "gpt2":
             # A lookup rather than a broadcast add: the add's gradient is a sum over the batch, for which XLA on
@@ -252,6 +262,8 @@ class Transformer(nnx.Module):
                                  unroll=scan_unroll, settings=pipeline)
             stats = jax.tree.map(lambda s: s / groups, sums)
 
+        if order is not None:  # back to the sequence's order for the output head
+            x = constrain(x[:, np.argsort(order)], ("batch", "length", "embed"))
         final_bias = self.final_norm_bias[...] if cfg.style == "gpt2" else None
         x = norm(x, self.final_norm[...], final_bias, cfg.norm_eps)
         head = self.embed[...].T if cfg.tie_embeddings else self.head[...]
