@@ -111,7 +111,8 @@ def moe_config(mesh: dict, style: str = "gpt2", **moe) -> Config:
 
 TRAINING_LAYOUTS = {"expert2": dict(expert=2), "expert4": dict(expert=4), "expert8": dict(expert=8),
                     "data2-fsdp2-expert2": dict(data=2, fsdp=2, expert=2),
-                    "fsdp2-expert2-tensor2": dict(fsdp=2, expert=2, tensor=2)}
+                    "fsdp2-expert2-tensor2": dict(fsdp=2, expert=2, tensor=2),
+                    "expert2-context2": dict(expert=2, context=2)}
 _reference: dict = {}
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from jaxscale.config import Config, ConfigError, MeshConfig, batch_shards, resolve_mesh_sizes
+from jaxscale.config import Config, ConfigError, MeshConfig, resolve_mesh_sizes
+from jaxscale.config import batch_shards as shards_of
 
 
 def fit_mesh(mesh: MeshConfig, n_devices: int) -> MeshConfig:
@@ -37,19 +38,19 @@ def fit_mesh(mesh: MeshConfig, n_devices: int) -> MeshConfig:
 
 
 def per_device_batch(config: Config, mesh_sizes: dict[str, int]) -> int:
-    return config.train.batch_size // (batch_shards(mesh_sizes) * config.train.microbatches)
+    return config.train.batch_size // (shards_of(mesh_sizes) * config.train.microbatches)
 
 
-def microbatches_for(batch_size: int, shards: int, target_per_device: int) -> int:
+def microbatches_for(batch_size: int, batch_shards: int, target_per_device: int) -> int:
     """The fewest microbatches that split the global batch evenly over the batch shards with at most
     `target_per_device` sequences per device."""
     for count in range(1, batch_size + 1):
-        rows, remainder = divmod(batch_size, shards * count)
+        rows, remainder = divmod(batch_size, batch_shards * count)
         if remainder == 0 and rows <= target_per_device:
             return count
     raise ConfigError(f"train.elastic: a global batch of {batch_size} cannot be split evenly over "
-                      f"{shards} batch shards (mesh.data x mesh.fsdp x mesh.expert) with at most {target_per_device} "
-                      f"sequences per device; choose a device count whose batch shards divide {batch_size}")
+                      f"{batch_shards} batch shards (mesh.data x mesh.fsdp x mesh.expert) with at most "
+                      f"{target_per_device} sequences per device; choose a device count whose batch shards divide {batch_size}")
 
 
 def adapt_to_devices(config: Config, n_devices: int,
@@ -60,7 +61,7 @@ def adapt_to_devices(config: Config, n_devices: int,
     sizes = resolve_mesh_sizes(mesh, n_devices)
     microbatches = config.train.microbatches
     if target_per_device is not None:
-        microbatches = microbatches_for(config.train.batch_size, batch_shards(sizes), target_per_device)
+        microbatches = microbatches_for(config.train.batch_size, shards_of(sizes), target_per_device)
     if mesh == config.mesh and microbatches == config.train.microbatches:
         return config, None
     adapted = dataclasses.replace(config, mesh=mesh,
