@@ -148,15 +148,16 @@ def test_schedule_on_one_device_matches_a_plain_scan(n_layers, stages, microbatc
     check_against_a_plain_scan(n_layers, stages, microbatches, repeats)
 
 
-@pytest.mark.parametrize("stages,microbatches,repeats", [
-    (4, 4, 1),
-    pytest.param(4, 8, 2, marks=pytest.mark.slow),
-    pytest.param(8, 8, 1, marks=pytest.mark.slow),
+@pytest.mark.parametrize("shape,microbatches,repeats", [
+    (dict(pipeline=4), 4, 1),
+    pytest.param(dict(pipeline=4), 8, 2, marks=pytest.mark.slow),
+    pytest.param(dict(pipeline=8), 8, 1, marks=pytest.mark.slow),
+    pytest.param(dict(data=2, pipeline=2), 4, 2, marks=pytest.mark.slow),  # the data axis left to XLA
 ])
-def test_schedule_on_a_pipeline_mesh_matches_a_plain_scan(stages, microbatches, repeats):
+def test_schedule_on_a_pipeline_mesh_matches_a_plain_scan(shape, microbatches, repeats):
     """Each rank runs its own stage under shard_map; activations and gradients pass by collective-permute."""
-    mesh = Mesh(np.array(jax.devices()[:stages]), ("pipeline",))
-    check_against_a_plain_scan(8, stages, microbatches, repeats, mesh)
+    devices = np.array(jax.devices()[:int(np.prod(list(shape.values())))]).reshape(*shape.values())
+    check_against_a_plain_scan(8, shape["pipeline"], microbatches, repeats, Mesh(devices, tuple(shape)))
 
 
 # ----------------------------------------------------------------------------------------------------------
