@@ -27,7 +27,8 @@ from jaxscale.posttrain.config import PosttrainConfig
 from jaxscale.presets import KINDS, find_preset, known_presets
 from jaxscale.remat import parse_remat
 
-MESH_AXES = ("data", "pipeline", "fsdp", "tensor")  # outermost (slowest links) to innermost (fastest)
+MESH_AXES = ("data", "pipeline", "fsdp", "expert", "context", "tensor")  # outermost (slowest links) to innermost (fastest)
+BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes that split the batch (by the default rules)
 
 
 @dataclass
@@ -36,16 +37,23 @@ class MeshConfig:
 
     `dcn_*` is the part of an axis that crosses slices / hosts (slow links); the rest stays inside a slice or
     host (ICI / NVLink). Total axis size = in-slice part x dcn part. `axes` adds named axes of a model's own
-    (e.g. `expert: 4`) for rule tables to map onto; they sit between fsdp and tensor and stay inside a slice.
+    (e.g. `moe_group: 4`) for rule tables to map onto; they sit between expert and tensor and stay inside a slice.
+    `expert` holds a mixture-of-experts model's experts, a share on each rank, and splits the batch like data
+    elsewhere (tokens reach their experts by all-to-all). `context` splits each sequence (long contexts):
+    attention gathers the keys and values of the whole sequence (jaxscale.parallel.context).
     """
 
     data: int = -1
     pipeline: int = 1
     fsdp: int = 1
+    expert: int = 1
+    context: int = 1
     tensor: int = 1
     dcn_data: int = 1
     dcn_pipeline: int = 1
     dcn_fsdp: int = 1
+    dcn_expert: int = 1
+    dcn_context: int = 1
     dcn_tensor: int = 1
     axes: dict[str, int] = field(default_factory=dict)
 
@@ -59,7 +67,7 @@ class MeshConfig:
 
     def names(self) -> tuple[str, ...]:
         """Outermost (slowest links) to innermost (fastest)."""
-        return ("data", "pipeline", "fsdp", *self.axes, "tensor")
+        return ("data", "pipeline", "fsdp", "expert", "context", *self.axes, "tensor")
 
     def sizes(self) -> dict[str, int]:
         return {a: self.axes[a] if a in self.axes else getattr(self, a) for a in self.names()}
@@ -80,12 +88,13 @@ DEFAULT_PARAM_RULES: dict[str, Any] = {
     "head_dim": None,
     "mlp": "tensor",
     "layers": "pipeline",  # the stacked layer weights: each pipeline rank holds its stages' share
+    "expert": "expert",  # a mixture-of-experts layer's experts
     "norm": None,
     "position": None,
 }
 DEFAULT_ACTIVATION_RULES: dict[str, Any] = {
-    "batch": ["data", "fsdp"],
-    "length": None,
+    "batch": list(BATCH_AXES),
+    "length": "context",
     "embed": None,
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -435,6 +444,11 @@ def save_config(config: Config, path: Path) -> None:
 # Checks that need the device count
 
 
+def batch_shards(sizes: dict[str, int]) -> int:
+    """Into how many parts the default rules split the batch: mesh.data x mesh.fsdp x mesh.expert."""
+    return sizes["data"] * sizes["fsdp"] * sizes.get("expert", 1)  # sizes of a mesh written before the axis
+
+
 def resolve_mesh_sizes(mesh: MeshConfig, n_devices: int) -> dict[str, int]:
     """Axis sizes with the one -1 filled in; their product must equal the device count."""
     sizes = mesh.sizes()
@@ -472,11 +486,19 @@ def validate(config: Config, n_devices: int, builtin_model: bool = True) -> dict
             if count % sizes["tensor"]:
                 raise ConfigError(f"{name}={count} is not divisible by mesh.tensor={sizes['tensor']}; "
                                   f"choose a tensor size that divides it")
-    batch_shards = sizes["data"] * sizes["fsdp"]
-    if t.batch_size % (batch_shards * t.microbatches):
+        if m.moe is not None:
+            m.moe.check_mesh(sizes)
+        if sizes["context"] > 1 and m.seq_len % (2 * sizes["context"]):
+            raise ConfigError(f"model.seq_len={m.seq_len} must be a multiple of 2 x mesh.context = "
+                              f"{2 * sizes['context']}: each context rank holds two of 2 x context equal chunks")
+        if sizes["context"] > 1 and sizes["pipeline"] > 1:
+            raise ConfigError("mesh.context > 1 with mesh.pipeline > 1 is not supported yet; use one of them")
+    shards = batch_shards(sizes)
+    if t.batch_size % (shards * t.microbatches):
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by mesh.data x mesh.fsdp x "
-                          f"train.microbatches = {sizes['data']} x {sizes['fsdp']} x {t.microbatches}; "
-                          f"try train.batch_size={batch_shards * t.microbatches * max(1, t.batch_size // (batch_shards * t.microbatches))}")
+                          f"mesh.expert x train.microbatches = {sizes['data']} x {sizes['fsdp']} x "
+                          f"{sizes['expert']} x {t.microbatches}; "
+                          f"try train.batch_size={shards * t.microbatches * max(1, t.batch_size // (shards * t.microbatches))}")
     if sizes["pipeline"] > 1 and builtin_model:
         stages = sizes["pipeline"]
         plan = plan_from_config(config.pipeline, m.n_layers, stages)  # microbatches, layers against stages
@@ -487,15 +509,14 @@ def validate(config: Config, n_devices: int, builtin_model: bool = True) -> dict
                               f"weights; choose n_layers divisible by {stages}, or set "
                               f"sharding.params.layers=null (every pipeline rank then keeps all layers; the "
                               f"stages still split the work)")
-        rows = t.batch_size // (batch_shards * t.microbatches)  # per batch shard and accumulation step
+        rows = t.batch_size // (shards * t.microbatches)  # per batch shard and accumulation step
         if rows % plan.microbatches:
             fits = " or ".join(str(c) for c in range(stages, rows + 1) if rows % c == 0)
             raise ConfigError(f"pipeline.microbatches={plan.microbatches} must divide the {rows} rows each "
                               f"batch shard gets per step (train.batch_size={t.batch_size} / mesh.data x "
-                              f"mesh.fsdp x train.microbatches = {sizes['data']} x {sizes['fsdp']} x "
-                              f"{t.microbatches}); "
+                              f"mesh.fsdp x mesh.expert x train.microbatches = {shards} x {t.microbatches}); "
                               + (f"pipeline.microbatches={fits} would work" if fits else
-                                 f"try train.batch_size={batch_shards * t.microbatches * plan.microbatches}"))
+                                 f"try train.batch_size={shards * t.microbatches * plan.microbatches}"))
     for table_name, table in (("sharding.params", config.sharding.params),
                               ("sharding.activations", config.sharding.activations)):
         for logical, target in table.items():

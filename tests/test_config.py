@@ -20,7 +20,7 @@ def test_a_partial_rule_table_keeps_the_other_default_rules():
     assert config.sharding.params["mlp"] == ["tensor", "fsdp"]
     assert config.sharding.params["embed"] == "fsdp" and config.sharding.params["heads"] == "tensor"
     assert config.sharding.activations["vocab"] is None
-    assert config.sharding.activations["batch"] == ["data", "fsdp"]
+    assert config.sharding.activations["batch"] == ["data", "fsdp", "expert"]
 
 
 def test_model_preset_and_mesh_preset():

@@ -144,10 +144,10 @@ def _load_experiment(experiment: str | None, overrides: list[str], chips: int
 
 
 def _batch_warnings(f: ModelFigures, mesh_sizes: dict[str, int]) -> list[str]:
-    shards = mesh_sizes["data"] * mesh_sizes["fsdp"] * f.microbatches
+    shards = mesh_sizes["data"] * mesh_sizes["fsdp"] * mesh_sizes.get("expert", 1) * f.microbatches
     if f.batch_size % shards == 0:
         return []
-    return [(f"train.batch_size={f.batch_size} does not split over data x fsdp x microbatches = {shards}; a real "
+    return [(f"train.batch_size={f.batch_size} does not split over data x fsdp x expert x microbatches = {shards}; a real "
              f"run needs a multiple of {shards} (--set train.batch_size=...). Memory below assumes "
              f"{f.batch_size / shards:.3g} sequences per chip.")]
 

@@ -48,7 +48,7 @@ def state_shard_count(mesh_sizes: dict[str, int], zero3: bool) -> int:
 def activation_bytes_per_chip(seq_len: int, d_model: int, n_layers: int, vocab_size: int, batch_size: int,
                               mesh_sizes: dict[str, int], microbatches: int = 1, remat: str = "none") -> float:
     """Rough activation bytes kept for the backward pass on one chip (see the module docstring)."""
-    batch_shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
+    batch_shards = mesh_sizes["data"] * mesh_sizes["fsdp"] * mesh_sizes.get("expert", 1)
     sequences = batch_size / (batch_shards * microbatches)  # one microbatch's sequences on this chip
     t = mesh_sizes["tensor"]
     layers = n_layers / mesh_sizes["pipeline"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from jaxscale.errors import ConfigError, check_range
 from jaxscale.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from jaxscale.parallel.moe_config import MoEConfig
 
 
 @dataclass
@@ -39,6 +40,7 @@ class ModelConfig:
     # vocabulary only (imported models: their loss is the original's). Off, padding ids are learned away.
     mask_vocab_padding: bool = False
     init_from: str = ""  # "hf:<dir>": start from a Hugging Face checkpoint; the shape comes from its config.json
+    moe: MoEConfig | None = None  # None: dense feed-forward layers; else mixtures of experts (jaxscale.model.moe)
 
     def __post_init__(self):
         if self.style not in ("gpt2", "llama"):
@@ -76,7 +78,11 @@ class ModelConfig:
         d_ff = cfg.d_ff if cfg.d_ff is not None else (
             4 * cfg.d_model if cfg.style == "gpt2" else 256 * -(-8 * cfg.d_model // 3 // 256))
         tie = cfg.tie_embeddings if cfg.tie_embeddings is not None else cfg.style == "gpt2"
-        return dataclasses.replace(cfg, n_kv_heads=n_kv, d_ff=d_ff, tie_embeddings=tie)
+        moe = cfg.moe
+        if moe is not None:
+            moe.check_layers(cfg.n_layers)
+            moe = dataclasses.replace(moe, d_ff=moe.d_ff or d_ff)
+        return dataclasses.replace(cfg, n_kv_heads=n_kv, d_ff=d_ff, tie_embeddings=tie, moe=moe)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ModelConfig:
@@ -93,12 +99,27 @@ class ModelConfig:
     def padded_vocab(self) -> int:
         return -(-self.vocab_size // 128) * 128
 
+    @property
+    def moe_layers(self) -> int:
+        return self.n_layers // self.moe.every if self.moe else 0
+
+    def _mlp(self, width: int) -> int:
+        return (3 if self.style == "llama" else 2) * self.d_model * width
+
+    def expert_params(self, experts: int) -> int:
+        """The matmul weights of one mixture-of-experts layer's feed-forward part with `experts` of its routed
+        experts: those, the shared experts and the router."""
+        m = self.moe
+        return (experts + m.shared_experts) * self._mlp(m.d_ff) + self.d_model * m.experts
+
     def matmul_params(self) -> int:
-        """N in FLOPs/token = 6N + 12 L d T: the weights of every matmul, the output head included."""
+        """N in FLOPs/token = 6N + 12 L d T: the weights of every matmul a token passes through, the output head
+        included. With mixtures of experts, those of its top_k experts (the active parameters)."""
         d, hd = self.d_model, self.head_dim
         attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2  # q, o and k, v
-        mlp = (3 if self.style == "llama" else 2) * d * self.d_ff
-        return self.n_layers * (attn + mlp) + self.padded_vocab * d
+        dense = self.n_layers - self.moe_layers
+        moe = self.moe_layers * self.expert_params(self.moe.top_k) if self.moe else 0
+        return self.n_layers * attn + dense * self._mlp(self.d_ff) + moe + self.padded_vocab * d
 
     def total_params(self) -> int:
         d = self.d_model
@@ -108,7 +129,12 @@ class ModelConfig:
         positions = self.seq_len * d if self.style == "gpt2" else 0
         embed = 0 if self.tie_embeddings else self.padded_vocab * d  # untied: the input table is extra
         final_norm = d * (2 if self.style == "gpt2" else 1)
-        return (self.matmul_params() + embed + positions + final_norm
+        # the experts no token of a layer passes through and the router biases are parameters too; the MoE
+        # layers have no dense MLP biases
+        idle = self.moe_layers * (self.expert_params(self.moe.experts) - self.expert_params(self.moe.top_k)
+                                  + self.moe.experts - (self.d_ff + d if self.style == "gpt2" else 0)
+                                  ) if self.moe else 0
+        return (self.matmul_params() + idle + embed + positions + final_norm
                 + self.n_layers * (norms_per_layer + biases_per_layer))
 
     def flops_per_token(self) -> float:

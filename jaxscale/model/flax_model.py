@@ -33,6 +33,9 @@ class FlaxModel:
     logical_axes: dict  # same tree: the logical names of each parameter's dimensions
     unannotated: tuple[str, ...]  # parameters whose Flax metadata names no dimension (they are replicated)
     decay: dict  # same tree: True / False where a parameter's metadata says `weight_decay=...`, else None
+    # same tree: True where a parameter's metadata says `balance_bias=True`: a load-balancing bias whose gradient
+    # is its update direction (jaxscale.model.moe), applied by plain SGD outside the optimizer
+    balance_bias: dict
     init: Callable[[jax.Array], dict]  # key -> parameters (pure, for jit)
     # (params, batch, key, training=True) -> (loss, metrics); training=False puts NNX modules in eval mode
     # (`module.eval()`: dropout off); a Linen loss_fn sees the same call either way
@@ -140,6 +143,7 @@ def nnx_model(factory: Callable[[nnx.Rngs], nnx.Module], loss_fn: LossFn) -> Fla
         params, lambda v: v.get_metadata().get("out_sharding") or v.get_metadata().get("sharding_names"),
         _is_variable)
     decay = _per_leaf(params, lambda _, v: v.get_metadata().get("weight_decay"), is_leaf=_is_variable)
+    balance = _per_leaf(params, lambda _, v: bool(v.get_metadata().get("balance_bias")), is_leaf=_is_variable)
     def init(key) -> dict:
         return nnx.to_pure_dict(nnx.split(create(key), nnx.Param, ...)[1])
 
@@ -155,7 +159,7 @@ def nnx_model(factory: Callable[[nnx.Rngs], nnx.Module], loss_fn: LossFn) -> Fla
         return split_loss_output(loss_fn(module, batch, nnx.Rngs(loss_key)))
 
     return FlaxModel(shapes=nnx.to_pure_dict(params), logical_axes=logical_axes, unannotated=unannotated,
-                     decay=decay, init=init, loss=loss, bind=bind)
+                     decay=decay, balance_bias=balance, init=init, loss=loss, bind=bind)
 
 
 def _fresh_rngs(rng_state, key: jax.Array):
@@ -210,5 +214,6 @@ def linen_model(module: nn.Module, loss_fn: LossFn, example_batch: dict) -> Flax
         return split_loss_output(out)
 
     return FlaxModel(shapes=shapes, logical_axes=logical_axes, unannotated=unannotated,
-                     decay=_per_leaf(shapes, lambda *_: None), init=init, loss=loss,
+                     decay=_per_leaf(shapes, lambda *_: None), balance_bias=_per_leaf(shapes, lambda *_: False),
+                     init=init, loss=loss,
                      bind=lambda params: module.bind({"params": params}))

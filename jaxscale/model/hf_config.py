@@ -173,6 +173,9 @@ def resolve_init_from(section: dict) -> dict:
 
 def config_json(cfg: ModelConfig, dtype: str, special_tokens: dict) -> dict:
     """config.json for `cfg`, in the layout transformers 4 writes (transformers 5 reads it too)."""
+    if cfg.moe is not None:
+        raise ConfigError("a model with model.moe (mixtures of experts) has no Hugging Face export yet; the "
+                          "checkpoint itself restores in jaxscale")
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=bool(cfg.tie_embeddings),
                   initializer_range=cfg.init_std, torch_dtype=dtype, **special_tokens)
     if cfg.style == "gpt2":

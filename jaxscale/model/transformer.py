@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -18,7 +19,10 @@ from jaxscale.kernels.gelu import bias_gelu
 from jaxscale.kernels.norm import norm
 from jaxscale.model.config import ModelConfig
 from jaxscale.model.embedding import embedding_lookup
+from jaxscale.model.moe import SHARED_WEIGHTS, moe_mlp, moe_weights, no_stats
 from jaxscale.parallel import PipelineConfig, run_layers
+from jaxscale.parallel.context import balanced_order, context_attention, context_ranks
+from jaxscale.parallel.experts import EXPERT_WEIGHTS
 from jaxscale.sharding import constrain
 
 
@@ -35,6 +39,10 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], 
     return nnx.Param(value, out_sharding=axes, **metadata)
 
 
+DENSE_MLP_WEIGHTS = ("w_in", "b_in", "w_out", "b_out", "w_gate", "w_up", "w_down")
+OUTPUT_WEIGHTS = ("expert_out", "expert_down")  # scaled down with depth, as the dense w_out / w_down
+
+
 class Blocks(nnx.Module):
     """All transformer layers, each weight stacked over `layers` (dimension 0)."""
 
@@ -43,12 +51,13 @@ class Blocks(nnx.Module):
         std = cfg.init_std
         out_std = std / math.sqrt(2 * L)  # residual projections shrink with depth (GPT-2)
         gpt2 = cfg.style == "gpt2"
+        dense = L - cfg.moe_layers  # layers with the dense MLP; the others have experts (cfg.moe)
 
         # Every matrix keeps `embed` first (after `layers`), the output projections too: FSDP splits `embed`, and
         # on GPUs a split along the leading dimension is gathered and reduce-scattered in place, where one along
         # the last dimension costs a transpose of each weight and gradient (~2% of a 2-GPU 350M step).
-        def p(shape, axes, s):
-            return param(rngs, (L, *shape), ("layers", *axes), s, dtype)
+        def p(shape, axes, s, count=L, **metadata):
+            return param(rngs, (count, *shape), ("layers", *axes), s, dtype, **metadata)
 
         # One fused q/k/v matmul. Heads are grouped by the KV head they share: per KV head, H/K query heads then
         # its key and value. Splitting `kv_heads` over the tensor axis keeps every group on one device.
@@ -62,14 +71,27 @@ class Blocks(nnx.Module):
             self.mlp_norm_bias = p((d,), ("norm",), 0)
             self.bqkv = p(qkv, ("kv_heads", None, "head_dim"), 0)
             self.bo = p((d,), ("norm",), 0)
-            self.w_in = p((d, F), ("embed", "mlp"), std)
-            self.b_in = p((F,), ("mlp",), 0)
-            self.w_out = p((d, F), ("embed", "mlp"), out_std)
-            self.b_out = p((d,), ("norm",), 0)
-        else:
-            self.w_gate = p((d, F), ("embed", "mlp"), std)
-            self.w_up = p((d, F), ("embed", "mlp"), std)
-            self.w_down = p((d, F), ("embed", "mlp"), out_std)
+        if dense and gpt2:
+            self.w_in = p((d, F), ("embed", "mlp"), std, dense)
+            self.b_in = p((F,), ("mlp",), 0, dense)
+            self.w_out = p((d, F), ("embed", "mlp"), out_std, dense)
+            self.b_out = p((d,), ("norm",), 0, dense)
+        elif dense:
+            self.w_gate = p((d, F), ("embed", "mlp"), std, dense)
+            self.w_up = p((d, F), ("embed", "mlp"), std, dense)
+            self.w_down = p((d, F), ("embed", "mlp"), out_std, dense)
+        if cfg.moe is not None:
+            m, count = cfg.moe, cfg.moe_layers
+            self.router = p((d, m.experts), ("embed", None), std, count)
+            # moved by the load, not by gradients (jaxscale.model.moe): no weight decay, its own update rule
+            self.router_bias = p((m.experts,), (None,), 0, count, weight_decay=False, balance_bias=True)
+            for name in EXPERT_WEIGHTS[cfg.style]:
+                setattr(self, name, p((m.experts, d, m.d_ff), ("expert", "embed", "mlp"),
+                                      out_std if name in OUTPUT_WEIGHTS else std, count))
+            if m.shared_experts:
+                for name, dense_name in zip(SHARED_WEIGHTS[cfg.style], EXPERT_WEIGHTS[cfg.style]):
+                    setattr(self, name, p((d, m.shared_experts * m.d_ff), ("embed", "mlp"),
+                                          out_std if dense_name in OUTPUT_WEIGHTS else std, count))
 
     def stacked(self) -> dict[str, jax.Array]:
         return {name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Param)}
@@ -98,10 +120,16 @@ def rope(x, positions, freqs):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, segment_ids, dtype) -> jax.Array:
-    """One transformer layer; `p` holds this layer's slice of every stacked weight."""
+def cast(p: dict[str, jax.Array], dtype) -> dict[str, jax.Array]:
+    """The weights in the compute dtype; norm scales and biases stay as they are (norm() works in float32)."""
+    return {k: v.astype(dtype) for k, v in p.items() if not k.endswith("norm") and not k.endswith("norm_bias")}
+
+
+def attention_half(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, segment_ids,
+                   dtype) -> jax.Array:
+    """x plus the attention of one layer; `p` holds this layer's slice of every stacked weight."""
     gpt2 = cfg.style == "gpt2"
-    w = {k: v.astype(dtype) for k, v in p.items() if not k.endswith("norm") and not k.endswith("norm_bias")}
+    w = cast(p, dtype)
     bias = (lambda name: w[name]) if gpt2 else (lambda name: 0)
 
     h = norm(x, p["attn_norm"], p.get("attn_norm_bias"), cfg.norm_eps)
@@ -117,19 +145,57 @@ def layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, se
     if not gpt2:
         freqs = rope_frequencies(cfg)
         q, k = rope(q, positions, freqs), rope(k, positions, freqs)
-    y = attention(q, k, v, segment_ids, causal=True, implementation=cfg.attention)  # within each document
+    if context_ranks() > 1:  # the sequence split over the context axis, in balanced_order
+        y = context_attention(q, k, v, positions, segment_ids)
+    else:
+        y = attention(q, k, v, segment_ids, causal=True, implementation=cfg.attention)  # within each document
     y = checkpoint_name(constrain(y, ("batch", "length", "heads", "head_dim")), "attention_out")
     x = x + jnp.einsum("btnh,dnh->btd", y, w["wo"]) + bias("bo")
-    x = constrain(x, ("batch", "length", "embed"))
+    return constrain(x, ("batch", "length", "embed"))
 
-    h = norm(x, p["mlp_norm"], p.get("mlp_norm_bias"), cfg.norm_eps)
-    if gpt2:
+
+def mlp_input(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    return norm(x, p["mlp_norm"], p.get("mlp_norm_bias"), cfg.norm_eps)
+
+
+def dense_mlp(cfg: ModelConfig, w: dict[str, jax.Array], h: jax.Array) -> jax.Array:
+    """The dense feed-forward part's output for its input h (batch, length, embed); `w` in the compute dtype."""
+    if cfg.style == "gpt2":
         hidden = bias_gelu(jnp.einsum("btd,df->btf", h, w["w_in"]), w["b_in"])
     else:
         hidden = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["w_gate"])) * jnp.einsum("btd,df->btf", h, w["w_up"])
     hidden = checkpoint_name(constrain(hidden, ("batch", "length", "mlp")), "mlp_hidden")
-    x = x + jnp.einsum("btf,df->btd", hidden, w["w_out" if gpt2 else "w_down"]) + bias("b_out")
+    return jnp.einsum("btf,df->btd", hidden, w["w_out" if cfg.style == "gpt2" else "w_down"])
+
+
+def layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, segment_ids, dtype) -> jax.Array:
+    """One transformer layer; `p` holds this layer's slice of every stacked weight."""
+    x = attention_half(cfg, p, x, positions, segment_ids, dtype)
+    w = cast(p, dtype)
+    x = x + dense_mlp(cfg, w, mlp_input(cfg, p, x)) + w.get("b_out", 0)
     return constrain(x, ("batch", "length", "embed"))
+
+
+def layer_group(cfg: ModelConfig, p: dict[str, jax.Array], carry, positions, segment_ids, dtype):
+    """cfg.moe.every layers, the last of them with experts, on carry (x, summed routing statistics). `p` holds
+    the group's slice of every stack: per-layer weights (every, ...), dense MLPs (every - 1, ...) and the
+    experts' (1, ...)."""
+    x, stats = carry
+    every, own = cfg.moe.every, moe_weights(cfg.style)
+    per_layer = {k: v for k, v in p.items() if k not in own and k not in DENSE_MLP_WEIGHTS}
+    for j in range(every):
+        lp = {k: v[j] for k, v in per_layer.items()}
+        x = attention_half(cfg, lp, x, positions, segment_ids, dtype)
+        h = mlp_input(cfg, lp, x)
+        if j < every - 1:
+            w = cast({k: v[j] for k, v in p.items() if k in DENSE_MLP_WEIGHTS}, dtype)
+            x = x + dense_mlp(cfg, w, h) + w.get("b_out", 0)
+        else:
+            y, layer_stats = moe_mlp(cfg, {k: v[0] for k, v in p.items() if k in own}, h, dtype)
+            x = x + y
+            stats = jax.tree.map(jnp.add, stats, layer_stats)
+        x = constrain(x, ("batch", "length", "embed"))
+    return x, stats
 
 
 class Transformer(nnx.Module):
@@ -156,9 +222,22 @@ class Transformer(nnx.Module):
         `scan_unroll` layers run per scan iteration: 1 keeps compile time flat in depth, n_layers removes the
         loop's stacking copies (faster on GPUs, longer compiles). Under a mesh whose `pipeline` axis is > 1
         the layers run as pipeline stages instead (`jaxscale.parallel`), scheduled by `pipeline`."""
+        return self.forward(tokens, segment_ids, compute_dtype=compute_dtype, remat=remat, scan_unroll=scan_unroll,
+                            pipeline=pipeline)[0]
+
+    def forward(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
+                compute_dtype=jnp.float32, remat: str = "none", scan_unroll: int = 1,
+                pipeline: PipelineConfig | None = None) -> tuple[jax.Array, dict | None]:
+        """(logits as `__call__` gives them, the routing statistics averaged over the mixture-of-experts layers
+        (`jaxscale.model.moe`), or None for a dense model)."""
         cfg = self.cfg
         b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        ranks = context_ranks()
+        order = balanced_order(t, ranks) if ranks > 1 else None
+        if order is not None:  # each context rank gets an early and a late chunk: equal causal work
+            tokens = tokens[:, order]
+            segment_ids = None if segment_ids is None else segment_ids[:, order]
+        positions = jnp.broadcast_to(jnp.arange(t) if order is None else jnp.asarray(order), (b, t))
         x = embedding_lookup(self.embed[...].astype(compute_dtype), tokens)
         if cfg.style == "gpt2":
             # A lookup rather than a broadcast add: the add's gradient is a sum over the batch, for which XLA on
@@ -169,9 +248,23 @@ class Transformer(nnx.Module):
         def apply_layer(x, layer_params, segment_ids):  # x: the whole batch, or one pipeline microbatch
             return layer(cfg, layer_params, x, positions[:x.shape[0]], segment_ids, compute_dtype)
 
-        x = run_layers(apply_layer, self.blocks.stacked(), x, segment_ids, remat=remat, unroll=scan_unroll,
-                       settings=pipeline)
+        stack, stats = self.blocks.stacked(), None
+        if cfg.moe is None:
+            x = run_layers(apply_layer, stack, x, segment_ids, remat=remat, unroll=scan_unroll, settings=pipeline)
+        else:  # the scan runs over groups of moe.every layers; every stack splits evenly into them
+            groups = cfg.moe_layers
+            grouped = {k: v.reshape(groups, v.shape[0] // groups, *v.shape[1:]) for k, v in stack.items()}
 
+            def apply_group(carry, group_params, segment_ids):
+                return layer_group(cfg, group_params, carry, positions[:carry[0].shape[0]], segment_ids,
+                                   compute_dtype)
+
+            x, sums = run_layers(apply_group, grouped, (x, no_stats(cfg.moe)), segment_ids, remat=remat,
+                                 unroll=scan_unroll, settings=pipeline)
+            stats = jax.tree.map(lambda s: s / groups, sums)
+
+        if order is not None:  # back to the sequence's order for the output head
+            x = constrain(x[:, np.argsort(order)], ("batch", "length", "embed"))
         final_bias = self.final_norm_bias[...] if cfg.style == "gpt2" else None
         x = norm(x, self.final_norm[...], final_bias, cfg.norm_eps)
         head = self.embed[...].T if cfg.tie_embeddings else self.head[...]
@@ -179,4 +272,4 @@ class Transformer(nnx.Module):
         if cfg.mask_vocab_padding and cfg.padded_vocab > cfg.vocab_size:
             padding = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) >= cfg.vocab_size
             logits = jnp.where(padding, jnp.finfo(logits.dtype).min, logits)
-        return constrain(logits, ("batch", "length", "vocab"))
+        return constrain(logits, ("batch", "length", "vocab")), stats

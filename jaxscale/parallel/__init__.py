@@ -1,4 +1,5 @@
-"""Parallelism beyond sharding rules: pipeline stages over the `pipeline` mesh axis."""
+"""Parallelism beyond sharding rules: pipeline stages over the `pipeline` mesh axis; expert parallelism
+(`experts`) and context parallelism (`context`) live in their own modules."""
 from jaxscale.parallel.pipeline import (
     active_plan,
     outer_rules,

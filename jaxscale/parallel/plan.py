@@ -122,3 +122,191 @@ def describe_plan(plan: PipelinePlan) -> str:
         ranges = ", ".join(f"{c[0]}-{c[-1]}" if len(c) > 1 else str(c[0]) for c in chunks)
         lines.append(f"{stage:>5}  {real:>6}  {plan.repeats * plan.layers_per_chunk - real:>7}  {ranges}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1F1B schedules: each stage alternates forwards and backwards, so it holds few activations at a time
+
+IDLE, FORWARD, BACKWARD = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """What each stage does in each tick of a 1F1B schedule, every array (ticks, stages). A tick runs one
+    chunk's forward or backward for one microbatch; what a tick produces reaches the neighbouring stage at the
+    start of the next. Chunk `repeat x stages + stage` is the one `plan.slot_layers()` places there.
+
+    A stage keeps each chunk input it receives in a stash slot until that chunk's backward has run (the
+    backward recomputes the chunk's forward from it), and each incoming gradient in a gradient slot until it
+    is used; slots are reused once free, so `stash_slots` is the stage's peak of inputs held."""
+
+    stages: int
+    microbatches: int
+    repeats: int
+    kind: np.ndarray  # IDLE, FORWARD or BACKWARD
+    repeat: np.ndarray  # which of the stage's chunks the op runs
+    microbatch: np.ndarray
+    slot: np.ndarray  # stash slot of the op's chunk input
+    grad_slot: np.ndarray  # BACKWARD: gradient slot of the incoming gradient; -1 on the model's last chunk
+    arriving_slot: np.ndarray  # stash slot for the activation arriving this tick, -1 if none
+    arriving_grad_slot: np.ndarray  # gradient slot for the gradient arriving this tick, -1 if none
+    stash_slots: int
+    grad_slots: int
+
+    @property
+    def ticks(self) -> int:
+        return self.kind.shape[0]
+
+    @property
+    def bubble(self) -> float:
+        """Share of stage-ticks spent idle (a forward and a backward taken to cost one tick each)."""
+        return float(np.mean(self.kind == IDLE))
+
+    def peak_stash(self) -> np.ndarray:
+        """(stages,): the most chunk inputs each stage holds at once."""
+        held = np.zeros(self.stages, int)
+        peak = np.zeros(self.stages, int)
+        arrived = self.arriving_slot >= 0
+        for t in range(self.ticks):
+            first = (self.kind[t] == FORWARD) & (self.repeat[t] == 0)  # stage 0 takes chunk 0's input itself
+            held += arrived[t] | (first & (np.arange(self.stages) == 0))
+            peak = np.maximum(peak, held)
+            held -= self.kind[t] == BACKWARD
+        return peak
+
+
+def one_f_one_b_bubble(stages: int, microbatches: int, repeats: int = 1) -> float:
+    """Idle share of a (interleaved) 1F1B schedule, forward and backward one tick each: (p-1)/(v m + p - 1),
+    the same as GPipe and circular; 1F1B saves memory, interleaving (v > 1) shrinks the bubble."""
+    return bubble_fraction(stages, microbatches, repeats)
+
+
+def one_f_one_b_peak_stash(stages: int, microbatches: int, repeats: int = 1) -> list[int]:
+    """Chunk inputs each stage holds at its peak, counting the one just received: stage s holds p - s for
+    1F1B, and 2 (p - s - 1) + (v - 1) p + 1 for interleaved 1F1B (Megatron's warm-up forwards plus one), one
+    more on stages > 0 (the next input arrives while the last is still held), at most v m. Independent of the
+    microbatch count once m >= p, where GPipe holds m per stage and circular v m."""
+    held = [stages - s if repeats == 1 else 2 * (stages - s - 1) + (repeats - 1) * stages + 1
+            for s in range(stages)]
+    return [min(h + (s > 0), repeats * microbatches) for s, h in enumerate(held)]
+
+
+def _stage_order(stages: int, microbatches: int, repeats: int, stage: int) -> list[tuple[int, int, int]]:
+    """The ops of one stage in the order it runs them, (kind, repeat, microbatch): a warm-up of forwards, then
+    one forward and one backward in turn, then the remaining backwards. Interleaved (repeats > 1), microbatches
+    go in groups of `stages`, each group through every chunk of the stage (backwards: last chunk first)."""
+    if repeats == 1:
+        forwards = [(0, m) for m in range(microbatches)]
+        warmup = min(stages - stage - 1, microbatches)
+    else:
+        groups = range(microbatches // stages)
+        forwards = [(r, g * stages + i) for g in groups for r in range(repeats) for i in range(stages)]
+        warmup = min(2 * (stages - stage - 1) + (repeats - 1) * stages, len(forwards))
+    backwards = [(repeats - 1 - r, m) for r, m in forwards] if repeats == 1 else [
+        (r, g * stages + i) for g in range(microbatches // stages) for r in reversed(range(repeats))
+        for i in range(stages)]
+    order = [(FORWARD, *op) for op in forwards[:warmup]]
+    for f, b in zip(forwards[warmup:], backwards):
+        order += [(FORWARD, *f), (BACKWARD, *b)]
+    order += [(BACKWARD, *op) for op in backwards[len(forwards) - warmup:]]
+    return order
+
+
+def _allocate(intervals: list[tuple[int, int, tuple]]) -> tuple[dict, int]:
+    """Slots for [start, end] tick intervals, a slot free again the tick after its end: key -> slot, count."""
+    free_at: list[int] = []  # per slot, the first tick it is free
+    slots = {}
+    for start, end, key in sorted(intervals):
+        slot = next((i for i, t in enumerate(free_at) if t <= start), len(free_at))
+        if slot == len(free_at):
+            free_at.append(0)
+        free_at[slot] = end + 1
+        slots[key] = slot
+    return slots, len(free_at)
+
+
+def one_f_one_b_table(stages: int, microbatches: int, repeats: int = 1) -> StepTable:
+    """The tick-by-tick table of 1F1B (repeats = 1) or interleaved 1F1B (repeats = v chunks per stage): each
+    stage runs its ops in `_stage_order`'s order, each as soon as its inputs have arrived."""
+    p, m, v = stages, microbatches, repeats
+    if m < p:
+        raise ConfigError(f"pipeline.microbatches={m} is fewer than the {p} pipeline stages (mesh.pipeline); "
+                          f"use pipeline.microbatches >= {p}")
+    if v > 1 and m % p:
+        raise ConfigError(f"pipeline.microbatches={m} with the interleaved 1F1B schedule must be a multiple of "
+                          f"the {p} pipeline stages (microbatches go round in groups of one per stage); use "
+                          f"pipeline.microbatches={p * -(-m // p)}")
+    orders = [_stage_order(p, m, v, s) for s in range(p)]
+    done: dict[tuple[int, int, int, int], int] = {}  # (kind, stage, repeat, microbatch) -> tick it ran
+
+    def ready(kind: int, s: int, r: int, mb: int, t: int) -> bool:
+        def before(key):
+            return key in done and done[key] < t
+
+        if kind == FORWARD:  # the previous chunk's output: stage s - 1, or the last stage one repeat earlier
+            return (s == 0 and r == 0) or before((FORWARD, s - 1, r, mb) if s else (FORWARD, p - 1, r - 1, mb))
+        if not before((FORWARD, s, r, mb)):
+            return False  # the next chunk's gradient, unless this is the model's last chunk
+        return (s == p - 1 and r == v - 1) or before((BACKWARD, s + 1, r, mb) if s < p - 1
+                                                     else (BACKWARD, 0, r + 1, mb))
+
+    rows, position, t = [], [0] * p, 0
+    while any(position[s] < len(orders[s]) for s in range(p)):
+        row = [(IDLE, 0, 0)] * p
+        for s in range(p):
+            if position[s] < len(orders[s]):
+                kind, r, mb = orders[s][position[s]]
+                if ready(kind, s, r, mb, t):
+                    row[s] = (kind, r, mb)
+        for s, op in enumerate(row):
+            if op[0] != IDLE:
+                done[(op[0], s, op[1], op[2])] = t
+                position[s] += 1
+        rows.append(row)
+        t += 1
+        if t > 4 * (v * m + p) * 2:
+            raise AssertionError("1F1B schedule does not make progress")  # an error in _stage_order
+    table = np.array(rows)  # (ticks, stages, 3)
+    return _with_slots(p, m, v, table, done)
+
+
+def _with_slots(p: int, m: int, v: int, table: np.ndarray, done: dict) -> StepTable:
+    ticks = table.shape[0]
+    stash, grads = [], []
+    for s in range(p):
+        for r in range(v):
+            for mb in range(m):
+                if s == 0 and r == 0:
+                    arrive = done[(FORWARD, 0, 0, mb)]  # the input is read at the forward itself
+                else:
+                    arrive = done[(FORWARD, s - 1, r, mb) if s else (FORWARD, p - 1, r - 1, mb)] + 1
+                stash.append((arrive, done[(BACKWARD, s, r, mb)], (s, r, mb)))
+                if not (s == p - 1 and r == v - 1):
+                    source = (BACKWARD, s + 1, r, mb) if s < p - 1 else (BACKWARD, 0, r + 1, mb)
+                    grads.append((done[source] + 1, done[(BACKWARD, s, r, mb)], (s, r, mb)))
+    slots, grad_slots = {}, {}
+    stash_count = grad_count = 0
+    for s in range(p):  # slots are per stage
+        slot_s, n = _allocate([i for i in stash if i[2][0] == s])
+        slots.update(slot_s)
+        stash_count = max(stash_count, n)
+        grad_s, n = _allocate([i for i in grads if i[2][0] == s])
+        grad_slots.update(grad_s)
+        grad_count = max(grad_count, n)
+    slot = np.full((ticks, p), -1)
+    grad_slot = np.full((ticks, p), -1)
+    arriving = np.full((ticks, p), -1)
+    arriving_grad = np.full((ticks, p), -1)
+    for start, _, key in stash:
+        if key[:2] != (0, 0):
+            arriving[start, key[0]] = slots[key]
+    for start, _, key in grads:
+        arriving_grad[start, key[0]] = grad_slots[key]
+    for t in range(ticks):
+        for s in range(p):
+            kind, r, mb = table[t, s]
+            if kind != IDLE:
+                slot[t, s] = slots[(s, r, mb)]
+                grad_slot[t, s] = grad_slots.get((s, r, mb), -1) if kind == BACKWARD else -1
+    return StepTable(p, m, v, table[..., 0], table[..., 1], table[..., 2], slot, grad_slot, arriving,
+                     arriving_grad, stash_count, max(grad_count, 1))

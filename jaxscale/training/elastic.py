@@ -11,6 +11,7 @@ import dataclasses
 import math
 
 from jaxscale.config import Config, ConfigError, MeshConfig, resolve_mesh_sizes
+from jaxscale.config import batch_shards as shards_of
 
 
 def fit_mesh(mesh: MeshConfig, n_devices: int) -> MeshConfig:
@@ -37,7 +38,7 @@ def fit_mesh(mesh: MeshConfig, n_devices: int) -> MeshConfig:
 
 
 def per_device_batch(config: Config, mesh_sizes: dict[str, int]) -> int:
-    return config.train.batch_size // (mesh_sizes["data"] * mesh_sizes["fsdp"] * config.train.microbatches)
+    return config.train.batch_size // (shards_of(mesh_sizes) * config.train.microbatches)
 
 
 def microbatches_for(batch_size: int, batch_shards: int, target_per_device: int) -> int:
@@ -48,8 +49,8 @@ def microbatches_for(batch_size: int, batch_shards: int, target_per_device: int)
         if remainder == 0 and rows <= target_per_device:
             return count
     raise ConfigError(f"train.elastic: a global batch of {batch_size} cannot be split evenly over "
-                      f"{batch_shards} batch shards (mesh.data x mesh.fsdp) with at most {target_per_device} "
-                      f"sequences per device; choose a device count whose batch shards divide {batch_size}")
+                      f"{batch_shards} batch shards (mesh.data x mesh.fsdp x mesh.expert) with at most "
+                      f"{target_per_device} sequences per device; choose a device count whose batch shards divide {batch_size}")
 
 
 def adapt_to_devices(config: Config, n_devices: int,
@@ -60,8 +61,7 @@ def adapt_to_devices(config: Config, n_devices: int,
     sizes = resolve_mesh_sizes(mesh, n_devices)
     microbatches = config.train.microbatches
     if target_per_device is not None:
-        batch_shards = sizes["data"] * sizes["fsdp"]
-        microbatches = microbatches_for(config.train.batch_size, batch_shards, target_per_device)
+        microbatches = microbatches_for(config.train.batch_size, shards_of(sizes), target_per_device)
     if mesh == config.mesh and microbatches == config.train.microbatches:
         return config, None
     adapted = dataclasses.replace(config, mesh=mesh,

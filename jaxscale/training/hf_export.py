@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jaxscale.checkpointing import CheckpointStore
-from jaxscale.config import Config, from_dict, read_yaml, resolve_mesh_sizes
+from jaxscale.config import Config, batch_shards, from_dict, read_yaml, resolve_mesh_sizes
 from jaxscale.data.tokenizers import load_tokenizer
 from jaxscale.errors import ConfigError
 from jaxscale.hf.layout import placements
@@ -82,7 +82,7 @@ def local_config(config: Config, n_devices: int) -> Config:
     pieces = (plan_from_config(config.pipeline, config.model.n_layers, sizes["pipeline"]).microbatches
               if sizes["pipeline"] > 1 else 1)
     return dataclasses.replace(config, mesh=mesh, train=dataclasses.replace(
-        config.train, microbatches=1, batch_size=sizes["data"] * sizes["fsdp"] * pieces))
+        config.train, microbatches=1, batch_size=batch_shards(sizes) * pieces))
 
 
 def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxscale.config import Config
 from jaxscale.kernels.cross_entropy import cross_entropy
 from jaxscale.model import LossFn, transformer_factory
+from jaxscale.model.moe import moe_objective
 
 
 def compute_dtype_for(config: Config, platform: str):
@@ -34,14 +35,17 @@ def model_options(config: Config, platform: str) -> dict:
 
 
 def next_token_loss(config: Config, platform: str) -> LossFn:
-    """Cross entropy of each next token, run with the config's options (`model_options`)."""
+    """Cross entropy of each next token, run with the config's options (`model_options`); with mixtures of
+    experts plus their balance losses, and the routing metrics."""
     options = model_options(config, platform)
     use_segments = config.data.document_masking
 
     def loss_fn(model, batch, rngs):
         tokens = batch["tokens"]
         segments = batch["segment_ids"][:, :-1] if use_segments else None
-        return cross_entropy(model(tokens[:, :-1], segments, **options), tokens[:, 1:])
+        logits, moe_stats = model.forward(tokens[:, :-1], segments, **options)
+        loss = cross_entropy(logits, tokens[:, 1:])
+        return loss if moe_stats is None else moe_objective(loss, moe_stats, config.model.moe)
 
     return loss_fn
 

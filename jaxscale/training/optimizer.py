@@ -4,10 +4,12 @@ from __future__ import annotations
 import fnmatch
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxscale.config import OptimizerConfig
 from jaxscale.model.flax_model import FlaxModel
+from jaxscale.model.moe import BIAS_SCALE
 
 STACKED_AXIS = "layers"  # the leading dimension of weights stacked over layers (scanned or pipelined blocks)
 
@@ -38,10 +40,30 @@ def weight_decay_mask(model: FlaxModel, no_decay: list[str]) -> dict:
     return jax.tree_util.tree_map_with_path(decays, model.logical_axes, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def build_optimizer(cfg: OptimizerConfig, total_steps: int, model: FlaxModel) -> tuple[optax.GradientTransformation,
-                                                                                      optax.Schedule]:
+def with_balance_biases(inner: optax.GradientTransformation, flags: dict,
+                        rate: float) -> optax.GradientTransformationExtraArgs:
+    """`inner` for every parameter but the load-balancing biases (`flags` True): those move by -rate x their
+    gradient, which `jaxscale.model.moe` makes their update direction scaled by BIAS_SCALE. `inner` (clipping,
+    AdamW) sees zeros in their place, so they count in no norm and no moment."""
+    inner = optax.with_extra_args_support(inner)
+    step = rate / BIAS_SCALE
+
+    def update(grads, state, params=None, **extra):
+        others = jax.tree.map(lambda g, flag: jnp.zeros_like(g) if flag else g, grads, flags)
+        updates, state = inner.update(others, state, params, **extra)
+        return jax.tree.map(lambda u, g, flag: -step * g if flag else u, updates, grads, flags), state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+def build_optimizer(cfg: OptimizerConfig, total_steps: int, model: FlaxModel,
+                    balance_rate: float = 0.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`balance_rate`: how far a load-balancing bias (a mixture-of-experts router's) moves per step."""
     schedule = learning_rate_schedule(cfg, total_steps)
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                         mask=weight_decay_mask(model, cfg.no_decay))
     clip = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    return optax.chain(*clip, adamw), schedule
+    tx = optax.chain(*clip, adamw)
+    if any(jax.tree.leaves(model.balance_bias)):
+        tx = with_balance_biases(tx, model.balance_bias, balance_rate)
+    return tx, schedule

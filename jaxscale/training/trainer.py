@@ -222,7 +222,9 @@ def build(plan: RunPlan, devices: list, model=None, loss_fn: LossFn | None = Non
     flax = resolve_model(config, model, loss_fn, lm_batch_spec(config) if example_batch is None else example_batch,
                          platform)
     check_rules(config, flax)
-    tx, schedule = build_optimizer(config.optimizer, config.train.steps, flax)
+    moe = config.model.moe if plan.builtin_model else None
+    tx, schedule = build_optimizer(config.optimizer, config.train.steps, flax,
+                                   balance_rate=moe.bias_update_rate if moe else 0.0)
     tx = guard_updates(tx, config.guards)
     shardings = state_shardings(flax, tx, mesh, config.sharding.params, config.train.offload_optimizer)
     data_sharding = batch_sharding(mesh, config.sharding.activations)

@@ -1,0 +1,90 @@
+"""The built-in decoder's mixture-of-experts feed-forward part, its balance losses and its metrics.
+
+Routing, dispatch and expert parallelism are in `jaxscale.parallel.experts`; this module adds the shared
+experts, the auxiliary-loss-free bias update, and turns the routing statistics into the loss and metrics.
+
+The bias update (DeepSeek-V3's auxiliary-loss-free balancing) moves each expert's router bias by
+`bias_update_rate` per step against its load: down for an expert that got more than an even share, up for one
+that got less. The bias is a parameter so that it is sharded, checkpointed and restored like any other; its
+"gradient" is that direction, attached by `steer_bias`, and the optimizer applies it as plain SGD outside
+AdamW and clipping (`jaxscale.training.optimizer`). It travels through the gradient scaled by BIAS_SCALE, so
+that the reported gradient norm does not see it.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxscale.model.config import ModelConfig
+from jaxscale.parallel.experts import EXPERT_WEIGHTS, routed_experts
+from jaxscale.parallel.moe_config import MoEConfig
+from jaxscale.sharding import constrain
+
+SHARED_WEIGHTS = {"gpt2": ("shared_in", "shared_out"), "llama": ("shared_gate", "shared_up", "shared_down")}
+BIAS_SCALE = 2.0 ** -20  # a power of two: the direction's signs survive the scaling exactly, in bf16 too
+
+
+def moe_weights(style: str) -> tuple[str, ...]:
+    """The names of a mixture-of-experts layer's own stacked weights."""
+    return ("router", "router_bias", *EXPERT_WEIGHTS[style], *SHARED_WEIGHTS[style])
+
+
+@jax.custom_vjp
+def steer_bias(y: jax.Array, bias: jax.Array, load: jax.Array) -> jax.Array:
+    """y unchanged; the bias's gradient becomes BIAS_SCALE x sign(load - even load)."""
+    return y
+
+
+def _steer_forward(y, bias, load):
+    return y, (bias, load)
+
+
+def _steer_backward(residuals, gradient):
+    bias, load = residuals
+    direction = BIAS_SCALE * jnp.sign(load - jnp.mean(load))
+    return gradient, direction.astype(bias.dtype), jnp.zeros_like(load)
+
+
+steer_bias.defvjp(_steer_forward, _steer_backward)
+
+
+def shared_mlp(style: str, w: dict[str, jax.Array], h: jax.Array) -> jax.Array:
+    """The shared experts, as one dense MLP of their total width."""
+    if style == "gpt2":
+        hidden = jax.nn.gelu(jnp.einsum("btd,df->btf", h, w["shared_in"]))
+    else:
+        hidden = (jax.nn.silu(jnp.einsum("btd,df->btf", h, w["shared_gate"]))
+                  * jnp.einsum("btd,df->btf", h, w["shared_up"]))
+    hidden = constrain(hidden, ("batch", "length", "mlp"))
+    return jnp.einsum("btf,df->btd", hidden, w["shared_out" if style == "gpt2" else "shared_down"])
+
+
+def moe_mlp(cfg: ModelConfig, w: dict[str, jax.Array], h: jax.Array, dtype) -> tuple[jax.Array, dict]:
+    """The mixture-of-experts output for the feed-forward input h (batch, length, embed), and the layer's
+    routing statistics. `w` holds this layer's slice of each of `moe_weights`; the router works in float32."""
+    m = cfg.moe
+    experts = {name: w[name].astype(dtype) for name in EXPERT_WEIGHTS[cfg.style]}
+    y, stats = routed_experts(m, cfg.style, h, w["router"], w["router_bias"], experts)
+    if m.bias_update_rate:
+        y = steer_bias(y, w["router_bias"], stats["load"])
+    if m.shared_experts:
+        y = y + shared_mlp(cfg.style, {k: w[k].astype(dtype) for k in SHARED_WEIGHTS[cfg.style]}, h)
+    return constrain(y, ("batch", "length", "embed")), stats
+
+
+def no_stats(moe: MoEConfig) -> dict:
+    """Zero routing statistics, to sum the layers' into."""
+    return {"load": jnp.zeros((moe.experts,), jnp.float32), "aux_loss": jnp.zeros((), jnp.float32),
+            "z_loss": jnp.zeros((), jnp.float32), "dropped": jnp.zeros((), jnp.float32)}
+
+
+def moe_objective(cross_entropy: jax.Array, stats: dict, moe: MoEConfig) -> tuple[jax.Array, dict]:
+    """(training loss, metrics) from the cross entropy and the routing statistics averaged over the MoE layers:
+    the loss adds the weighted balance and z-losses; the metrics hold each term, the dropped share, each
+    expert's share of the routed tokens (moe_load_<e>) and the busiest expert's share over an even one
+    (moe_load_max: 1.0 is even)."""
+    loss = cross_entropy + moe.aux_loss_weight * stats["aux_loss"] + moe.z_loss_weight * stats["z_loss"]
+    metrics = {"cross_entropy": cross_entropy, "moe_aux_loss": stats["aux_loss"], "moe_z_loss": stats["z_loss"],
+               "moe_dropped": stats["dropped"], "moe_load_max": jnp.max(stats["load"]) * moe.experts,
+               **{f"moe_load_{e}": stats["load"][e] for e in range(moe.experts)}}
+    return loss, metrics

@@ -1,0 +1,149 @@
+"""1F1B and interleaved 1F1B: each pipeline stage alternates one microbatch's forward with another's backward,
+so it holds the inputs of about `stages` microbatches at a time instead of all of them (GPipe, circular).
+
+The backward of a microbatch has to start before later microbatches have run forwards, so the loss must be
+taken per microbatch inside the schedule: `value_and_grad` takes the head (`loss_fn`, run on the model's last
+chunk) with the layer stack and returns the loss with the gradients of the stack, the head and the input, in
+one pass. It runs one SPMD program: a scan over the ticks of `plan.one_f_one_b_table`, in which every stage
+first receives what its neighbours sent in the previous tick (two collective-permutes, activations forward,
+gradients backward) and then runs its own op from the table, a forward, a backward or nothing, under
+`lax.switch` (on a mesh, inside `shard_map`, so a rank runs only its own branch). A backward recomputes its
+chunk's forward from the stashed input (`jax.vjp` of the chunk), as `train.remat=full` does, so what a stage
+holds is its stash of chunk inputs: `plan.one_f_one_b_peak_stash`.
+
+Without a mesh the stages run as a `vmap` on one device (every branch computed, the table's choice kept),
+which is how the arithmetic is tested.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from jaxscale.parallel.pipeline import LayerFn, by_stage, split_microbatches
+from jaxscale.parallel.plan import BACKWARD, FORWARD, PipelinePlan, StepTable
+
+# loss_fn(head, y, microbatch) -> scalar: the loss of one microbatch's output of the last layer; the step's
+# loss is the sum over microbatches.
+LossFn = Callable[[object, jax.Array, jax.Array], jax.Array]
+
+AXIS = "pipeline"
+
+
+def value_and_grad(apply_layer: LayerFn, loss_fn: LossFn, stack, head, x: jax.Array,
+                   segment_ids: jax.Array | None, plan: PipelinePlan, table: StepTable,
+                   mesh: Mesh | None = None):
+    """sum over microbatches of loss_fn(head, layers(x_m), m), and its gradients with respect to `stack`
+    (weights stacked over a leading layers dimension, in model-depth order), `head` and `x`: (loss, (d_stack,
+    d_head, d_x)). `plan` places the layers (its repeats are the interleaving), `table` orders the work."""
+    p, v, m = plan.stages, plan.repeats, plan.microbatches
+    if (table.stages, table.repeats, table.microbatches) != (p, v, m):
+        raise ValueError(f"a schedule table for {table.stages} stages, {table.repeats} repeats and "
+                         f"{table.microbatches} microbatches does not fit a plan for {p}, {v} and {m}")
+    if x.shape[0] % m:
+        raise ValueError(f"a batch of {x.shape[0]} rows does not split into {m} pipeline microbatches")
+    staged, unstage = jax.vjp(lambda s: jax.tree.map(lambda w: by_stage(w, plan, None), s), stack)
+    real = jnp.asarray(plan.slot_layers().swapaxes(0, 1) >= 0)  # (stages, repeats, layers per chunk)
+    rows = jnp.asarray(np.stack([table.kind, table.repeat, table.microbatch, table.slot, table.grad_slot,
+                                 table.arriving_slot, table.arriving_grad_slot], axis=-1), jnp.int32)
+    xs = split_microbatches(x, m)
+    segments = None if segment_ids is None else split_microbatches(segment_ids, m)
+
+    def run_chunk(w, mask, x, seg):  # one chunk's layers in order; padding slots leave x as it was
+        def body(x, slot):
+            layer, is_real = slot
+            y = apply_layer(x, layer, seg)
+            return (jnp.where(is_real, y, x) if plan.padded else y), None
+
+        return jax.lax.scan(body, x, (w, mask))[0]
+
+    def on_stage(weights, mask, schedule, head, xs, segments):
+        """One stage's part: weights (repeats, layers per chunk, ...), schedule (ticks, 7) its column."""
+        stage = jax.lax.axis_index(AXIS)
+        activation = jnp.zeros(xs.shape[1:], xs.dtype)
+
+        def pick(tree, i):
+            return jax.tree.map(lambda a: a[i], tree)
+
+        def forward(carry, r, mb, slot, grad_slot):
+            first = (stage == 0) & (r == 0)
+            x_in = jnp.where(first, xs[mb], carry["stash"][slot])
+            seg = None if segments is None else segments[mb]
+            carry["stash"] = carry["stash"].at[slot].set(x_in)
+            carry["send"] = run_chunk(pick(weights, r), mask[r], x_in, seg)
+            return carry
+
+        def backward(carry, r, mb, slot, grad_slot):
+            x_in, w = carry["stash"][slot], pick(weights, r)
+            seg = None if segments is None else segments[mb]
+
+            def last_chunk(w, x_in, _):  # the model's last chunk: the loss is taken here
+                loss, (dw, dh, dx) = jax.value_and_grad(
+                    lambda w, h, x: loss_fn(h, run_chunk(w, mask[r], x, seg), mb), argnums=(0, 1, 2))(w, head, x_in)
+                return loss, dw, dh, dx
+
+            def inner_chunk(w, x_in, incoming):
+                _, pull = jax.vjp(lambda w, x: run_chunk(w, mask[r], x, seg), w, x_in)
+                dw, dx = pull(incoming)
+                return jnp.zeros((), jnp.float32), dw, jax.tree.map(jnp.zeros_like, head), dx
+
+            is_last = (stage == p - 1) & (r == v - 1)
+            loss, dw, dh, dx = jax.lax.cond(is_last, last_chunk, inner_chunk, w, x_in,
+                                            carry["grads"][jnp.maximum(grad_slot, 0)])
+            carry["loss"] = carry["loss"] + loss
+            carry["d_weights"] = jax.tree.map(lambda a, g: a.at[r].add(g), carry["d_weights"], dw)
+            carry["d_head"] = jax.tree.map(jnp.add, carry["d_head"], dh)
+            carry["d_x"] = carry["d_x"].at[jnp.where((stage == 0) & (r == 0), mb, m)].set(dx, mode="drop")
+            carry["send_back"] = dx
+            return carry
+
+        def idle(carry, *_):
+            return carry
+
+        def tick(carry, row):
+            kind, r, mb, slot, grad_slot, arriving, arriving_grad = (row[i] for i in range(7))
+            received = jax.lax.ppermute(carry["send"], AXIS, [(i, (i + 1) % p) for i in range(p)])
+            received_back = jax.lax.ppermute(carry["send_back"], AXIS, [(i, (i - 1) % p) for i in range(p)])
+            stash_slots, grad_slots = carry["stash"].shape[0], carry["grads"].shape[0]
+            carry = {**carry,  # an index past the end drops the write: nothing arrived
+                     "stash": carry["stash"].at[jnp.where(arriving >= 0, arriving, stash_slots)].set(
+                         received, mode="drop"),
+                     "grads": carry["grads"].at[jnp.where(arriving_grad >= 0, arriving_grad, grad_slots)].set(
+                         received_back, mode="drop")}
+            branches = [idle, forward, backward]
+            assert (branches.index(forward), branches.index(backward)) == (FORWARD, BACKWARD)
+            return jax.lax.switch(kind, branches, carry, r, mb, slot, grad_slot), None
+
+        carry = {"stash": jnp.zeros((table.stash_slots, *activation.shape), xs.dtype),
+                 "grads": jnp.zeros((table.grad_slots, *activation.shape), xs.dtype),
+                 "send": activation, "send_back": activation,
+                 "loss": jnp.zeros((), jnp.float32),
+                 "d_weights": jax.tree.map(jnp.zeros_like, weights),
+                 "d_head": jax.tree.map(jnp.zeros_like, head),
+                 "d_x": jnp.zeros_like(xs)}
+        carry, _ = jax.lax.scan(tick, carry, schedule)
+        # Only the last stage has loss and head gradients, only stage 0 input gradients: sums over stages.
+        total = jax.lax.psum((carry["loss"], carry["d_head"], carry["d_x"]), AXIS)
+        return (*total, carry["d_weights"])
+
+    args = (staged, real, rows, head, xs, segments)
+    if mesh is None:
+        loss, d_head, d_xs, d_staged = jax.vmap(on_stage, in_axes=(0, 0, 1, None, None, None),
+                                                axis_name=AXIS)(*args)
+        loss, d_head, d_xs = jax.tree.map(lambda a: a[0], (loss, d_head, d_xs))
+    else:
+        def per_rank(weights, mask, schedule, *rest):  # shard_map keeps the stage dimension, of size 1 here
+            out = on_stage(*jax.tree.map(lambda a: a[0], (weights, mask)), schedule[:, 0], *rest)
+            return (*out[:3], jax.tree.map(lambda a: a[None], out[3]))
+
+        staged_spec = PartitionSpec(AXIS)
+        loss, d_head, d_xs, d_staged = jax.shard_map(
+            per_rank, mesh=mesh, axis_names=frozenset({AXIS}), check_vma=False,
+            in_specs=(staged_spec, staged_spec, PartitionSpec(None, AXIS), PartitionSpec(), PartitionSpec(),
+                      PartitionSpec()),
+            out_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(), staged_spec))(*args)
+    d_x = d_xs.swapaxes(0, 1).reshape(x.shape)
+    return loss, (unstage(d_staged)[0], d_head, d_x)
