@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_equivalence import LOSS_RTOL, PARAM_ATOL, make_config, reference, run
+from helpers import LOSS_RTOL, PARAM_ATOL, make_config, reference, run
 
 from jaxscale.config import Config, MeshConfig, validate
 from jaxscale.errors import ConfigError

@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from test_equivalence import make_config, reference, run
+from helpers import make_config, reference, run
 
 import jaxscale
 from jaxscale.cli import main

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_equivalence import LOSS_RTOL, PARAM_ATOL, run
+from helpers import LOSS_RTOL, PARAM_ATOL, run
 
 import jaxscale
 from jaxscale.config import Config, MeshConfig, OptimizerConfig, TrainConfig, load_config, validate

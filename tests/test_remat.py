@@ -100,7 +100,7 @@ def loss_grads_and_temp_bytes(style: str, remat: str):
     temporary bytes of that compiled program (one CPU device)."""
     import dataclasses
 
-    from test_equivalence import batches, make_config
+    from helpers import batches, make_config
 
     from jaxscale.training import build_trainer
     from jaxscale.training.memory_check import step_memory
