@@ -152,12 +152,13 @@ def test_xla_flops_count_matches_the_analytic_count_of_the_builtin_decoder(mesh)
 
 
 def test_a_config_can_add_a_mesh_axis_for_its_own_rules():
-    mesh = ["mesh.data=2", "mesh.axes.expert=4", "sharding.params.hidden=expert",
-            "sharding.activations.hidden=expert"]
+    mesh = ["mesh.data=2", "mesh.axes.mixer=4", "sharding.params.hidden=mixer",
+            "sharding.activations.hidden=mixer"]
     trainer, _ = trainer_for("nnx", mesh, 8)
-    assert dict(trainer.mesh.shape) == {"data": 2, "pipeline": 1, "fsdp": 1, "expert": 4, "tensor": 1}
+    assert dict(trainer.mesh.shape) == {"data": 2, "pipeline": 1, "fsdp": 1, "expert": 1, "context": 1, "mixer": 4,
+                                        "tensor": 1}
     kernel = trainer.init_state().params["w_in"]["kernel"]
-    assert {s.data.shape for s in kernel.addressable_shards} == {(16, 8)}  # hidden=32 over expert=4
+    assert {s.data.shape for s in kernel.addressable_shards} == {(16, 8)}  # hidden=32 over mixer=4
     losses, params = run("nnx", mesh, 8)
     ref_losses, ref_params = run("nnx", ["mesh.data=1"], 1)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
@@ -166,7 +167,7 @@ def test_a_config_can_add_a_mesh_axis_for_its_own_rules():
 
 @pytest.mark.parametrize("bad, message", [
     ("mesh.axes.fsdp=2", r"mesh.axes.fsdp: an added axis needs a name of its own"),
-    ("sharding.params.hidden=expert", r"'expert' is not a mesh axis; .*or add it: mesh.axes.expert=SIZE"),
+    ("sharding.params.hidden=mixer", r"'mixer' is not a mesh axis; .*or add it: mesh.axes.mixer=SIZE"),
 ])
 def test_bad_added_axes_are_named(bad, message):
     with pytest.raises(ConfigError, match=message):
