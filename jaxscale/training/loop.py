@@ -35,6 +35,8 @@ from jaxscale.observe.profile import StepProfiler
 from jaxscale.observe.stragglers import StragglerMonitor
 from jaxscale.observe.trackers import Trackers
 from jaxscale.parallel import describe_plan, plan_from_config
+from jaxscale.planner.plan import nearest_fitting
+from jaxscale.planner.rates import rates_for
 from jaxscale.training.batches import batch_shard, to_global
 from jaxscale.training.events import log_event, read_metrics
 from jaxscale.training.guards import GuardEvent, GuardMonitor
@@ -236,10 +238,6 @@ def check_memory(compiled, plan) -> None:
     def fitting_plans(limit: float) -> list[str] | None:
         if not plan.builtin_model:
             return None
-        from jaxscale.cost.catalog import accelerator_for_device_kind
-        from jaxscale.planner.plan import nearest_fitting
-        from jaxscale.planner.rates import rates_for
-
         accelerator = accelerator_for_device_kind(device.device_kind)
         if accelerator is None:
             return None
