@@ -2,7 +2,7 @@
 
 Everything is made here, offline, in --work (default runs/finetune_arithmetic):
   1. pretrain: the default experiment's 0.9M-parameter GPT-2-style model on the built-in corpus (byte tokens),
-     exported as a Hugging Face directory (jaxscale.hf.export)
+     exported as a Hugging Face directory (jaxscale.training.hf_export.export)
   2. SFT on "07+42=" -> "049" pairs (posttrain.method=sft, model.init_from=hf:<pretrained>), exported
   3. DPO on (prompt, right answer, wrong answer) triples (posttrain.method=dpo, model.init_from=hf:<SFT model>)
 Sums of 400 held-out number pairs are never trained on. Measured on each model: exact-match accuracy of greedy
@@ -29,6 +29,7 @@ import jaxscale
 import jaxscale.hf
 from jaxscale.data.tokenizers import ByteTokenizer
 from jaxscale.posttrain.chat import BuiltinTemplate
+from jaxscale.training.hf_export import export
 
 HELD_OUT = 400  # number pairs kept out of training: the first half for exact match, the rest for preferences
 
@@ -110,7 +111,7 @@ def train_and_export(name: str, overrides: list[str], work: Path) -> tuple[Path,
     result = jaxscale.train(config)
     seconds = time.perf_counter() - started
     shutil.rmtree(out, ignore_errors=True)
-    jaxscale.hf.export(run_dir, out)
+    export(run_dir, out)
     last = {k: v for row in result.metrics for k, v in row.items()}
     return out, seconds, last
 
