@@ -163,6 +163,7 @@ def test_a_typo_in_a_rule_table_is_caught_once_the_model_is_built(caplog):
     ("guards.max_rollbacks=0", r"guards\.max_rollbacks=0 must be >= 1$"),
     ("data.validation_fraction=nan", r"data\.validation_fraction=nan must be a finite number in \[0, 1\)$"),
     ("data.prefetch=-2", r"data\.prefetch=-2 must be >= 0 \(0: no background loading\)$"),
+    ("model.init_from=1", r"model\.init_from=1: give hf:<directory> of a Hugging Face model"),  # hypothesis found it
 ])
 def test_out_of_range_values_are_refused_at_load_naming_the_key_and_the_range(override, message):
     with pytest.raises(ConfigError, match=message):

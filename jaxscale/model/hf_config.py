@@ -23,6 +23,9 @@ SHAPE_KEYS = ("style", "vocab_size", "seq_len", "d_model", "n_layers", "n_heads"
 
 def model_directory(spec: str, setting: str) -> Path:
     """The directory an `hf:<dir>` setting (or a plain path) names; it must hold a config.json."""
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"{setting}={spec!r}: give hf:<directory> of a Hugging Face model (config.json and "
+                          f"*.safetensors, as save_pretrained writes them)")
     directory = Path(spec.removeprefix(PREFIX)).expanduser()
     if not directory.is_dir():
         raise ConfigError(f"{setting}={spec!r}: {directory} is not a directory; give hf:<directory> of a "
