@@ -250,18 +250,23 @@ def test_reference_memory_grows_quadratically_in_length():
     assert attention_grad_memory(4096, "pallas") * 10 < xla[1], xla
 
 
+def lowered_value_and_grads(kernel, length: int, head_dim: int, window: int, platform: str) -> str:
+    """The HLO text of `kernel`'s value and q/k/v gradients (batch 2, 8 query and 2 KV heads, bf16, segment ids,
+    a sliding window) lowered for `platform`, on any machine."""
+    q = jax.ShapeDtypeStruct((2, length, 8, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, length, 2, head_dim), jnp.bfloat16)
+    segments = jax.ShapeDtypeStruct((2, length), jnp.int32)
+
+    def step(q, k, v, segment_ids, d_out):
+        return value_and_grads(lambda q, k, v: kernel(q, k, v, segment_ids, sliding_window=window), q, k, v, d_out)
+
+    return jax.jit(step).trace(q, kv, kv, segments, q).lower(lowering_platforms=(platform,)).as_text()
+
+
 def test_triton_kernels_lower_for_cuda_on_any_machine():
     """Forward, dK/dV and dQ lower through Pallas's Triton lowering for a CUDA target (the Triton compiler
     itself runs only on a GPU): what can be checked of the GPU path without one."""
-    q = jax.ShapeDtypeStruct((2, 256, 8, 64), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
-    segments = jax.ShapeDtypeStruct((2, 256), jnp.int32)
-
-    def step(q, k, v, segment_ids, d_out):
-        return value_and_grads(lambda q, k, v: flash_attention(q, k, v, segment_ids, sliding_window=100),
-                               q, k, v, d_out)
-
-    hlo = jax.jit(step).trace(q, kv, kv, segments, q).lower(lowering_platforms=("cuda",)).as_text()
+    hlo = lowered_value_and_grads(flash_attention, 256, 64, 100, "cuda")
     kernels = [name for name in ("flash_attention_forward", "flash_attention_dkv", "flash_attention_dq")
                if f'name = "{name}"' in hlo]
     assert hlo.count("__gpu$xla.gpu.triton") == 3 and len(kernels) == 3, kernels
@@ -269,15 +274,7 @@ def test_triton_kernels_lower_for_cuda_on_any_machine():
 
 def test_splash_lowers_for_tpu_on_any_machine():
     """Splash's forward, dQ and dK/dV with segment ids lower through Mosaic for a TPU target."""
-    q = jax.ShapeDtypeStruct((2, 512, 8, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((2, 512, 2, 128), jnp.bfloat16)
-    segments = jax.ShapeDtypeStruct((2, 512), jnp.int32)
-
-    def step(q, k, v, segment_ids, d_out):
-        return value_and_grads(lambda q, k, v: splash_attention(q, k, v, segment_ids, sliding_window=256),
-                               q, k, v, d_out)
-
-    hlo = jax.jit(step).trace(q, kv, kv, segments, q).lower(lowering_platforms=("tpu",)).as_text()
+    hlo = lowered_value_and_grads(splash_attention, 512, 128, 256, "tpu")
     assert hlo.count("tpu_custom_call") == 3
     assert all(f"splash_mha_{phase}_segmented" in hlo for phase in ("fwd", "dq", "dkv"))
 
