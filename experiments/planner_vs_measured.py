@@ -9,8 +9,8 @@ step time, tokens/s, MFU, peak device memory (the runtime's peak_bytes_in_use) a
 process's max RSS, from wait4), with the error of each prediction in percent.
 
 Usage (on the GPU host, from the repository root; about 15 minutes on an H200):
-    python experiments/planner_vs_measured.py [--cases gpt2-124m gpt2-350m llama-1b llama-8b-offload
-        llama-deepest-no-offload] [--out runs/planner_vs_measured]
+    python experiments/planner_vs_measured.py [--cases llama-8b-offload llama-deepest-no-offload llama-1b
+        gpt2-124m gpt2-350m] [--out runs/planner_vs_measured] [--budget-s S] [--case-timeout-s S]
 Device call (a later session):
     run(command="python experiments/planner_vs_measured.py --out $OUT/planner", kind="nvidia-h200", timeout_s=1800)
 """
@@ -21,6 +21,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,12 +30,12 @@ sys.path.insert(0, str(REPO))
 
 LLAMA_8B = ["model.preset=llama-8b", "model.seq_len=2048", "train.batch_size=32", "train.scan_unroll=1"]
 CASES = {  # name -> (experiment, overrides)
-    "gpt2-124m": ("gpt2-124m", []),
-    "gpt2-350m": ("gpt2-350m", []),
-    "llama-1b": ("gpt2-124m", ["model.preset=llama-1b", "model.seq_len=2048", "train.batch_size=16",
-                             "train.scan_unroll=1"]),
     "llama-8b-offload": ("gpt2-124m", LLAMA_8B),
     "llama-deepest-no-offload": ("gpt2-124m", LLAMA_8B),  # n_layers found below
+    "llama-1b": ("gpt2-124m", ["model.preset=llama-1b", "model.seq_len=2048", "train.batch_size=16",
+                             "train.scan_unroll=1"]),
+    "gpt2-124m": ("gpt2-124m", []),
+    "gpt2-350m": ("gpt2-350m", []),
 }
 
 
@@ -68,17 +70,22 @@ def predicted(experiment: str, overrides: list[str], kind: str, no_offload: bool
     return ranked[0].estimate
 
 
-def measure(experiment: str, sets: list[str], out: Path) -> tuple[dict, float]:
-    """`jaxscale bench` of the layout in its own process: its result row and its max RSS in GB."""
+def measure(experiment: str, sets: list[str], out: Path, timeout_s: float) -> tuple[dict, float]:
+    """`jaxscale bench` of the layout in its own process, killed after timeout_s: its result row ({} when it
+    failed or ran out of time) and its max RSS in GB."""
     command = [sys.executable, "-m", "jaxscale.cli", "bench", experiment, "--out", str(out), "--force",
-               "--warmup", "3", "--windows", "3", "--steps-per-window", "3",
+               "--warmup", "2", "--windows", "2", "--steps-per-window", "2",
                *[a for s in sets for a in ("--set", s)]]
     print(" ".join(command), file=sys.stderr, flush=True)
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    timer = threading.Timer(timeout_s, process.kill)
+    timer.start()
     _, status, usage = os.wait4(process.pid, 0)
+    timer.cancel()
+    host_gb = usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
     if os.waitstatus_to_exitcode(status) != 0:
-        return {}, usage.ru_maxrss * 1024 / 1e9
-    return json.loads(out.read_text()), usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+        return {}, host_gb
+    return json.loads(out.read_text()), host_gb
 
 
 def error(predicted_value: float, measured_value: float | None) -> str:
@@ -93,7 +100,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--out", default="runs/planner_vs_measured")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="stop starting cases after this many seconds, and cut each case at what is left")
+    parser.add_argument("--case-timeout-s", type=float, default=600)
     args = parser.parse_args()
+    deadline = time.monotonic() + args.budget_s
     device_kind = jax.devices()[0].device_kind
     accelerator = accelerator_for_device_kind(device_kind)
     if accelerator is None or accelerator.key == "cpu":
@@ -102,13 +113,17 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.cases:
+        left = deadline - time.monotonic()
+        if left < 60:
+            print(f"{name}: not run, {left:.0f} s left", file=sys.stderr)
+            continue
         experiment, overrides = CASES[name]
         no_offload = name == "llama-deepest-no-offload"
         if no_offload:
             overrides = deepest_without_offload(overrides, accelerator.key)
         guess = predicted(experiment, overrides, accelerator.key, no_offload)
         sets = [*overrides, *guess.candidate.overrides()]
-        result, host_gb = measure(experiment, sets, out / f"{name}.json")
+        result, host_gb = measure(experiment, sets, out / f"{name}.json", min(args.case_timeout_s, left - 20))
         rows.append((name, guess, result, host_gb, sets))
     print(f"\n{device_kind} ({accelerator.key}), jax {jax.__version__}; predicted at {accelerator.key}'s catalog MFU")
     print("| case | layout (--set) | predicted step | measured step | error | predicted tok/s | measured tok/s "

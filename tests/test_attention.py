@@ -23,6 +23,7 @@ from jaxscale.data.packing import segment_ids as packed_segment_ids
 from jaxscale.errors import ConfigError
 from jaxscale.kernels import attention, traced_kernels
 from jaxscale.kernels.attention import pallas_layout, reference
+from jaxscale.kernels.cudnn_packed import document_bounds, max_documents
 from jaxscale.kernels.flash_gpu import Tiles, flash_attention, token_bounds
 from jaxscale.kernels.splash_tpu import splash_attention
 from jaxscale.model import Model, ModelConfig
@@ -72,6 +73,21 @@ def test_layouts_are_what_they_say():
     ids = layouts(64)
     assert (ids[0] == 1).all() and ids[1].max() > 5 and ids[2][0] == 1 and ids[3][-1] == 0
     assert (np.diff(ids[:3], axis=1) >= 0).all()  # each document one contiguous run
+
+
+def test_cudnn_document_bounds_are_each_rows_documents():
+    segments = layouts(1024)
+    cap = max_documents(1024)
+    offsets, lengths, count = map(np.asarray, jax.jit(document_bounds, static_argnums=1)(segments, cap))
+    for row, off, size, n in zip(segments, offsets, lengths, count):
+        starts = np.flatnonzero(np.diff(row, prepend=row[0] - 1))
+        assert n == len(starts)
+        kept = min(n, cap)
+        np.testing.assert_array_equal(off[:kept], starts[:kept])
+        np.testing.assert_array_equal(size[:kept], np.diff(np.append(starts, 1024))[:kept])
+        if n <= cap:  # a row of more takes the Triton kernel
+            assert (off[kept:] == -1).all() and (size[kept:] == -1).all()
+    assert count.max() > cap >= count.min()  # both of packed_attention's branches are exercised by layouts
 
 
 def test_token_bounds_follow_documents_causality_and_window():
@@ -284,19 +300,23 @@ def test_splash_lowers_for_tpu_on_any_machine():
 
 
 @on_gpu
+@pytest.mark.parametrize("rows", ["all", "few-documents"])
+@pytest.mark.parametrize("implementation,kernel", [("pallas", "pallas-triton"), ("cudnn", "cudnn-packed")])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,window", [(8, 2, 64, None), (6, 2, 128, None), (4, 4, 64, 100)],
                          ids=["gqa-64", "gqa-128", "window"])
-def test_gpu_kernels_match_the_reference(heads, kv_heads, head_dim, window):
-    segments = jnp.asarray(layouts(512, seed=1))
+def test_gpu_kernels_match_the_reference(heads, kv_heads, head_dim, window, implementation, kernel, rows):
+    """rows=all includes a row of more documents than cuDNN's packed layout takes (the batch then runs the
+    Triton kernel); few-documents leaves it out, so cuDNN runs."""
+    segments = jnp.asarray(layouts(512, seed=1)[[0, 1, 2, 3] if rows == "all" else [0, 2, 3, 3]])
     q, k, v, d_out = qkv(4, 512, heads, kv_heads, head_dim, jnp.bfloat16)
     want = value_and_grads(lambda q, k, v: reference(*(a.astype(jnp.float32) for a in (q, k, v)), segments,
                                                      sliding_window=window), q, k, v, d_out)
-    got = jax.jit(lambda *a: value_and_grads(
-        lambda q, k, v: attention(q, k, v, segments, sliding_window=window), *a))(q, k, v, d_out)
+    run = functools.partial(attention, segment_ids=segments, sliding_window=window, implementation=implementation)
+    got = jax.jit(lambda *a: value_and_grads(run, *a))(q, k, v, d_out)
     assert_matches(got, want, 2e-2)
     with traced_kernels() as names:
-        jax.eval_shape(lambda q, k, v: attention(q, k, v, segments), q, k, v)
-    assert names == ["pallas-triton"]
+        jax.eval_shape(run, q, k, v)
+    assert names == [kernel]
 
 
 @on_gpu

@@ -7,7 +7,7 @@ as `jaxscale.data.packing` makes them) keep attention inside each document. What
 | --- | --- | --- | --- |
 | `auto` | cuDNN flash attention (bf16 / fp16); with segment ids XLA, until the Triton kernel is measured on a GPU | Splash | XLA |
 | `pallas` | the Triton flash kernel | Splash | the Triton kernel, interpreted (tests) |
-| `cudnn` | cuDNN (segment ids become a materialized mask) | - | - |
+| `cudnn` | cuDNN; with segment ids its packed layout (`cudnn_packed`), or a materialized mask where that cannot run | - | - |
 | `xla` | XLA, the reference: a materialized (batch, 1, length, length) mask with segment ids | same | same |
 
 `auto` falls back to cuDNN or XLA where a Pallas kernel cannot take the shape or the layout (see
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxscale.errors import ConfigError
-from jaxscale.kernels import flash_gpu, splash_tpu
+from jaxscale.kernels import cudnn_packed, flash_gpu, splash_tpu
 from jaxscale.kernels.platform import kernel_platform
 from jaxscale.sharding import current_activation_rules, logical_to_spec, split_count
 
@@ -42,8 +42,8 @@ _TRACED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("jaxs
 
 @contextlib.contextmanager
 def traced_kernels() -> Iterator[list[str]]:
-    """Collects the name of the kernel each `attention` call traced inside this block chose: `cudnn`, `xla`,
-    `pallas-triton` (interpreted off GPUs) or `pallas-splash`."""
+    """Collects the name of the kernel each `attention` call traced inside this block chose: `cudnn`,
+    `cudnn-packed`, `xla`, `pallas-triton` (interpreted off GPUs) or `pallas-splash`."""
     names: list[str] = []
     token = _TRACED.set(names)
     try:
@@ -147,9 +147,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
 def _choose(q_shape, kv_shape, segments: bool, implementation: str, dtype):
     """(name, Pallas kernel or None for cuDNN / XLA, DeviceLayout or None)."""
     backend = kernel_platform()
+    half = dtype in (jnp.bfloat16, jnp.float16)  # cuDNN fails on float32
+    if implementation == "cudnn" and segments and backend == "gpu" and half:
+        layout = pallas_layout(q_shape, kv_shape)
+        if flash_gpu.supports(q_shape[1], q_shape[3]) is None and not isinstance(layout, str):
+            return "cudnn-packed", cudnn_packed.packed_attention, layout
     if implementation in ("cudnn", "xla"):
         return implementation, None, None
-    cudnn = backend == "gpu" and not segments and dtype in (jnp.bfloat16, jnp.float16)  # float32 fails there
+    cudnn = backend == "gpu" and not segments and half
     if implementation == "auto" and backend != "tpu":
         # cuDNN's flash attention where there are no packed documents. With packed documents the Triton kernel
         # has not yet run on a GPU, so auto keeps the XLA reference there; model.attention=pallas asks for it.
