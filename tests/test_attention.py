@@ -310,7 +310,7 @@ def test_gpu_kernels_match_the_reference(heads, kv_heads, head_dim, window, impl
     segments = jnp.asarray(layouts(512, seed=1)[[0, 1, 2, 3] if rows == "all" else [0, 2, 3, 3]])
     q, k, v, d_out = qkv(4, 512, heads, kv_heads, head_dim, jnp.bfloat16)
     want = value_and_grads(lambda q, k, v: reference(*(a.astype(jnp.float32) for a in (q, k, v)), segments,
-                                                     sliding_window=window), q, k, v, d_out)
+                                                     sliding_window=window).astype(q.dtype), q, k, v, d_out)
     run = functools.partial(attention, segment_ids=segments, sliding_window=window, implementation=implementation)
     got = jax.jit(lambda *a: value_and_grads(run, *a))(q, k, v, d_out)
     assert_matches(got, want, 2e-2)
@@ -320,13 +320,14 @@ def test_gpu_kernels_match_the_reference(heads, kv_heads, head_dim, window, impl
 
 
 @on_gpu
-def test_gpu_memory_grows_linearly_in_length():
+@pytest.mark.parametrize("implementation", ["pallas", "cudnn"])
+def test_gpu_memory_grows_linearly_in_length(implementation):
     """Compiled temporary memory of one attention gradient at the llama-1b head shape, lengths 2k, 4k, 8k."""
     def memory(length):
         q, k, v, _ = qkv(2, length, 32, 8, 64, jnp.bfloat16)
         segments = jnp.asarray(np.tile(layouts(length)[2:], (1, 1)))
-        return temp_bytes(jax.grad(lambda q, k, v: attention(q, k, v, segments).astype(jnp.float32).sum(),
-                                   argnums=(0, 1, 2)), q, k, v)
+        loss = lambda q, k, v: attention(q, k, v, segments, implementation=implementation).astype(jnp.float32).sum()
+        return temp_bytes(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
 
     sizes = [memory(n) for n in (2048, 4096, 8192)]
     print("temp bytes at 2k, 4k, 8k:", sizes)
