@@ -320,13 +320,24 @@ def test_gpu_kernels_match_the_reference(heads, kv_heads, head_dim, window, impl
 
 
 @on_gpu
+def test_gpu_auto_takes_cudnn_without_documents_and_the_triton_kernel_with_them():
+    segments = jnp.asarray(layouts(512))
+    q, k, v, _ = qkv(4, 512, 8, 2, 64, jnp.bfloat16)
+    with traced_kernels() as names:
+        jax.eval_shape(lambda q, k, v: attention(q, k, v, segments), q, k, v)
+        jax.eval_shape(lambda q, k, v: attention(q, k, v), q, k, v)
+    assert names == ["pallas-triton", "cudnn"]
+
+
+@on_gpu
 @pytest.mark.parametrize("implementation", ["pallas", "cudnn"])
 def test_gpu_memory_grows_linearly_in_length(implementation):
     """Compiled temporary memory of one attention gradient at the llama-1b head shape, lengths 2k, 4k, 8k."""
     def memory(length):
         q, k, v, _ = qkv(2, length, 32, 8, 64, jnp.bfloat16)
         segments = jnp.asarray(np.tile(layouts(length)[2:], (1, 1)))
-        loss = lambda q, k, v: attention(q, k, v, segments, implementation=implementation).astype(jnp.float32).sum()
+        def loss(q, k, v):
+            return attention(q, k, v, segments, implementation=implementation).astype(jnp.float32).sum()
         return temp_bytes(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
 
     sizes = [memory(n) for n in (2048, 4096, 8192)]

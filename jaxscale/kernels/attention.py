@@ -5,7 +5,7 @@ as `jaxscale.data.packing` makes them) keep attention inside each document. What
 
 | implementation | GPU | TPU | CPU |
 | --- | --- | --- | --- |
-| `auto` | cuDNN flash attention (bf16 / fp16); with segment ids XLA, until the Triton kernel is measured on a GPU | Splash | XLA |
+| `auto` | cuDNN flash attention (bf16 / fp16); with segment ids the Triton kernel | Splash | XLA |
 | `pallas` | the Triton flash kernel | Splash | the Triton kernel, interpreted (tests) |
 | `cudnn` | cuDNN; with segment ids its packed layout (`cudnn_packed`), or a materialized mask where that cannot run | - | - |
 | `xla` | XLA, the reference: a materialized (batch, 1, length, length) mask with segment ids | same | same |
@@ -155,9 +155,10 @@ def _choose(q_shape, kv_shape, segments: bool, implementation: str, dtype):
     if implementation in ("cudnn", "xla"):
         return implementation, None, None
     cudnn = backend == "gpu" and not segments and half
-    if implementation == "auto" and backend != "tpu":
-        # cuDNN's flash attention where there are no packed documents. With packed documents the Triton kernel
-        # has not yet run on a GPU, so auto keeps the XLA reference there; model.attention=pallas asks for it.
+    if implementation == "auto" and (backend == "cpu" or (backend == "gpu" and not segments)):
+        # cuDNN's flash attention where there are no packed documents. With them, the Triton kernel: as fast as
+        # cuDNN's packed layout on an H100 and no more memory than without documents (BENCHMARKS.md); on the
+        # CPU it would run interpreted, so XLA.
         return ("cudnn" if cudnn else "xla"), None, None
     name, kernel = _pallas_kernel(backend, q_shape[1], q_shape[3])
     layout = pallas_layout(q_shape, kv_shape) if name is not None else kernel

@@ -5,7 +5,7 @@ attention inside each, so nothing of size length x length is ever formed. The nu
 be static; a row with more than `max_documents(length)` would be cut short, so such a batch takes the Triton
 kernel instead (`lax.cond`: one compiled step holds both, and only the batch that needs it runs the fallback).
 cuDNN keeps a float32 softmax statistic of (batch x documents, heads, length) per layer for the backward, which
-is why the cap is a document per 128 tokens rather than one per token.
+is why the cap is small and fixed rather than one document per token.
 
 jax.nn.dot_product_attention does not expose the packed layout, so this calls the cuDNN binding it wraps.
 """
@@ -18,12 +18,14 @@ import jax.numpy as jnp
 
 from jaxscale.kernels import flash_gpu
 
-TOKENS_PER_DOCUMENT = 128  # the cap: at most length / 128 documents per row take the cuDNN path
+TOKENS_PER_DOCUMENT = 128
+MAX_DOCUMENTS = 32
 
 
 def max_documents(length: int) -> int:
-    """How many documents a row may hold for the cuDNN kernel (more take the Triton kernel)."""
-    return max(1, length // TOKENS_PER_DOCUMENT)
+    """How many documents a row may hold for the cuDNN kernel (more take the Triton kernel): one per 128 tokens,
+    at most 32, so that cuDNN's saved statistics grow linearly with the length."""
+    return max(1, min(MAX_DOCUMENTS, length // TOKENS_PER_DOCUMENT))
 
 
 def document_bounds(segment_ids: jax.Array, documents: int) -> tuple[jax.Array, jax.Array, jax.Array]:
