@@ -6,17 +6,20 @@
 #   git archive 4248a9f --prefix=.before/ | tar -x      # the last commit before the restructuring
 #   bash experiments/restructure_throughput.sh .before [OUT_DIR]
 # Prints one line per bench (tree, size, tokens/s, step ms) and the after/before ratio of the medians last.
+# Documents are not masked in either, so both run cuDNN attention (the packed-document kernel came later).
+# SIZES="124m" limits the sizes.
 set -u
 before=${1:?give the directory holding the tree before the restructuring}
 out=${2:-${OUT:-/tmp/restructure_throughput}}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import jax; print('jax', jax.__version__)" | tee -a "$out/gpu.txt"
-for size in 124m 350m; do
+for size in ${SIZES:-124m 350m}; do
   for round in 1 2; do
     for tree in before after; do
       dir=$PWD; [ "$tree" = before ] && dir=$before
-      (cd "$dir" && PYTHONPATH=$dir python3 -m jaxscale.cli bench "gpt2-$size") > "$out/$tree-$size-$round.log" 2>&1
+      (cd "$dir" && PYTHONPATH=$dir python3 -m jaxscale.cli bench "gpt2-$size" \
+        --set data.document_masking=false) > "$out/$tree-$size-$round.log" 2>&1
       grep '^{' "$out/$tree-$size-$round.log" | tail -1 > "$out/$tree-$size-$round.json"
     done
   done
