@@ -332,7 +332,8 @@ def test_gpu_auto_takes_cudnn_without_documents_and_the_triton_kernel_with_them(
 @on_gpu
 @pytest.mark.parametrize("implementation", ["pallas", "cudnn"])
 def test_gpu_memory_grows_linearly_in_length(implementation):
-    """Compiled temporary memory of one attention gradient at the llama-1b head shape, lengths 2k, 4k, 8k."""
+    """Compiled temporary memory of one attention gradient at the llama-1b head shape, lengths 2k, 4k, 8k (cuDNN's
+    packed layout from 4k, where its documents per row reach their fixed cap)."""
     def memory(length):
         q, k, v, _ = qkv(2, length, 32, 8, 64, jnp.bfloat16)
         segments = jnp.asarray(np.tile(layouts(length)[2:], (1, 1)))
@@ -340,6 +341,7 @@ def test_gpu_memory_grows_linearly_in_length(implementation):
             return attention(q, k, v, segments, implementation=implementation).astype(jnp.float32).sum()
         return temp_bytes(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
 
-    sizes = [memory(n) for n in (2048, 4096, 8192)]
-    print("temp bytes at 2k, 4k, 8k:", sizes)
+    lengths = (2048, 4096, 8192) if implementation == "pallas" else (4096, 8192, 16384)
+    sizes = [memory(n) for n in lengths]
+    print(f"temp bytes at {lengths}:", sizes)
     assert sizes[1] <= 2.1 * sizes[0] and sizes[2] <= 2.1 * sizes[1], sizes
