@@ -80,12 +80,13 @@ class Layer(nnx.Module):
 
 class StackedNet(nnx.Module):
     """Its repeated blocks kept as one module stacked over a leading `layers` dimension (nnx.vmap), run by
-    jaxscale.parallel.run_layers: a scan, or pipeline stages on a pipeline mesh."""
+    jaxscale.parallel.run_layers: a scan, or pipeline stages on a pipeline mesh, scheduled as `pipeline` (the
+    run's config.pipeline) says."""
 
-    def __init__(self, rngs: nnx.Rngs, staged: bool = True):
+    def __init__(self, rngs: nnx.Rngs, pipeline=None, staged: bool = True):
         from jaxscale.parallel import run_layers
 
-        self.run_layers, self.staged = run_layers, staged
+        self.run_layers, self.pipeline, self.staged = run_layers, pipeline, staged
         self.w_in = nnx.Linear(FEATURES, HIDDEN, kernel_init=nnx.with_partitioning(INIT, ("features", "hidden")),
                                use_bias=False, rngs=rngs)
 
@@ -102,7 +103,8 @@ class StackedNet(nnx.Module):
         graphdef, stack = nnx.split(self.blocks)
         h = self.w_in(x)
         if self.staged:
-            h = self.run_layers(lambda h, layer, _: nnx.merge(graphdef, layer)(h), stack, h)
+            h = self.run_layers(lambda h, layer, _: nnx.merge(graphdef, layer)(h), stack, h,
+                                settings=self.pipeline)
         else:  # a loop of its own: there is nothing for the pipeline to cut
             h = jax.lax.scan(lambda h, layer: (nnx.merge(graphdef, layer)(h), None), h, stack)[0]
         return self.w_out(h)

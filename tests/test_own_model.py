@@ -182,8 +182,9 @@ STACKED_RULES = ["sharding.params.hidden_in=null", "sharding.params.layers=pipel
 def test_a_user_model_with_stacked_blocks_is_staged_by_the_pipeline(schedule):
     def losses_and_params(mesh, devices):
         data = batches(STEPS, BATCH)
-        trainer = build_trainer(config(*mesh, *STACKED_RULES, *schedule), jax.devices()[:devices],
-                                model=lambda rngs: StackedNet(rngs), loss_fn=classification_loss)
+        run_config = config(*mesh, *STACKED_RULES, *schedule)
+        trainer = build_trainer(run_config, jax.devices()[:devices],
+                                model=lambda rngs: StackedNet(rngs, run_config.pipeline), loss_fn=classification_loss)
         state, losses = trainer.init_state(), []
         for batch in data:
             state, metrics = trainer.train_step(state, jax.device_put(batch, trainer.data_sharding))
@@ -200,8 +201,10 @@ def test_a_user_model_with_stacked_blocks_is_staged_by_the_pipeline(schedule):
 
 
 def test_a_user_model_that_does_not_run_its_layers_through_run_layers_is_refused_on_a_pipeline_mesh():
-    trainer = build_trainer(config("mesh.data=4", "mesh.pipeline=2", *STACKED_RULES), jax.devices(),
-                            model=lambda rngs: StackedNet(rngs, staged=False), loss_fn=classification_loss)
+    run_config = config("mesh.data=4", "mesh.pipeline=2", *STACKED_RULES)
+    trainer = build_trainer(run_config, jax.devices(), model=lambda rngs: StackedNet(rngs, run_config.pipeline,
+                                                                                     staged=False),
+                            loss_fn=classification_loss)
     batch = jax.device_put(batches(1, BATCH)[0], trainer.data_sharding)
     with pytest.raises(ConfigError, match=r"never ran its layers through jaxscale.parallel.run_layers"):
         trainer.train_step(trainer.init_state(), batch)

@@ -285,6 +285,33 @@ def test_work_outside_the_stages_is_split_over_the_pipeline_ranks():
     assert outer_rules(rules, flat, rows=8) is rules
 
 
+def test_run_layers_on_a_pipeline_mesh_needs_the_settings_and_notes_each_plan():
+    """The schedule reaches run_layers as an argument only; each plan it makes is noted for the trainer's check
+    that the model staged something."""
+    from jaxscale.mesh import build_mesh
+    from jaxscale.parallel import run_layers
+    from jaxscale.sharding import activation_rules
+    from jaxscale.trace_notes import recording
+
+    mesh = build_mesh(MeshConfig(data=1, pipeline=2), jax.devices()[:2])
+    stack, x = {"w": jnp.ones((4, 3, 3))}, jnp.ones((4, 3))
+
+    def forward(settings):
+        return run_layers(lambda x, layer, _: x @ layer["w"], stack, x, settings=settings)
+
+    with activation_rules(mesh, {"layers": "pipeline"}), recording("pipeline") as planned:
+        with pytest.raises(ConfigError, match=r"mesh\.pipeline=2, but run_layers got no pipeline settings.*"
+                                              r"pass settings=config\.pipeline"):
+            jax.eval_shape(lambda: forward(None))
+        assert planned == []
+        with recording("pipeline") as nested:  # blocks nest: both get the note
+            jax.eval_shape(lambda: forward(PipelineConfig(schedule="circular", microbatches=2)))
+    assert planned == nested == ["circular"]
+    with recording("pipeline") as unstaged:  # no mesh: a scan, nothing to stage
+        np.testing.assert_allclose(forward(None), x @ stack["w"][0] @ stack["w"][1] @ stack["w"][2] @ stack["w"][3])
+    assert unstaged == []
+
+
 @pytest.mark.slow
 def test_batch_over_the_pipeline_axis_outside_the_stages():
     """A batch rule that lists `pipeline` itself, in an order of the user's, gives the same result."""

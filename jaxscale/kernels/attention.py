@@ -18,10 +18,8 @@ XLA's partitioner, so under a traced mesh (`jaxscale.sharding`) each device runs
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import functools
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -31,25 +29,17 @@ from jaxscale.errors import ConfigError
 from jaxscale.kernels import cudnn_packed, flash_gpu, splash_tpu
 from jaxscale.kernels.platform import kernel_platform
 from jaxscale.sharding import current_activation_rules, logical_to_spec, split_count
+from jaxscale.trace_notes import note, recording
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla", "pallas")
 Q_AXES = ("batch", "length", "heads", "head_dim")
 KV_AXES = ("batch", "length", "kv_heads", "head_dim")
 
-_TRACED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("jaxscale_traced_attention",
-                                                                          default=None)
 
-
-@contextlib.contextmanager
-def traced_kernels() -> Iterator[list[str]]:
+def traced_kernels() -> contextlib.AbstractContextManager[list[str]]:
     """Collects the name of the kernel each `attention` call traced inside this block chose: `cudnn`,
     `cudnn-packed`, `xla`, `pallas-triton` (interpreted off GPUs) or `pallas-splash`."""
-    names: list[str] = []
-    token = _TRACED.set(names)
-    try:
-        yield names
-    finally:
-        _TRACED.reset(token)
+    return recording("attention")
 
 
 def reference(q, k, v, segment_ids, *, causal=True, sliding_window=None, scale=None, implementation="xla"):
@@ -135,9 +125,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
     if sliding_window is not None and sliding_window < 1:
         raise ConfigError(f"attention sliding_window={sliding_window} must be at least 1")
     name, kernel, layout = _choose(q.shape, k.shape, segment_ids is not None, implementation, q.dtype)
-    traced = _TRACED.get()
-    if traced is not None:
-        traced.append(name)
+    note("attention", name)
     options = dict(causal=causal, sliding_window=sliding_window, scale=scale)
     if kernel is None:
         return reference(q, k, v, segment_ids, **options, implementation=name)

@@ -221,7 +221,8 @@ class Transformer(nnx.Module):
 
         `scan_unroll` layers run per scan iteration: 1 keeps compile time flat in depth, n_layers removes the
         loop's stacking copies (faster on GPUs, longer compiles). Under a mesh whose `pipeline` axis is > 1
-        the layers run as pipeline stages instead (`jaxscale.parallel`), scheduled by `pipeline`."""
+        the layers run as pipeline stages instead (`jaxscale.parallel`), scheduled by `pipeline` (the run's
+        `config.pipeline`, needed there)."""
         return self.forward(tokens, segment_ids, compute_dtype=compute_dtype, remat=remat, scan_unroll=scan_unroll,
                             pipeline=pipeline)[0]
 

@@ -3,7 +3,6 @@
 from jaxscale.parallel.pipeline import (
     active_plan,
     outer_rules,
-    pipeline_settings,
     pipelined_layers,
     run_layers,
     split_microbatches,
@@ -18,4 +17,4 @@ from jaxscale.parallel.plan import (
 )
 
 __all__ = ["PipelineConfig", "PipelinePlan", "active_plan", "bubble_fraction", "describe_plan",
-           "outer_rules", "pipeline_settings", "pipelined_layers", "run_layers", "plan_from_config", "plan_pipeline", "split_microbatches"]
+           "outer_rules", "pipelined_layers", "run_layers", "plan_from_config", "plan_pipeline", "split_microbatches"]

@@ -23,19 +23,18 @@ result is never used (SPMD: every rank runs the same program).
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxscale.errors import ConfigError
 from jaxscale.parallel.plan import PipelineConfig, PipelinePlan, plan_from_config
 from jaxscale.remat import dots_and_attention_saveable, remat_policy
 from jaxscale.sharding import Rules, activation_rules, constrain, current_activation_rules, rule_axes
+from jaxscale.trace_notes import note
 
 STATE_AXES = ("stage", "batch", "length", "embed")  # cut to the activation's rank, (batch, length) or (batch,)
 STREAM_AXES = ("stage", None, "batch", "length", "embed")
@@ -44,46 +43,27 @@ STREAM_AXES = ("stage", None, "batch", "length", "embed")
 LayerFn = Callable[[jax.Array, dict, "jax.Array | None"], jax.Array]
 
 
-@dataclass
-class StagedRun:
-    """The pipeline settings of the step being traced, and whether the model ran its layers through
-    `run_layers` (a model that didn't cannot be staged)."""
-
-    settings: PipelineConfig
-    staged: bool = False
-
-
-_STAGED_RUN: contextvars.ContextVar[StagedRun | None] = contextvars.ContextVar("jaxscale_staged_run", default=None)
-
-
-@contextlib.contextmanager
-def pipeline_settings(settings: PipelineConfig) -> Iterator[StagedRun]:
-    """The trainer traces the step inside this: `run_layers` takes its schedule from here."""
-    record = StagedRun(settings)
-    token = _STAGED_RUN.set(record)
-    try:
-        yield record
-    finally:
-        _STAGED_RUN.reset(token)
-
-
 def active_plan(n_layers: int, settings: PipelineConfig | None) -> PipelinePlan | None:
-    """The plan when the step being traced runs on a mesh whose pipeline axis is > 1; None otherwise."""
+    """The plan when the step being traced runs on a mesh whose pipeline axis is > 1, scheduled as `settings`
+    (the run's `pipeline.*` config) say; None otherwise. Each plan made is noted as a trace note of kind
+    "pipeline" (`jaxscale.trace_notes`): the trainer refuses a pipeline mesh on which the model staged nothing."""
     context = current_activation_rules()
     stages = context[0].shape.get("pipeline", 1) if context else 1
     if stages == 1:
         return None
-    record = _STAGED_RUN.get()
-    if record is not None:
-        record.staged = True
-    return plan_from_config(settings or (record.settings if record else PipelineConfig()), n_layers, stages)
+    if settings is None:
+        raise ConfigError(f"the layers run on a mesh with mesh.pipeline={stages}, but run_layers got no pipeline "
+                          f"settings to schedule the stages with: pass settings=config.pipeline (the run's "
+                          f"pipeline.* keys; README: Bring your own model)")
+    note("pipeline", settings.schedule)
+    return plan_from_config(settings, n_layers, stages)
 
 
 def run_layers(apply_layer: LayerFn, stack, x: jax.Array, segment_ids: jax.Array | None = None, *,
                remat: str = "none", unroll: int = 1, settings: PipelineConfig | None = None) -> jax.Array:
     """x through every layer of `stack` (a pytree of weights stacked over a leading `layers` dimension, e.g.
     the state of an `nnx.vmap`-made module): a scan over the layers, or, on a mesh whose pipeline axis is > 1,
-    pipeline stages scheduled as `settings` (default: the run's `pipeline.*` config) says. `apply_layer(x,
+    pipeline stages scheduled as `settings` (the run's `config.pipeline`, needed there) say. `apply_layer(x,
     layer, segment_ids)` runs one layer; `remat` is a train.remat policy name. This is how a model of one's own
     is staged."""
     n_layers = jax.tree.leaves(stack)[0].shape[0]

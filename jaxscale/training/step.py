@@ -15,8 +15,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxscale.config import Config
 from jaxscale.errors import ConfigError
 from jaxscale.model import FlaxModel
-from jaxscale.parallel import outer_rules, pipeline_settings, split_microbatches
+from jaxscale.parallel import outer_rules, split_microbatches
 from jaxscale.sharding import activation_rules, activation_sharding, constrain, param_shardings
+from jaxscale.trace_notes import recording
 from jaxscale.training.guards import guard_metrics, inject_nan, squared_norm
 
 STEP_METRICS = ("loss", "grad_norm", "lr")
@@ -102,16 +103,16 @@ def in_compute_dtype(grad_fn: Callable, compute_dtype) -> Callable:
 
 @contextlib.contextmanager
 def tracing_model(config: Config, mesh: Mesh, per_device_batch: int) -> Iterator[None]:
-    """The context the model is traced in: the activation rules (jaxscale's and Flax's) and the pipeline
-    settings. On a pipeline mesh, a model that never ran its layers through `run_layers` is refused."""
-    with activation_rules(mesh, traced_rules(config, mesh, per_device_batch)), \
-            pipeline_settings(config.pipeline) as staged_run:
+    """The context the model is traced in: the activation rules (jaxscale's and Flax's). On a pipeline mesh, a
+    model that never ran its layers through `run_layers` (which notes each pipeline it plans) is refused."""
+    with activation_rules(mesh, traced_rules(config, mesh, per_device_batch)), recording("pipeline") as staged:
         yield
-    if mesh.shape.get("pipeline", 1) > 1 and not staged_run.staged:
+    if mesh.shape.get("pipeline", 1) > 1 and not staged:
         raise ConfigError("mesh.pipeline > 1, but the model never ran its layers through "
                           "jaxscale.parallel.run_layers, so there are no stages to cut: keep the repeated blocks "
                           "stacked (nnx.vmap with transform_metadata={nnx.PARTITION_NAME: 'layers'}) and run them "
-                          "with run_layers (README: Bring your own model), or use mesh.pipeline=1")
+                          "with run_layers(..., settings=config.pipeline) (README: Bring your own model), or use "
+                          "mesh.pipeline=1")
 
 
 def traced_rules(config: Config, mesh: Mesh, per_device_batch: int) -> dict:
