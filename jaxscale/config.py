@@ -170,6 +170,9 @@ class TrainConfig:
     # hardware catalog's; none on a CPU). A compiled step that needs more is refused before anything is allocated.
     memory_limit_gb: float = 0.0
     offload_optimizer: bool = False  # keep the Adam moments in host memory (pinned_host), moved in for the update
+    # keep the master (float32) parameters in host memory; a compute-dtype copy comes to the devices for the
+    # forward and backward pass
+    offload_params: bool = False
 
     def __post_init__(self):
         check_range("train.steps", self.steps, 1)
