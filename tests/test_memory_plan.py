@@ -236,3 +236,26 @@ def test_full_remat_recomputes_one_forward_pass_of_the_layers():
     layers_forward = 2 * (m.matmul_params() - m.padded_vocab * m.d_model) + 4 * m.n_layers * m.d_model * m.seq_len
     extra = layers_forward * none.tokens_per_step / rates.flops_per_s
     assert full.compute_s - none.compute_s == pytest.approx(extra, rel=1e-9)
+
+
+def test_jax_cannot_yet_trace_the_optimizer_update_in_host_memory():
+    """Why there is no update computed in host memory (XLA's `compute_on("device_host")`) beside the one that
+    moves the offloaded state in: under jax 0.10, arrays created inside a host computation (the guard's zeros,
+    optax's imaginary parts in clip_by_global_norm, a broadcast scalar) are typed device memory, and no operation
+    takes operands of both kinds. When this test fails, jax allows it: the host update can be built."""
+    from jax.experimental.compute_on import compute_on
+
+    trainer = build_trainer(offloaded({}), jax.devices()[:1])
+    state = trainer.init_state()
+
+    def update(grads, opt_state, params):
+        return trainer.tx.update(grads, opt_state, params, value=jax.numpy.float32(1.0))
+
+    def step(state):
+        params, opt_state = jax.tree.map(lambda x, s: jax.device_put(x, s.with_memory_kind("pinned_host")),
+                                         (state.params, state.opt_state),
+                                         (trainer.shardings.params, trainer.shardings.opt_state))
+        return compute_on("device_host")(jax.jit(update))(params, opt_state, params)
+
+    with pytest.raises(ValueError, match="memory_space of all inputs passed to `.*` must be the same"):
+        jax.jit(step)(state)
