@@ -238,24 +238,37 @@ def test_full_remat_recomputes_one_forward_pass_of_the_layers():
     assert full.compute_s - none.compute_s == pytest.approx(extra, rel=1e-9)
 
 
-def test_jax_cannot_yet_trace_the_optimizer_update_in_host_memory():
-    """Why there is no update computed in host memory (XLA's `compute_on("device_host")`) beside the one that
-    moves the offloaded state in: under jax 0.10, arrays created inside a host computation (the guard's zeros,
-    optax's imaginary parts in clip_by_global_norm, a broadcast scalar) are typed device memory, and no operation
-    takes operands of both kinds. When this test fails, jax allows it: the host update can be built."""
-    from jax.experimental.compute_on import compute_on
 
-    trainer = build_trainer(offloaded({}), jax.devices()[:1])
-    state = trainer.init_state()
+def test_the_host_update_is_a_host_computation_of_the_step_and_needs_the_moments_on_the_host():
+    trainer = build_trainer(offloaded({}, offload_params=True, offload_update="host"), jax.devices()[:1])
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.data_sharding),
+                         lm_batch_spec(trainer.config))
+    assert '_xla_compute_type = "host"' in trainer.train_step.lower(trainer.abstract_state(), batch).as_text()
+    with pytest.raises(jaxscale.ConfigError, match="train.offload_update=host computes the update where the "
+                                                   "optimizer state lives.*add --set train.offload_optimizer=true"):
+        load_config("default", ["train.offload_update=host"])
+    with pytest.raises(jaxscale.ConfigError, match="train.offload_update='cpu'; choose device"):
+        load_config("default", ["train.offload_update=cpu", "train.offload_optimizer=true"])
 
-    def update(grads, opt_state, params):
-        return trainer.tx.update(grads, opt_state, params, value=jax.numpy.float32(1.0))
 
-    def step(state):
-        params, opt_state = jax.tree.map(lambda x, s: jax.device_put(x, s.with_memory_kind("pinned_host")),
-                                         (state.params, state.opt_state),
-                                         (trainer.shardings.params, trainer.shardings.opt_state))
-        return compute_on("device_host")(jax.jit(update))(params, opt_state, params)
+@pytest.mark.slow  # 15-30 s a layout
+@pytest.mark.parametrize("layout", [{}, dict(data=2, fsdp=2, tensor=2)])
+@pytest.mark.parametrize("params", [False, True])
+def test_the_update_computed_in_host_memory_trains_as_on_the_device(layout, params):
+    n = int(np.prod(list(layout.values()) or [1]))
+    config = offloaded(layout, offload_params=params, offload_update="host")
+    assert_same(run(config, jax.devices()[:n]), reference("gpt2"))
 
-    with pytest.raises(ValueError, match="memory_space of all inputs passed to `.*` must be the same"):
-        jax.jit(step)(state)
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_the_clipping_that_keeps_memory_kinds_clips_as_optax_does(max_norm):
+    import optax
+
+    from jaxscale.training.optimizer import clip_by_global_norm
+
+    grads = {"w": jax.random.normal(jax.random.key(0), (8, 4)), "b": jax.random.normal(jax.random.key(1), (4,))}
+    ours, _ = clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, theirs)
+    norm = float(optax.tree.norm(grads))
+    assert float(optax.tree.norm(ours)) == pytest.approx(min(norm, max_norm), rel=1e-6)

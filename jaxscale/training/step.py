@@ -10,6 +10,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental.compute_on import compute_on
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.config import Config
@@ -53,6 +54,11 @@ def on_device(tree, shardings):
                         if s.memory_kind == HOST else x, tree, shardings)
 
 
+def to_host(tree, shardings):
+    """Every array of `tree` moved to host memory, sharded as `shardings` say (inside a jitted function)."""
+    return jax.tree.map(lambda x, s: jax.device_put(x, s.with_memory_kind(HOST)), tree, shardings)
+
+
 def in_dtype(tree, dtype):
     """The floating-point arrays of `tree` cast to `dtype`; integers as they are."""
     return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, tree)
@@ -65,18 +71,29 @@ def compute_copy(params, shardings, compute_dtype):
 
 
 def apply_update(tx: optax.GradientTransformation, grads, loss: jax.Array, state: TrainState,
-                 shardings: TrainState, offloaded: bool) -> tuple[dict, Any]:
-    """(parameters, optimizer state) after the optimizer's update, placed as `shardings` say. `offloaded`: some
-    of the state (moments, master parameters) lives in host memory; it comes to device memory for the update
-    and goes back after. An optimization barrier makes it wait for the gradients, so that it takes device
-    memory during the update only, not the whole step (and the master parameters' transfer is not merged with
-    the one of `compute_copy`)."""
-    params, opt_state = state.params, state.opt_state
-    if offloaded:
-        grads, opt_state, params = jax.lax.optimization_barrier((grads, opt_state, params))
-        opt_state, params = on_device(opt_state, shardings.opt_state), on_device(params, shardings.params)
-    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
-    params = optax.apply_updates(params, updates)
+                 shardings: TrainState, where: str | None) -> tuple[dict, Any]:
+    """(parameters, optimizer state) after the optimizer's update, placed as `shardings` say.
+
+    where=None: nothing is offloaded. "device": the offloaded state (moments, master parameters) comes to device
+    memory for the update and goes back after; an optimization barrier makes it wait for the gradients, so that
+    it takes device memory during the update only, not the whole step (and the master parameters' transfer is
+    not merged with the one of `compute_copy`). "host": the gradients, the loss and whatever state is on the
+    devices go to host memory instead, and the update is computed there (`compute_on("device_host")`)."""
+
+    def update(grads, opt_state, params, loss):
+        updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+        return optax.apply_updates(params, updates), opt_state
+
+    if where == "host":
+        params, opt_state = compute_on("device_host")(jax.jit(update))(
+            to_host(grads, shardings.params), to_host(state.opt_state, shardings.opt_state),
+            to_host(state.params, shardings.params), to_host(loss, shardings.step))
+    elif where == "device":
+        grads, opt_state, params = jax.lax.optimization_barrier((grads, state.opt_state, state.params))
+        params, opt_state = update(grads, on_device(opt_state, shardings.opt_state),
+                                   on_device(params, shardings.params), loss)
+    else:
+        params, opt_state = update(grads, state.opt_state, state.params, loss)
     return jax.device_put(params, shardings.params), jax.device_put(opt_state, shardings.opt_state)
 
 
@@ -160,7 +177,7 @@ def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule
         return out, jax.tree.map(lambda g, dtype: g.astype(dtype), grads, master_dtypes)
 
     count = train.microbatches
-    offloaded = train.offload_optimizer or train.offload_params
+    update_where = train.offload_update if train.offload_optimizer or train.offload_params else None
 
     def accumulated_grads(params, batch, key):
         if count == 1:
@@ -193,7 +210,7 @@ def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule
         loss, grads = inject_nan(loss, grads, state.step, config.guards.inject_nan_at_step)  # testing only
         # tx is wrapped by guard_updates: a bad update (non-finite, loss spike) leaves params and opt state as
         # they were, and says why in the metrics
-        params, opt_state = apply_update(tx, grads, loss, state, shardings, offloaded)
+        params, opt_state = apply_update(tx, grads, loss, state, shardings, update_where)
         metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": schedule(state.step),
                    **guard_metrics(opt_state), **model_metrics}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
