@@ -272,3 +272,24 @@ def test_the_clipping_that_keeps_memory_kinds_clips_as_optax_does(max_norm):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, theirs)
     norm = float(optax.tree.norm(grads))
     assert float(optax.tree.norm(ours)) == pytest.approx(min(norm, max_norm), rel=1e-6)
+
+
+def test_the_roofline_hides_the_catalogs_fraction_of_the_collectives_behind_compute():
+    config = load_config("default", ["model.preset=gpt2-350m", "train.batch_size=64"])
+    layout = next(c for c in candidates(config, 8) if c.fsdp == 8 and c.microbatches == 1 and c.remat == "none"
+                  and not c.host_offload)
+    rates = rates_for("h200")
+    assert rates.collective_overlap == 0.0  # no overlap measured on it yet: the sum
+    plain = estimate(config, layout, rates)
+    assert plain.step_s == plain.compute_s + plain.collective_s + plain.host_s and plain.collective_s > 0
+    full = estimate(config, layout, dataclasses.replace(rates, collective_overlap=1.0))
+    assert full.step_s == pytest.approx(max(full.compute_s, full.collective_s) + full.host_s)
+    half = estimate(config, layout, dataclasses.replace(rates, collective_overlap=0.5))
+    assert half.step_s == pytest.approx(plain.step_s - 0.5 * min(plain.compute_s, plain.collective_s))
+
+
+def test_a_measured_overlap_in_the_catalog_reaches_the_planner(tmp_path, monkeypatch):
+    path = tmp_path / "hardware.yaml"
+    path.write_text("accelerators:\n  h200:\n    collective_overlap: 0.6\n")
+    monkeypatch.setenv("JAXSCALE_HARDWARE", str(path))
+    assert rates_for("h200").collective_overlap == 0.6

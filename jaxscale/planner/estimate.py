@@ -12,7 +12,11 @@ Memory, bytes per device:
   the input and the named values; offload:NAMES the input on the device and the named values on the host. Under
   remat, one layer's working set (none's figure) is added once, for its recomputation. Plus the float32 logits.
 
-Step time: compute + collectives + host transfers, with no overlap assumed (an upper bound when XLA overlaps).
+Step time: compute + collectives + host transfers, less the part of the collectives hidden behind compute:
+overlap x min(compute, collectives), where overlap is the fraction the catalog's `collective_overlap` gives
+for the chip (measured), else 0: no overlap assumed (an upper bound when XLA overlaps). At 1 the step takes
+max(compute, collectives) + host transfers. Host transfers are not overlapped: the offloaded state moves after
+the backward pass (`jaxscale.training.step.apply_update`).
 - compute: the model's FLOPs (6N + 12LdT per token) plus the forward work remat recomputes, at the chip's peak
   times the MFU jaxscale measured on it (the catalog's `measured_mfu`), stretched by the pipeline bubble.
 - collectives, over one direction of the chip's interconnect (the catalog's figure is both directions): the
@@ -45,6 +49,7 @@ class Rates:
     memory_bytes: float | None  # per device; None: no limit known (a CPU)
     compute_bytes: int  # 2 for bf16, 4 for float32 compute
     fused_attention: bool  # attention keeps no length x length matrices (flash / cuDNN / Splash)
+    collective_overlap: float = 0.0  # the fraction of collective time hidden behind compute
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,12 @@ class Estimate:
     collective_s: float
     host_s: float
     tokens_per_step: int
+    collective_overlap: float = 0.0  # Rates.collective_overlap
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.collective_s + self.host_s
+        hidden = self.collective_overlap * min(self.compute_s, self.collective_s)
+        return self.compute_s + self.collective_s - hidden + self.host_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -164,4 +171,5 @@ def estimate(config: Config, c: Candidate, rates: Rates) -> Estimate:
     if mode == "offload":
         moved += 2 * c.microbatches * tokens * saved_values_per_token(m, names, c.tensor) * cb * layers
     host_s = moved / rates.host_bytes_per_s if moved else 0.0
-    return Estimate(c, state + activations + gathered, host, compute_s, collective_s, host_s, step_tokens)
+    return Estimate(c, state + activations + gathered, host, compute_s, collective_s, host_s, step_tokens,
+                    rates.collective_overlap)
