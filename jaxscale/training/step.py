@@ -84,16 +84,16 @@ def apply_update(tx: optax.GradientTransformation, grads, loss: jax.Array, state
         updates, opt_state = tx.update(grads, opt_state, params, value=loss)
         return optax.apply_updates(params, updates), opt_state
 
+    if where is None:
+        return update(grads, state.opt_state, state.params, loss)
     if where == "host":
         params, opt_state = compute_on("device_host")(jax.jit(update))(
             to_host(grads, shardings.params), to_host(state.opt_state, shardings.opt_state),
             to_host(state.params, shardings.params), to_host(loss, shardings.step))
-    elif where == "device":
+    else:
         grads, opt_state, params = jax.lax.optimization_barrier((grads, state.opt_state, state.params))
         params, opt_state = update(grads, on_device(opt_state, shardings.opt_state),
                                    on_device(params, shardings.params), loss)
-    else:
-        params, opt_state = update(grads, state.opt_state, state.params, loss)
     return jax.device_put(params, shardings.params), jax.device_put(opt_state, shardings.opt_state)
 
 
