@@ -1,6 +1,8 @@
 """The planner's predictions against measurements on one GPU: gpt2-124m, gpt2-350m, a Llama-1B shape, the Llama-3-8B
-shape with the optimizer state offloaded (the headline), and the deepest d=4096 Llama shape the planner fits
-without offload.
+shape with the optimizer state offloaded (the headline), the deepest d=4096 Llama shape the planner fits
+without offload, and a 12.4B Llama shape (52 layers) that it fits only with the master parameters offloaded too;
+the two offloaded ones also with the optimizer update computed in host memory (train.offload_update=host), to
+measure where it is faster (the planner times the device update).
 
 For each case the planner (`jaxscale.planner`) ranks the layouts for one device of the kind found here, and the
 top one (what `--set plan=auto` trains; for the last case the top one without offload) is run by `jaxscale bench`
@@ -9,10 +11,18 @@ step time, tokens/s, MFU, peak device memory (the runtime's peak_bytes_in_use) a
 process's max RSS, from wait4), with the error of each prediction in percent.
 
 Usage (on the GPU host, from the repository root; about 15 minutes on an H200):
-    python experiments/planner_vs_measured.py [--cases llama-8b-offload llama-deepest-no-offload llama-1b
+    python experiments/planner_vs_measured.py [--cases llama-8b-offload llama-deepest-no-offload
+        llama-12b-offload-params llama-8b-offload-host-update llama-12b-offload-params-host-update llama-1b
         gpt2-124m gpt2-350m] [--out runs/planner_vs_measured] [--budget-s S] [--case-timeout-s S]
 Device call (a later session):
     run(command="python experiments/planner_vs_measured.py --out $OUT/planner", kind="nvidia-h200", timeout_s=1800)
+Where the optimizer update is faster, device or host (one call per size, within the 600 s a call may run; each
+command is one line):
+    run(command="python experiments/planner_vs_measured.py --cases llama-8b-offload llama-8b-offload-host-update
+        --budget-s 570 --case-timeout-s 280 --out $OUT/update-8b", kind="nvidia-h200", timeout_s=600)
+    run(command="python experiments/planner_vs_measured.py --cases llama-12b-offload-params
+        llama-12b-offload-params-host-update --budget-s 570 --case-timeout-s 280 --out $OUT/update-12b",
+        kind="nvidia-h200", timeout_s=600)
 """
 from __future__ import annotations
 
@@ -29,9 +39,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 LLAMA_8B = ["model.preset=llama-8b", "model.seq_len=2048", "train.batch_size=32", "train.scan_unroll=1"]
+LLAMA_12B = ["model.preset=llama-8b", "model.n_layers=52", "model.seq_len=2048", "train.batch_size=8",
+             "train.scan_unroll=1"]
+HOST_UPDATE = ["train.offload_optimizer=true", "train.offload_update=host"]  # the planner keeps layouts that allow it
 CASES = {  # name -> (experiment, overrides)
     "llama-8b-offload": ("gpt2-124m", LLAMA_8B),
     "llama-deepest-no-offload": ("gpt2-124m", LLAMA_8B),  # n_layers found below
+    # 12.4B: the planner fits it on one H200 only with the master parameters offloaded too (tests/test_memory_plan)
+    "llama-12b-offload-params": ("gpt2-124m", LLAMA_12B),
+    # the same layouts with the update computed in host memory instead of on the device: which is faster
+    "llama-8b-offload-host-update": ("gpt2-124m", [*LLAMA_8B, *HOST_UPDATE]),
+    "llama-12b-offload-params-host-update": ("gpt2-124m", [*LLAMA_12B, *HOST_UPDATE]),
     "llama-1b": ("gpt2-124m", ["model.preset=llama-1b", "model.seq_len=2048", "train.batch_size=16",
                              "train.scan_unroll=1"]),
     "gpt2-124m": ("gpt2-124m", []),
@@ -48,8 +66,7 @@ def deepest_without_offload(overrides: list[str], kind: str) -> list[str]:
     best = None
     for layers in range(2, 33, 2):
         config = load_config("gpt2-124m", [*overrides, f"model.n_layers={layers}"])
-        ranked = [r for r in rank(config, 1, rates_for(kind)) if not r.estimate.candidate.offload_optimizer
-                  and not r.estimate.candidate.remat.startswith("offload:")]
+        ranked = [r for r in rank(config, 1, rates_for(kind)) if not r.estimate.candidate.host_offload]
         if ranked and ranked[0].fits:
             best = layers
     if best is None:
@@ -65,8 +82,7 @@ def predicted(experiment: str, overrides: list[str], kind: str, no_offload: bool
     config = load_config(experiment, overrides)
     ranked = rank(config, 1, rates_for(kind))
     if no_offload:
-        ranked = [r for r in ranked if not r.estimate.candidate.offload_optimizer
-                  and not r.estimate.candidate.remat.startswith("offload:")]
+        ranked = [r for r in ranked if not r.estimate.candidate.host_offload]
     return ranked[0].estimate
 
 

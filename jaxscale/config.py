@@ -170,6 +170,11 @@ class TrainConfig:
     # hardware catalog's; none on a CPU). A compiled step that needs more is refused before anything is allocated.
     memory_limit_gb: float = 0.0
     offload_optimizer: bool = False  # keep the Adam moments in host memory (pinned_host), moved in for the update
+    # keep the master (float32) parameters in host memory; a compute-dtype copy comes to the devices for the
+    # forward and backward pass
+    offload_params: bool = False
+    # where the update of host-resident state runs: device (moved in and back out) or host (XLA's host compute)
+    offload_update: str = "device"
 
     def __post_init__(self):
         check_range("train.steps", self.steps, 1)
@@ -185,6 +190,13 @@ class TrainConfig:
         if self.eval_every and self.eval_batches < 1:
             raise ConfigError(f"train.eval_batches={self.eval_batches} must be >= 1 while evaluation is on "
                               f"(train.eval_every={self.eval_every}); or set train.eval_every=0 to turn it off")
+        if self.offload_update not in ("device", "host"):
+            raise ConfigError(f"train.offload_update={self.offload_update!r}; choose device (the offloaded state "
+                              f"moved in for the update) or host (the update computed in host memory)")
+        if self.offload_update == "host" and not self.offload_optimizer:
+            raise ConfigError("train.offload_update=host computes the update where the optimizer state lives, in "
+                              "host memory, but it is on the devices: add --set train.offload_optimizer=true, or "
+                              "use train.offload_update=device")
         if self.grad_reduce_dtype not in ("float32", "compute"):
             raise ConfigError(f"train.grad_reduce_dtype={self.grad_reduce_dtype!r}; choose float32 or compute")
         try:

@@ -92,6 +92,8 @@ def test_user_file_overrides_fields_and_adds_entries(tmp_path, monkeypatch):
     ("h100-sxm:\n    price_date: null\n", "entry 'h100-sxm', field 'price_date': a price needs the date"),
     ("h100-sxm: 5\n", "entry 'h100-sxm': must be a mapping of fields"),
     ("new-chip:\n    name: X\n    peak_bf16_flops: 1e15\n", "entry 'new-chip': missing field(s) device_kinds"),
+    ("h200:\n    collective_overlap: 1.5\n", "entry 'h200', field 'collective_overlap': the fraction of the "
+                                           "collectives' time hidden behind compute, in (0, 1] (null: none), got 1.5"),
 ])
 def test_bad_user_entries_name_the_entry_and_field(tmp_path, body, message):
     path = write(tmp_path, "accelerators:\n  " + body)

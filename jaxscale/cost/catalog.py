@@ -22,9 +22,9 @@ CATALOG_ENV_VAR = "JAXSCALE_HARDWARE"
 
 # Per-chip figures; null (None) means unknown.
 NUMBER_FIELDS = ("peak_bf16_flops", "hbm_bytes", "hbm_bytes_per_s", "interconnect_bytes_per_s", "tdp_watts",
-                 "price_usd_per_chip_hour", "measured_mfu", "host_bytes_per_s")
+                 "price_usd_per_chip_hour", "measured_mfu", "host_bytes_per_s", "collective_overlap")
 # Figures an entry may leave out (null): those `jaxscale plan` added, so older user files stay valid.
-OPTIONAL_FIELDS = ("measured_mfu", "host_bytes_per_s", "sources")
+OPTIONAL_FIELDS = ("measured_mfu", "host_bytes_per_s", "collective_overlap", "sources")
 ENTRY_FIELDS = ("name", "device_kinds", *NUMBER_FIELDS, "price_date", "sources")
 
 
@@ -48,6 +48,8 @@ class Accelerator:
     from_user_file: bool = False
     measured_mfu: float | None = None  # the best MFU jaxscale measured on it (BENCHMARKS.md); `jaxscale plan`
     host_bytes_per_s: float | None = None  # device <-> host memory, one direction (host offload)
+    # the fraction of collective time jaxscale measured hidden behind compute (`jaxscale plan`); None: none known
+    collective_overlap: float | None = None
 
     def matches(self, device_kind: str) -> bool:
         return any(re.fullmatch(p, device_kind.strip(), re.IGNORECASE) for p in self.device_kinds)
@@ -162,6 +164,9 @@ def _build(key: str, raw: dict, path: Path, from_user_file: bool) -> Accelerator
     if figures["measured_mfu"] is not None and figures["measured_mfu"] > 1:
         raise CatalogError(f"{where}, field 'measured_mfu': a fraction of the peak in (0, 1], got "
                            f"{figures['measured_mfu']!r}")
+    if figures["collective_overlap"] is not None and figures["collective_overlap"] > 1:
+        raise CatalogError(f"{where}, field 'collective_overlap': the fraction of the collectives' time hidden "
+                           f"behind compute, in (0, 1] (null: none), got {figures['collective_overlap']!r}")
     patterns = raw["device_kinds"]
     if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
         raise CatalogError(f"{where}, field 'device_kinds': must be a list of regular expressions, "

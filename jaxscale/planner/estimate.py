@@ -3,22 +3,28 @@
 Memory, bytes per device:
 - state: parameters, gradients and the two Adam moments, each in the parameter dtype, split over the devices
   that split the parameters (fsdp x tensor x pipeline); a second gradient buffer while accumulating
-  microbatches. With the optimizer state offloaded the moments live in host memory, and only the largest
-  parameter's moments are on the device at once, moved in for its update.
+  microbatches. With the optimizer state offloaded the moments live in host memory; with the master
+  parameters offloaded too, the device holds their compute-dtype copy instead. Of what lives on the host, only
+  the largest parameter's share is on the device at once, moved in for its update.
 - activations kept for the backward pass, per layer and token of one microbatch (values in the compute dtype):
   none keeps what `jaxscale.cost.memory` counts (Korthikanti et al. 2022, fused attention), plus the score and
   probability matrices where attention is not fused (XLA's, on a CPU); full keeps each layer's input; save:NAMES
   the input and the named values; offload:NAMES the input on the device and the named values on the host. Under
   remat, one layer's working set (none's figure) is added once, for its recomputation. Plus the float32 logits.
 
-Step time: compute + collectives + host transfers, with no overlap assumed (an upper bound when XLA overlaps).
+Step time: compute + collectives + host transfers, less the part of the collectives hidden behind compute:
+overlap x min(compute, collectives), where overlap is the fraction the catalog's `collective_overlap` gives
+for the chip (measured), else 0: no overlap assumed (an upper bound when XLA overlaps). At 1 the step takes
+max(compute, collectives) + host transfers. Host transfers are not overlapped: the offloaded state moves after
+the backward pass (`jaxscale.training.step.apply_update`).
 - compute: the model's FLOPs (6N + 12LdT per token) plus the forward work remat recomputes, at the chip's peak
   times the MFU jaxscale measured on it (the catalog's `measured_mfu`), stretched by the pipeline bubble.
 - collectives, over one direction of the chip's interconnect (the catalog's figure is both directions): the
   data-parallel all-reduce of float32 gradients, FSDP's weight gathers (forward and backward, compute dtype) and
   gradient reduce-scatter per microbatch, and tensor parallelism's four activation all-reduces per layer.
-- host transfers over the device-host link: the Adam moments out and back each step; offloaded activations out
-  and back each microbatch.
+- host transfers over the device-host link: the Adam moments in and out each step; offloaded master
+  parameters in (for the compute copy, cast on the device), in again for the update and out; offloaded
+  activations out and back each microbatch.
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ class Rates:
     memory_bytes: float | None  # per device; None: no limit known (a CPU)
     compute_bytes: int  # 2 for bf16, 4 for float32 compute
     fused_attention: bool  # attention keeps no length x length matrices (flash / cuDNN / Splash)
+    collective_overlap: float = 0.0  # the fraction of collective time hidden behind compute
 
 
 @dataclass(frozen=True)
@@ -54,10 +61,12 @@ class Estimate:
     collective_s: float
     host_s: float
     tokens_per_step: int
+    collective_overlap: float = 0.0  # Rates.collective_overlap
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.collective_s + self.host_s
+        hidden = self.collective_overlap * min(self.compute_s, self.collective_s)
+        return self.compute_s + self.collective_s - hidden + self.host_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -105,16 +114,18 @@ def estimate(config: Config, c: Candidate, rates: Rates) -> Estimate:
     param_bytes = 2 if t.param_dtype in ("bfloat16", "float16") else 4
     shards = c.fsdp * c.tensor * c.pipeline
     per_device_params = params / shards
-    state = per_device_params * param_bytes * (2 if c.offload_optimizer else 4)
-    host = 0.0
-    if c.offload_optimizer:
+    cb = rates.compute_bytes
+    # gradients, the parameters (or their compute copy), the moments unless offloaded
+    resident = param_bytes + (cb if c.offload_params else param_bytes) + (0 if c.offload_optimizer else 2 * param_bytes)
+    state = per_device_params * resident
+    streamed = param_bytes * (2 * c.offload_optimizer + c.offload_params)  # per parameter, in for its update
+    host = streamed * per_device_params
+    if streamed:
         largest = max(m.padded_vocab * m.d_model, m.n_layers * m.d_model * max(m.d_ff, m.n_heads * m.head_dim))
-        state += 2 * param_bytes * largest / shards
-        host += 2 * param_bytes * per_device_params
+        state += streamed * largest / shards
     if c.microbatches > 1:
         state += per_device_params * param_bytes
 
-    cb = rates.compute_bytes
     sequences = t.batch_size / (c.data * c.fsdp * c.microbatches)
     tokens = sequences * m.seq_len  # of one microbatch, on one device
     layers = m.n_layers / c.pipeline
@@ -156,10 +167,9 @@ def estimate(config: Config, c: Candidate, rates: Rates) -> Estimate:
                           f"it, which layouts over several devices are timed by; add it with --catalog FILE")
     collective_s = comm / rates.link_bytes_per_s if comm else 0.0
 
-    moved = 0.0
-    if c.offload_optimizer:
-        moved += 2 * 2 * param_bytes * per_device_params
+    moved = (2 * streamed + param_bytes * c.offload_params) * per_device_params
     if mode == "offload":
         moved += 2 * c.microbatches * tokens * saved_values_per_token(m, names, c.tensor) * cb * layers
     host_s = moved / rates.host_bytes_per_s if moved else 0.0
-    return Estimate(c, state + activations + gathered, host, compute_s, collective_s, host_s, step_tokens)
+    return Estimate(c, state + activations + gathered, host, compute_s, collective_s, host_s, step_tokens,
+                    rates.collective_overlap)

@@ -39,7 +39,8 @@ def rank(config: Config, n_devices: int, rates: Rates) -> list[Ranked]:
         ranked.append(Ranked(e, limit is None or e.device_bytes <= limit))
     # equal predictions: no accumulation and no offload first (costs the estimate leaves out), then less memory
     ranked.sort(key=lambda r: (not r.fits, -r.estimate.tokens_per_s, r.estimate.candidate.microbatches,
-                               r.estimate.candidate.offload_optimizer, r.estimate.device_bytes))
+                               r.estimate.candidate.offload_optimizer, r.estimate.candidate.offload_params,
+                               r.estimate.device_bytes))
     return ranked
 
 

@@ -48,8 +48,9 @@ def measured_cpu_rates() -> tuple[float, float]:
 def rates_for(kind: str, compute_dtype: str = "auto") -> Rates:
     """The rates `jaxscale plan` scores layouts with. GPUs and TPUs: the catalog's peak times its measured MFU
     (the peak itself where none was measured, said in `efficiency_note`), half its interconnect figure (quoted
-    for both directions), its host link. CPU: measured now on this machine; simulated devices share its cores,
-    so the figures rank layouts rather than predict their speed."""
+    for both directions), its host link, the fraction of collective time it was measured to hide (0 if none).
+    CPU: measured now on this machine; simulated devices share its cores, so the figures rank layouts rather
+    than predict their speed."""
     accelerator = find_kind(kind)
     cpu = accelerator.key == "cpu"
     compute_bytes = 4 if compute_dtype == "float32" or (compute_dtype == "auto" and cpu) else 2
@@ -65,4 +66,5 @@ def rates_for(kind: str, compute_dtype: str = "auto") -> Rates:
             f"the peak of {accelerator.key}: no MFU measured on it yet (catalog measured_mfu)")
     link = accelerator.interconnect_bytes_per_s / 2 if accelerator.interconnect_bytes_per_s else None
     return Rates(accelerator.key, accelerator.peak_bf16_flops * (mfu or 1.0), note, link,
-                 accelerator.host_bytes_per_s, accelerator.hbm_bytes, compute_bytes, fused_attention=True)
+                 accelerator.host_bytes_per_s, accelerator.hbm_bytes, compute_bytes, fused_attention=True,
+                 collective_overlap=accelerator.collective_overlap or 0.0)

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from jaxscale.config import GuardsConfig
 
@@ -35,6 +36,13 @@ def squared_norm(tree) -> jax.Array:
     """Not finite if any element is NaN or Inf, or if the gradients are so large that their squares overflow
     float32 (a blow-up as well)."""
     return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+
+
+def zeros_in_memory_of(x: jax.Array) -> jax.Array:
+    """Zeros shaped like `x`, computed from it (a comparison's 0 or 1, times 0: finite even where x is NaN or
+    Inf), so they are typed in x's memory. Inside an update computed in host memory (train.offload_update=host)
+    an array created from nothing (jnp.zeros_like) is typed device memory, and operations take one kind only."""
+    return (x != x).astype(x.dtype) * 0
 
 
 def guard_updates(inner: optax.GradientTransformation,
@@ -57,8 +65,9 @@ def guard_updates(inner: optax.GradientTransformation,
             reason = jnp.where((reason == 0) & spike, 2, reason)
         applied = reason == 0
         updates, inner_state = inner.update(grads, state.inner, params)
-        updates = jax.tree.map(lambda u: jnp.where(applied, u, jnp.zeros_like(u)), updates)
-        inner_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old), inner_state, state.inner)
+        # lax.select takes the scalar `applied` as it is; jnp.where would broadcast it into a new array
+        updates = jax.tree.map(lambda u: lax.select(applied, u, zeros_in_memory_of(u)), updates)
+        inner_state = jax.tree.map(lambda new, old: lax.select(applied, new, old), inner_state, state.inner)
         new_average = decay * state.loss_average + (1.0 - decay) * jnp.where(applied, loss, 0.0)
         return updates, GuardState(
             inner=inner_state,

@@ -322,7 +322,7 @@ def show_log_lines() -> None:
 # Settings that change how a run is carried out, not what it trains: a finished run rerun with other values of
 # these is still that run.
 HOW_NOT_WHAT = ("name", "run_dir", "plan", "train.steps", "train.progress", "train.log_every", "train.eval_",
-                "train.remat", "train.scan_unroll", "train.memory_limit_gb", "train.offload_optimizer",
+                "train.remat", "train.scan_unroll", "train.memory_limit_gb", "train.offload_",
                 "data.prefetch", "mesh.", "sharding.", "checkpoint.", "tracking.", "profile.", "stragglers.")
 
 

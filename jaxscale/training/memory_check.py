@@ -74,7 +74,8 @@ def size(n: float) -> str:
 
 
 ADVICE = ("shard more (mesh.fsdp), recompute activations (train.remat=full or save:NAMES), keep the optimizer "
-          "state in host memory (train.offload_optimizer=true), or lower the rows per device and step "
+          "state in host memory (train.offload_optimizer=true, and train.offload_params=true for the master "
+          "parameters), or lower the rows per device and step "
           "(train.batch_size, or train.microbatches to accumulate)")
 
 

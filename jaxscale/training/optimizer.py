@@ -6,10 +6,12 @@ import fnmatch
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from jaxscale.config import OptimizerConfig
 from jaxscale.model.flax_model import FlaxModel
 from jaxscale.model.moe import BIAS_SCALE
+from jaxscale.training.guards import squared_norm, zeros_in_memory_of
 
 STACKED_AXIS = "layers"  # the leading dimension of weights stacked over layers (scanned or pipelined blocks)
 
@@ -49,11 +51,24 @@ def with_balance_biases(inner: optax.GradientTransformation, flags: dict,
     step = rate / BIAS_SCALE
 
     def update(grads, state, params=None, **extra):
-        others = jax.tree.map(lambda g, flag: jnp.zeros_like(g) if flag else g, grads, flags)
+        others = jax.tree.map(lambda g, flag: zeros_in_memory_of(g) if flag else g, grads, flags)
         updates, state = inner.update(others, state, params, **extra)
         return jax.tree.map(lambda u, g, flag: -step * g if flag else u, updates, grads, flags), state
 
     return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm`, with operations that keep their operands' memory kind, so that the update
+    can be computed in host memory (train.offload_update=host): optax's norm adds each leaf's imaginary part
+    squared, an array it creates, and its jnp.where broadcasts the scalar condition into another."""
+
+    def update(updates, state, params=None):
+        norm = jnp.sqrt(squared_norm(updates))
+        return jax.tree.map(lambda g: lax.select(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm),
+                            updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def build_optimizer(cfg: OptimizerConfig, total_steps: int, model: FlaxModel,
@@ -62,7 +77,7 @@ def build_optimizer(cfg: OptimizerConfig, total_steps: int, model: FlaxModel,
     schedule = learning_rate_schedule(cfg, total_steps)
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                         mask=weight_decay_mask(model, cfg.no_decay))
-    clip = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    clip = [clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     tx = optax.chain(*clip, adamw)
     if any(jax.tree.leaves(model.balance_bias)):
         tx = with_balance_biases(tx, model.balance_bias, balance_rate)

@@ -12,7 +12,7 @@ from jaxscale.posttrain.losses import response_log_probs
 from jaxscale.posttrain.rows import PreferencePairs
 from jaxscale.training.batches import batch_shard, to_global
 from jaxscale.training.language_model import model_options
-from jaxscale.training.step import tracing_model
+from jaxscale.training.step import on_device, tracing_model
 
 
 def attach_reference(trainer, *pair_sets: PreferencePairs | None) -> None:
@@ -24,7 +24,7 @@ def attach_reference(trainer, *pair_sets: PreferencePairs | None) -> None:
 
     def log_probs(params, batch):
         with tracing_model(config, mesh, trainer.plan.per_device_batch):
-            model = trainer.model.bind(params)
+            model = trainer.model.bind(on_device(params, trainer.shardings.params))  # train.offload_params
             model.eval()
             return jnp.stack([response_log_probs(model, batch[f"{side}_tokens"], batch[f"{side}_mask"], options)
                               for side in ("chosen", "rejected")], -1)

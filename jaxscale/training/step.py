@@ -10,6 +10,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental.compute_on import compute_on
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.config import Config
@@ -21,6 +22,7 @@ from jaxscale.trace_notes import recording
 from jaxscale.training.guards import guard_metrics, inject_nan, squared_norm
 
 STEP_METRICS = ("loss", "grad_norm", "lr")
+HOST = "pinned_host"  # the memory kind of offloaded state
 
 
 @flax.struct.dataclass
@@ -31,28 +33,69 @@ class TrainState:
 
 
 def state_shardings(model: FlaxModel, tx: optax.GradientTransformation, mesh: Mesh, param_rules: dict,
-                    offload_optimizer: bool = False) -> TrainState:
-    """Parameters follow the rules; optimizer moments follow their parameter (ZeRO: sharded like it), in host
-    memory (`pinned_host`) with `offload_optimizer`; scalars (step, counts) are replicated on the devices."""
+                    offload_optimizer: bool = False, offload_params: bool = False) -> TrainState:
+    """Parameters follow the rules; optimizer moments follow their parameter (ZeRO: sharded like it); each in
+    host memory (`pinned_host`) when offloaded; scalars (step, counts) are replicated on the devices."""
     params = param_shardings(model.logical_axes, model.shapes, mesh, param_rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, model.shapes)
-    place = (lambda sharding: sharding.with_memory_kind("pinned_host")) if offload_optimizer else (lambda s: s)
-    opt = optax.tree_map_params(tx, lambda _, sharding: place(sharding), abstract_opt, params,
-                                transform_non_params=lambda _: replicated)
+    opt = optax.tree_map_params(tx, lambda _, sharding: in_memory(sharding, offload_optimizer), abstract_opt,
+                                params, transform_non_params=lambda _: replicated)
+    params = jax.tree.map(lambda sharding: in_memory(sharding, offload_params), params)
     return TrainState(step=replicated, params=params, opt_state=opt)
+
+
+def in_memory(sharding: NamedSharding, on_host: bool) -> NamedSharding:
+    return sharding.with_memory_kind(HOST) if on_host else sharding
 
 
 def on_device(tree, shardings):
     """Arrays of `tree` whose sharding is in host memory, moved to device memory (inside a jitted function)."""
     return jax.tree.map(lambda x, s: jax.device_put(x, s.with_memory_kind("device"))
-                        if s.memory_kind == "pinned_host" else x, tree, shardings)
+                        if s.memory_kind == HOST else x, tree, shardings)
 
 
-def on_host(tree, shardings):
-    """The inverse of `on_device`: arrays whose sharding is in host memory, moved back there."""
-    return jax.tree.map(lambda x, s: jax.device_put(x, s) if s.memory_kind == "pinned_host" else x,
-                        tree, shardings)
+def to_host(tree, shardings):
+    """Every array of `tree` moved to host memory, sharded as `shardings` say (inside a jitted function)."""
+    return jax.tree.map(lambda x, s: jax.device_put(x, s.with_memory_kind(HOST)), tree, shardings)
+
+
+def in_dtype(tree, dtype):
+    """The floating-point arrays of `tree` cast to `dtype`; integers as they are."""
+    return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, tree)
+
+
+def compute_copy(params, shardings, compute_dtype):
+    """What the forward and backward pass read when the master parameters are in host memory
+    (train.offload_params): a compute-dtype copy in device memory (moved, then cast on the device)."""
+    return in_dtype(on_device(params, shardings), compute_dtype)
+
+
+def apply_update(tx: optax.GradientTransformation, grads, loss: jax.Array, state: TrainState,
+                 shardings: TrainState, where: str | None) -> tuple[dict, Any]:
+    """(parameters, optimizer state) after the optimizer's update, placed as `shardings` say.
+
+    where=None: nothing is offloaded. "device": the offloaded state (moments, master parameters) comes to device
+    memory for the update and goes back after; an optimization barrier makes it wait for the gradients, so that
+    it takes device memory during the update only, not the whole step (and the master parameters' transfer is
+    not merged with the one of `compute_copy`). "host": the gradients, the loss and whatever state is on the
+    devices go to host memory instead, and the update is computed there (`compute_on("device_host")`)."""
+
+    def update(grads, opt_state, params, loss):
+        updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+        return optax.apply_updates(params, updates), opt_state
+
+    if where is None:
+        return update(grads, state.opt_state, state.params, loss)
+    if where == "host":
+        params, opt_state = compute_on("device_host")(jax.jit(update))(
+            to_host(grads, shardings.params), to_host(state.opt_state, shardings.opt_state),
+            to_host(state.params, shardings.params), to_host(loss, shardings.step))
+    else:
+        grads, opt_state, params = jax.lax.optimization_barrier((grads, state.opt_state, state.params))
+        params, opt_state = update(grads, on_device(opt_state, shardings.opt_state),
+                                   on_device(params, shardings.params), loss)
+    return jax.device_put(params, shardings.params), jax.device_put(opt_state, shardings.opt_state)
 
 
 def init_state(model: FlaxModel, tx: optax.GradientTransformation, shardings: TrainState, seed: int) -> TrainState:
@@ -93,9 +136,7 @@ def in_compute_dtype(grad_fn: Callable, compute_dtype) -> Callable:
     Gradients come back in the parameters' own dtype."""
 
     def lowered(params, batch, key):
-        low = jax.tree.map(lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
-                           params)
-        out, grads = grad_fn(low, batch, key)
+        out, grads = grad_fn(in_dtype(params, compute_dtype), batch, key)
         return out, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
     return lowered
@@ -125,10 +166,19 @@ def traced_rules(config: Config, mesh: Mesh, per_device_batch: int) -> dict:
 def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule: optax.Schedule, config: Config,
                     mesh: Mesh, shardings: TrainState, data_sharding: NamedSharding, per_device_batch: int,
                     compute_dtype) -> Callable:
-    grad_fn = jax.value_and_grad(model.loss, has_aux=True)
-    if config.train.grad_reduce_dtype == "compute":
-        grad_fn = in_compute_dtype(grad_fn, compute_dtype)
-    count = config.train.microbatches
+    train = config.train
+    value_and_grad = jax.value_and_grad(model.loss, has_aux=True)
+    if train.grad_reduce_dtype == "compute":
+        value_and_grad = in_compute_dtype(value_and_grad, compute_dtype)
+    # gradients in the master parameters' dtype, also those of train.offload_params' compute-dtype copy
+    master_dtypes = jax.tree.map(lambda s: s.dtype, model.shapes)
+
+    def grad_fn(params, batch, key):
+        out, grads = value_and_grad(params, batch, key)
+        return out, jax.tree.map(lambda g, dtype: g.astype(dtype), grads, master_dtypes)
+
+    count = train.microbatches
+    update_where = train.offload_update if train.offload_optimizer or train.offload_params else None
 
     def accumulated_grads(params, batch, key):
         if count == 1:
@@ -146,14 +196,14 @@ def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule
         first = jax.tree.map(lambda x: x[0], microbatches)
         metric_shapes = jax.eval_shape(lambda: model.loss(params, first, key)[1])
         zeros = ((jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)),
-                 jax.tree.map(jnp.zeros_like, params))
+                 jax.tree.map(lambda p, dtype: jnp.zeros_like(p, dtype=dtype), params, master_dtypes))
         ((loss, metrics), grads), _ = jax.lax.scan(one, zeros, (jnp.arange(count), microbatches))
         return jax.tree.map(lambda x: x / count, ((loss, metrics), grads))
 
     def train_step(state: TrainState, batch: dict):
+        params = compute_copy(state.params, shardings.params, compute_dtype) if train.offload_params else state.params
         with tracing_model(config, mesh, per_device_batch):
-            (loss, model_metrics), grads = accumulated_grads(state.params, batch,
-                                                             step_key(config.train.seed, state.step))
+            (loss, model_metrics), grads = accumulated_grads(params, batch, step_key(train.seed, state.step))
         clash = set(model_metrics) & set(STEP_METRICS)
         if clash:
             raise ValueError(f"loss_fn returned metrics named {sorted(clash)}, which jaxscale's step reports "
@@ -161,11 +211,7 @@ def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule
         loss, grads = inject_nan(loss, grads, state.step, config.guards.inject_nan_at_step)  # testing only
         # tx is wrapped by guard_updates: a bad update (non-finite, loss spike) leaves params and opt state as
         # they were, and says why in the metrics
-        # with train.offload_optimizer the moments come in from host memory for the update and go back after
-        updates, opt_state = tx.update(grads, on_device(state.opt_state, shardings.opt_state), state.params,
-                                       value=loss)
-        opt_state = on_host(opt_state, shardings.opt_state)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = apply_update(tx, grads, loss, state, shardings, update_where)
         metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": schedule(state.step),
                    **guard_metrics(opt_state), **model_metrics}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -188,8 +234,9 @@ def model_flops(model: FlaxModel, config: Config, mesh: Mesh, shardings: TrainSt
         with tracing_model(config, mesh, per_device_batch):
             return jax.grad(lambda p: model.loss(p, batch, jax.random.key(0))[0])(params)
 
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), model.shapes,
-                            shardings.params)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                               sharding=sh.with_memory_kind("device")),
+                            model.shapes, shardings.params)
     compiled = jax.jit(grads).lower(abstract, micro).compile()
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list):
@@ -205,6 +252,7 @@ def make_eval_step(model: FlaxModel, config: Config, mesh: Mesh, shardings: Trai
     """(params, batch) -> {"loss": ..., **the loss function's metrics}, with a fixed key."""
 
     def eval_step(params, batch):
+        params = on_device(params, shardings.params)  # train.offload_params: the master copy, from host memory
         with tracing_model(config, mesh, per_device_batch):
             loss, metrics = model.loss(params, batch, jax.random.key(config.train.seed), training=False)
         return {"loss": loss, **metrics}

@@ -226,7 +226,8 @@ def build(plan: RunPlan, devices: list, model=None, loss_fn: LossFn | None = Non
     tx, schedule = build_optimizer(config.optimizer, config.train.steps, flax,
                                    balance_rate=moe.bias_update_rate if moe else 0.0)
     tx = guard_updates(tx, config.guards)
-    shardings = state_shardings(flax, tx, mesh, config.sharding.params, config.train.offload_optimizer)
+    shardings = state_shardings(flax, tx, mesh, config.sharding.params, config.train.offload_optimizer,
+                                config.train.offload_params)
     data_sharding = batch_sharding(mesh, config.sharding.activations)
     return Trainer(config, mesh, flax, tx, schedule, shardings, data_sharding,
                    train_step=make_train_step(flax, tx, schedule, config, mesh, shardings, data_sharding,
