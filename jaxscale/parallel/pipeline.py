@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxscale.parallel.plan import PipelineConfig, PipelinePlan, plan_from_config
+from jaxscale.errors import ConfigError
+from jaxscale.parallel.plan import ONE_F_ONE_B_SCHEDULES, PipelineConfig, PipelinePlan, plan_from_config
 from jaxscale.remat import dots_and_attention_saveable, remat_policy
 from jaxscale.sharding import Rules, activation_rules, constrain, current_activation_rules, rule_axes
 
@@ -67,6 +68,12 @@ def pipeline_settings(settings: PipelineConfig) -> Iterator[StagedRun]:
         _STAGED_RUN.reset(token)
 
 
+def active_settings(settings: PipelineConfig | None) -> PipelineConfig:
+    """`settings`, else those of the step being traced (`pipeline_settings`), else the defaults."""
+    record = _STAGED_RUN.get()
+    return settings or (record.settings if record else PipelineConfig())
+
+
 def active_plan(n_layers: int, settings: PipelineConfig | None) -> PipelinePlan | None:
     """The plan when the step being traced runs on a mesh whose pipeline axis is > 1; None otherwise."""
     context = current_activation_rules()
@@ -76,7 +83,7 @@ def active_plan(n_layers: int, settings: PipelineConfig | None) -> PipelinePlan 
     record = _STAGED_RUN.get()
     if record is not None:
         record.staged = True
-    return plan_from_config(settings or (record.settings if record else PipelineConfig()), n_layers, stages)
+    return plan_from_config(active_settings(settings), n_layers, stages)
 
 
 def run_layers(apply_layer: LayerFn, stack, x: jax.Array, segment_ids: jax.Array | None = None, *,
@@ -88,6 +95,12 @@ def run_layers(apply_layer: LayerFn, stack, x: jax.Array, segment_ids: jax.Array
     is staged."""
     n_layers = jax.tree.leaves(stack)[0].shape[0]
     plan = active_plan(n_layers, settings)
+    schedule = active_settings(settings).schedule
+    if plan is not None and schedule in ONE_F_ONE_B_SCHEDULES:
+        raise ConfigError(f"pipeline.schedule={schedule} runs each microbatch's loss inside the schedule, but the "
+                          f"model ran its layers through run_layers, which returns their output: run the layers "
+                          f"and the loss through jaxscale.parallel.run_layers_and_loss (README: Bring your own "
+                          f"model), or use pipeline.schedule=gpipe or circular")
     if plan is not None:  # remat applies to whole pipeline iterations there
         return pipelined_layers(apply_layer, stack, x, segment_ids, plan, remat, unroll)
     if remat != "none":
