@@ -13,6 +13,10 @@ holds is its stash of chunk inputs: `plan.one_f_one_b_peak_stash`.
 
 Without a mesh the stages run as a `vmap` on one device (every branch computed, the table's choice kept),
 which is how the arithmetic is tested.
+
+The trainer reaches it through `run_layers_and_loss` (`pipeline.schedule=1f1b` or `interleaved_1f1b`): a
+`custom_vjp` whose forward runs the schedule and keeps the gradients, so the work before the layers (the
+embedding) is differentiated as usual from the input's gradient.
 """
 from __future__ import annotations
 

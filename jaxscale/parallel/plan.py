@@ -114,10 +114,13 @@ def plan_from_config(settings: PipelineConfig, n_layers: int, stages: int) -> Pi
     return plan_pipeline(n_layers, stages, microbatches, repeats, settings.unroll)
 
 
-def describe_plan(plan: PipelinePlan) -> str:
-    """A table of the layers each stage holds, in the order it runs them, for the training log."""
+def describe_plan(plan: PipelinePlan, schedule: str | None = None) -> str:
+    """A table of the layers each stage holds, in the order it runs them, for the training log. `schedule`:
+    the pipeline.schedule name; None: gpipe or circular, by the plan's repeats."""
     slots = plan.slot_layers()
-    schedule = "gpipe" if plan.repeats == 1 else f"circular, {plan.repeats} repeats"
+    schedule = schedule or ("gpipe" if plan.repeats == 1 else "circular")
+    if plan.repeats > 1:
+        schedule += f", {plan.repeats} repeats"
     lines = [(f"pipeline: {plan.stages} stages ({schedule}), {plan.microbatches} microbatches, "
               f"{plan.iterations} iterations{' (unrolled)' if plan.unrolled else ''}, bubble {plan.bubble:.1%}"),
              f"{'stage':>5}  {'layers':>6}  {'padding':>7}  layers it runs (model depth), a range per repeat"]
