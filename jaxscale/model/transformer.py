@@ -235,14 +235,15 @@ class Transformer(nnx.Module):
         x, segment_ids, positions, order = self.embedded(tokens, segment_ids, compute_dtype)
         stack, stats = self.blocks.stacked(), None
         if cfg.moe is None:
-            x = run_layers(layer_fn(cfg, positions, compute_dtype), stack, x, segment_ids, remat=remat, unroll=scan_unroll, settings=pipeline)
+            x = run_layers(layer_fn(cfg, positions, compute_dtype), stack, x, segment_ids, remat=remat,
+                           unroll=scan_unroll, settings=pipeline)
         else:  # the scan runs over groups of moe.every layers; every stack splits evenly into them
             groups = cfg.moe_layers
             grouped = {k: v.reshape(groups, v.shape[0] // groups, *v.shape[1:]) for k, v in stack.items()}
 
             def apply_group(carry, group_params, segment_ids):
-                return layer_group(cfg, group_params, carry, positions[:carry[0].shape[0]], segment_ids,
-                                   compute_dtype)
+                rows = jnp.broadcast_to(positions, carry[0].shape[:2])
+                return layer_group(cfg, group_params, carry, rows, segment_ids, compute_dtype)
 
             x, sums = run_layers(apply_group, grouped, (x, no_stats(cfg.moe)), segment_ids, remat=remat,
                                  unroll=scan_unroll, settings=pipeline)
@@ -264,13 +265,13 @@ class Transformer(nnx.Module):
         def head_loss(head, y, targets):
             return cross_entropy(output_logits(cfg, head, y, order, compute_dtype), targets)
 
-        return run_layers_and_loss(layer_fn(cfg, positions, compute_dtype), self.blocks.stacked(), x, segment_ids, head_loss,
-                                   self.head_weights(), targets, remat=remat, unroll=scan_unroll,
-                                   settings=pipeline)
+        return run_layers_and_loss(layer_fn(cfg, positions, compute_dtype), self.blocks.stacked(), x,
+                                   segment_ids, head_loss, self.head_weights(), targets, remat=remat,
+                                   unroll=scan_unroll, settings=pipeline)
 
     def embedded(self, tokens: jax.Array, segment_ids: jax.Array | None, compute_dtype):
-        """(the embedded tokens, the segment ids, the positions, the balanced order of the sequence over the
-        context ranks or None): everything before the layers. With a context axis the
+        """(the embedded tokens, the segment ids, the tokens' positions (length,), the balanced order of the
+        sequence over the context ranks or None): everything before the layers. With a context axis the
         tokens are taken in balanced order (each context rank gets an early and a late chunk: equal causal
         work)."""
         cfg = self.cfg
@@ -280,12 +281,13 @@ class Transformer(nnx.Module):
         if order is not None:
             tokens = tokens[:, order]
             segment_ids = None if segment_ids is None else segment_ids[:, order]
-        positions = jnp.broadcast_to(jnp.arange(t) if order is None else jnp.asarray(order), (b, t))
+        positions = jnp.arange(t) if order is None else jnp.asarray(order)
         x = embedding_lookup(self.embed[...].astype(compute_dtype), tokens)
         if cfg.style == "gpt2":
             # A lookup rather than a broadcast add: the add's gradient is a sum over the batch, for which XLA on
             # GPUs lays the whole residual stream out batch-minor, a transpose in every residual add and norm.
-            x = x + embedding_lookup(self.positions[...].astype(compute_dtype), positions)
+            rows = jnp.broadcast_to(positions, (b, t))
+            x = x + embedding_lookup(self.positions[...].astype(compute_dtype), rows)
         return constrain(x, ("batch", "length", "embed")), segment_ids, positions, order
 
     def head_weights(self) -> dict[str, jax.Array]:
@@ -298,10 +300,12 @@ class Transformer(nnx.Module):
 
 
 def layer_fn(cfg: ModelConfig, positions: jax.Array, dtype):
-    """The layer function `run_layers` takes: one layer on the whole batch, or on one pipeline microbatch."""
+    """The layer function `run_layers` takes: one layer on the whole batch, or on one pipeline microbatch.
+    `positions` (length,) are broadcast over x's rows, not sliced from a batch-sized array, whose rows may
+    lie on other devices."""
 
     def apply_layer(x, layer_params, segment_ids):
-        return layer(cfg, layer_params, x, positions[:x.shape[0]], segment_ids, dtype)
+        return layer(cfg, layer_params, x, jnp.broadcast_to(positions, x.shape[:2]), segment_ids, dtype)
 
     return apply_layer
 
