@@ -84,11 +84,14 @@ def _forward(q, k, v, q_positions, k_positions, q_segments, k_segments, block):
     init = (jnp.full(shape, _LOWEST), jnp.zeros(shape), jnp.zeros((*shape, d)))
 
     def step(carry, kv_block):
-        kj, vj, pj, sj = kv_block
+        # Tied to the keys, the mask counts as depending on what is differentiated: otherwise, under a scan
+        # over layers, autodiff would precompute it (it needs only positions and segment ids) for every block
+        # in a loop of its own and store it whole, (queries x keys).
+        kj, vj, pj, sj, qp, qs = jax.lax.optimization_barrier((*kv_block, q_positions, q_segments))
 
         def attend(carry):
             m, total, acc = carry
-            keep = _mask(q_positions, pj, q_segments, sj)
+            keep = _mask(qp, pj, qs, sj)
             s = jnp.where(keep, jnp.einsum("bkgqd,bskd->bkgqs", qg, kj.astype(jnp.float32)), _LOWEST)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.where(keep, jnp.exp(s - m_new[..., None]), 0.0)
@@ -96,7 +99,7 @@ def _forward(q, k, v, q_positions, k_positions, q_segments, k_segments, block):
             acc = acc * correction[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p, vj.astype(jnp.float32))
             return m_new, total * correction + p.sum(-1), acc
 
-        seen = _block_seen(q_positions, pj, q_segments, sj)
+        seen = _block_seen(qp, pj, qs, sj)
         return jax.lax.cond(seen, attend, lambda c: c, carry), None
 
     blocks = tuple(_blocks(a, block) for a in (k, v, k_positions, k_segments))
