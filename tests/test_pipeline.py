@@ -228,6 +228,18 @@ def test_pipeline_matches_single_device(name):
     assert_same(run(config, devices_for(mesh)), reference(style, n_layers))
 
 
+def test_1f1b_evaluation_runs_the_layers_forward_only_and_gives_the_loss():
+    """Without a gradient (the eval step) the 1F1B loss runs the layers as GPipe does: the same loss as one
+    device."""
+    config = make_config("gpt2", 8, dict(pipeline=2), PipelineConfig(schedule="1f1b", microbatches=4))
+    single = build_trainer(make_config("gpt2", 8, {}), jax.devices()[:1])
+    trainer = build_trainer(config, devices_for(dict(pipeline=2)))
+    batch = batches(config)[0]
+    want = single.eval_step(single.init_state().params, jax.device_put(batch, single.data_sharding))["loss"]
+    got = trainer.eval_step(trainer.init_state().params, jax.device_put(batch, trainer.data_sharding))["loss"]
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
 def compiled_train_step(config: Config, mesh: dict):
     """The trainer on the devices `mesh` needs, its initial state, the test batches placed for it, and the
     train step compiled for them."""

@@ -98,10 +98,9 @@ def pipelined_loss(apply_layer: LayerFn, head_loss: HeadLossFn, stack, head, x: 
         each = microbatch_loss(targets)
         return jnp.sum(jax.lax.map(lambda mb: each(head, ys[mb], mb), jnp.arange(m)))
 
-    def forward_and_backward(stack, head, x, segment_ids, targets):
-        value, grads = value_and_grad(apply_layer, microbatch_loss(targets), stack, head, x, segment_ids,
-                                      plan, table, mesh)
-        return value, grads
+    def forward_and_backward(stack, head, x, segment_ids, targets):  # (loss, its gradients as residuals)
+        return value_and_grad(apply_layer, microbatch_loss(targets), stack, head, x, segment_ids, plan, table,
+                              mesh)
 
     def scaled(grads, cotangent):
         return (*jax.tree.map(lambda g: (g * cotangent).astype(g.dtype), grads), None, None)
