@@ -1,18 +1,20 @@
-"""Pipeline parallelism on 2 and 4 GPUs: train-step time against pipeline microbatches, both schedules.
+"""Pipeline parallelism on 2 and 4 GPUs: train-step time against pipeline microbatches, per schedule.
 
 Each point is one `jaxscale bench` run (its own process, on the first P GPUs) of a GPT-2-size experiment with
 mesh.pipeline=P, mesh.data=1. The baseline is the same model and batch on one GPU: split perfectly over P
 stages it would take single / P, and with the bubble fraction (p - 1) / (v m + p - 1) idle, theory = single / P
 / (1 - bubble). The table puts each measured step time next to that theory.
 
-The schedule runs unrolled (pipeline.unroll=true) unless `--set pipeline.unroll=false` is given. Pick the batch
+The schedule runs unrolled (pipeline.unroll=true) unless `--set pipeline.unroll=false` is given (the 1F1B
+schedules ignore it; they recompute each chunk's forward in its backward, about a third more compute than the
+theory counts). Pick the batch
 so that microbatches keep several sequences: below ~8 sequences the kernels themselves slow down (gpt2-350m on
 an H100: 7.8 ms per sequence at batch 4, 6.1 at 32), which no schedule can hide. A batch too large for one GPU
 gets a baseline with gradient accumulation, `--single-microbatches N` (the same arithmetic, in N pieces).
 
 Usage (on the GPU host, from the repository root):
     python experiments/pipeline_bench.py [--experiment gpt2-350m] [--gpus 2 4] [--batch 32]
-        [--microbatches-per-stage 1 2 4 8] [--schedules gpipe circular] [--repeats 2]
+        [--microbatches-per-stage 1 2 4 8] [--schedules gpipe circular 1f1b interleaved_1f1b] [--repeats 2]
         [--single-microbatches 1] [--out runs/pipeline_bench]
 """
 from __future__ import annotations
@@ -53,7 +55,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32, help="train.batch_size, sequences per step")
     parser.add_argument("--microbatches-per-stage", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="pipeline.microbatches = this x stages")
-    parser.add_argument("--schedules", nargs="+", choices=["gpipe", "circular"], default=["gpipe", "circular"],
+    parser.add_argument("--schedules", nargs="+", choices=["gpipe", "circular", "1f1b", "interleaved_1f1b"],
+                        default=["gpipe", "circular"],
                         help="schedules to run, in this order")
     parser.add_argument("--repeats", type=int, default=2, help="layer chunks per stage, circular schedule")
     parser.add_argument("--single-microbatches", type=int, default=1,
@@ -75,7 +78,7 @@ def main() -> int:
     rows = []
     for gpus in args.gpus:
         for schedule in args.schedules:
-            repeats = args.repeats if schedule == "circular" else 1
+            repeats = args.repeats if schedule in ("circular", "interleaved_1f1b") else 1
             for per_stage in args.microbatches_per_stage:
                 m = per_stage * gpus
                 if args.batch % m:
@@ -97,14 +100,14 @@ def main() -> int:
     overrides = "".join(f" --set {o}" for o in args.overrides)  # a model.preset there changes the model
     print(f"\n{args.experiment}{overrides} ({single['params_m']:.0f}M parameters), batch {args.batch}; "
           f"one GPU: {single_ms:.1f} ms; theory = one GPU / P / (1 - bubble)")
-    print(f"{'P':>2} {'schedule':>9} {'m':>3} {'v':>2} {'bubble':>7} {'theory ms':>9} {'step ms':>8} "
+    print(f"{'P':>2} {'schedule':>16} {'m':>3} {'v':>2} {'bubble':>7} {'theory ms':>9} {'step ms':>8} "
           f"{'ratio':>6} {'mem GB':>7}")
     for gpus, schedule, m, repeats, bubble, r in rows:
         if "error" in r:
-            print(f"{gpus:>2} {schedule:>9} {m:>3} {repeats:>2} {bubble:>7.1%}  failed: {r['error']}")
+            print(f"{gpus:>2} {schedule:>16} {m:>3} {repeats:>2} {bubble:>7.1%}  failed: {r['error']}")
             continue
         theory, step_ms, mem = single_ms / gpus / (1 - bubble), r["step_s"] * 1e3, r.get("peak_memory_gb")
-        print(f"{gpus:>2} {schedule:>9} {m:>3} {repeats:>2} {bubble:>7.1%} {theory:>9.1f} {step_ms:>8.1f} "
+        print(f"{gpus:>2} {schedule:>16} {m:>3} {repeats:>2} {bubble:>7.1%} {theory:>9.1f} {step_ms:>8.1f} "
               f"{step_ms / theory:>6.2f} {mem if mem is not None else float('nan'):>7.1f}")
     return 0
 

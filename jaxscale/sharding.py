@@ -124,7 +124,11 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if context is None:
         return x
     mesh, rules = context
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules, mesh)))
+    spec = logical_to_spec(names, rules, mesh)
+    inner = jax.sharding.get_abstract_mesh()
+    if inner.manual_axes:  # inside shard_map (1F1B's stages): name the mesh with its manual axes
+        return jax.lax.with_sharding_constraint(x, NamedSharding(inner, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def activation_split(name: str) -> int:

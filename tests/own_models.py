@@ -108,3 +108,22 @@ class StackedNet(nnx.Module):
         else:  # a loop of its own: there is nothing for the pipeline to cut
             h = jax.lax.scan(lambda h, layer: (nnx.merge(graphdef, layer)(h), None), h, stack)[0]
         return self.w_out(h)
+
+    def loss(self, x, labels):
+        """The mean cross entropy of `labels`, the blocks and the output layer run by run_layers_and_loss: a
+        1F1B pipeline schedule takes each microbatch's loss inside it."""
+        from jaxscale.parallel import run_layers_and_loss
+
+        graphdef, stack = nnx.split(self.blocks)
+        out_graphdef, out_weights = nnx.split(self.w_out)
+
+        def head_loss(weights, h, labels):
+            logits = nnx.merge(out_graphdef, weights)(h)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        return run_layers_and_loss(lambda h, layer, _: nnx.merge(graphdef, layer)(h), stack, self.w_in(x), None,
+                                   head_loss, out_weights, labels, settings=self.pipeline)
+
+
+def staged_classification_loss(model, batch, rngs):
+    return model.loss(batch["x"], batch["y"])

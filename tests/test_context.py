@@ -16,6 +16,7 @@ from jaxscale.config import Config, MeshConfig, validate
 from jaxscale.errors import ConfigError
 from jaxscale.kernels.attention import reference as reference_attention
 from jaxscale.mesh import build_mesh
+from jaxscale.parallel.blockwise_attention import blockwise_attention, key_block
 from jaxscale.parallel.context import balanced_order, context_attention, kept_pairs_per_rank
 from jaxscale.sharding import activation_rules
 
@@ -88,3 +89,68 @@ def test_context_checks():
         validate(odd, 8)
     with pytest.raises(ConfigError, match="mesh.context > 1 with mesh.pipeline > 1"):
         validate(dataclasses.replace(config, mesh=MeshConfig(data=1, context=2, pipeline=2)), 4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention block by block over the gathered keys
+
+
+@pytest.mark.parametrize("order_kind,block,documents", [("balanced", 8, True), ("balanced", 16, False),
+                                                        ("own", 8, True), ("own", 64, True)])
+def test_blockwise_attention_matches_plain_attention(order_kind, block, documents):
+    """Queries and keys in any order (masked by their positions), grouped KV heads, several key blocks or one;
+    in the sequence's own order the causal mask skips whole blocks."""
+    b, t, heads, kv_heads, hd = 2, 64, 4, 2, 8
+    keys = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(keys[0], (b, t, heads, hd))
+    k, v = (jax.random.normal(key, (b, t, kv_heads, hd)) for key in keys[1:])
+    segments = jnp.asarray(1 + np.cumsum(np.random.default_rng(1).random((b, t)) < 0.1, axis=1), jnp.int32)
+    order = balanced_order(t, 2) if order_kind == "balanced" else np.arange(t)
+    weight = jnp.cos(jnp.arange(b * t * heads * hd, dtype=jnp.float32).reshape(b, t, heads, hd))
+    seg = segments if documents else None
+
+    def expected(q, k, v):
+        return reference_attention(q, k, v, seg)[:, order]
+
+    def blockwise(q, k, v):
+        positions = jnp.broadcast_to(jnp.asarray(order), (b, t))
+        s = None if seg is None else seg[:, order]
+        return blockwise_attention(q[:, order], k[:, order], v[:, order], positions, positions, s, s, block=block)
+
+    def output_and_grads(attend):  # the output, and the gradients of a weighted sum of it
+        return attend(q, k, v), jax.grad(lambda *a: jnp.sum(attend(*a) * weight), argnums=(0, 1, 2))(q, k, v)
+
+    want = jax.jit(lambda: output_and_grads(expected))()
+    got = jax.jit(lambda: output_and_grads(blockwise))()
+    jax.tree.map(lambda a, w: np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5 * np.max(np.abs(w))), got, want)
+
+
+def test_key_block_divides_the_length():
+    assert [key_block(n) for n in (64, 512, 4096, 1000, 48)] == [64, 512, 512, 500, 48]
+
+
+def context_attention_grad_memory(length: int, ranks: int = 2) -> int:
+    """Compiled temporary bytes per device of the gradient of context-parallel attention (batch 1, 2 heads, 1 KV
+    head, head_dim 16, packed documents) with the sequence over `ranks` context ranks, in a scan over two
+    layers as the model runs it (where autodiff would hoist a mask that depends only on positions)."""
+    mesh_config = MeshConfig(data=1, context=ranks)
+    mesh = build_mesh(mesh_config, jax.devices()[:ranks])
+    rules = Config(mesh=mesh_config).sharding.activations
+    x = jax.ShapeDtypeStruct((1, length, 2, 16), jnp.float32)
+    rows = jax.ShapeDtypeStruct((1, length), jnp.int32)
+
+    def loss(x, positions, segments):
+        def layer(x, scale):  # queries, keys and values from the layer's input, as in the model
+            return context_attention(x * scale, x[:, :, :1], x[:, :, 1:], positions, segments), None
+
+        with activation_rules(mesh, rules):
+            return jax.lax.scan(layer, x, jnp.ones(2))[0].sum()
+
+    return jax.jit(jax.grad(loss)).lower(x, rows, rows).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_context_attention_memory_grows_linearly_in_length():
+    """At 2k, 4k and 8k tokens over 2 context ranks: at most 2.2-fold per doubling (XLA's form with its
+    (own length x length) mask and scores grows 4-fold). Measured: see BENCHMARKS.md, context parallelism."""
+    sizes = [context_attention_grad_memory(n) for n in (2048, 4096, 8192)]
+    assert sizes[1] <= 2.2 * sizes[0] and sizes[2] <= 2.2 * sizes[1], sizes

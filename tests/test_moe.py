@@ -109,25 +109,70 @@ def moe_config(mesh: dict, style: str = "gpt2", **moe) -> Config:
                   train=TrainConfig(steps=3, batch_size=16, compute_dtype="float32"))
 
 
+@pytest.mark.parametrize("style,layout", [("gpt2", None), ("llama", None), ("llama", dict(data=2, tensor=2))])
+def test_grouped_matmul_routing_matches_the_dropless_buffers(style, layout):
+    """model.moe.grouped_matmul (rows sorted by expert, jax.lax.ragged_dot): outputs, statistics and gradients
+    (input, router, experts) equal to the dropless buffer dispatch, on one device and with the tokens and each
+    expert's hidden width split over data and tensor."""
+    x, router, bias, weights = layer_inputs(style)
+
+    def objective(grouped):
+        moe = MoEConfig(experts=E, top_k=2, grouped_matmul=grouped)
+
+        def f(x, router, weights):
+            y, stats = routed_experts(moe, style, x, router, bias, weights)
+            return jnp.mean(y * jnp.cos(x)) + stats["aux_loss"] + stats["z_loss"], (y, stats)
+
+        return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
+
+    expected = jax.jit(objective(False))(x, router, weights)
+    if layout is None:
+        got = jax.jit(objective(True))(x, router, weights)
+    else:
+        mesh_config = MeshConfig(**{"data": 1, **layout})
+        mesh = build_mesh(mesh_config, jax.devices()[:4])
+
+        def sharded(*args):
+            with activation_rules(mesh, Config(mesh=mesh_config).sharding.activations):
+                return objective(True)(*args)
+
+        got = jax.jit(sharded)(x, router, weights)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.max(np.abs(b))),
+                 got, expected)
+
+
+@pytest.mark.parametrize("moe,mesh,message", [
+    (dict(grouped_matmul=True, capacity_factor=1.25), {}, r"model\.moe\.grouped_matmul=true with "
+                                                          r"model\.moe\.capacity_factor=1\.25: .*dropless"),
+    (dict(grouped_matmul=True), dict(expert=2), r"model\.moe\.grouped_matmul=true with mesh\.expert=2"),
+])
+def test_grouped_matmul_settings_are_checked(moe, mesh, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(moe_config(mesh, **moe), int(np.prod(list(mesh.values()) or [1])))
+
+
 TRAINING_LAYOUTS = {"expert2": dict(expert=2), "expert4": dict(expert=4), "expert8": dict(expert=8),
                     "data2-fsdp2-expert2": dict(data=2, fsdp=2, expert=2),
                     "fsdp2-expert2-tensor2": dict(fsdp=2, expert=2, tensor=2),
-                    "expert2-context2": dict(expert=2, context=2)}
+                    "expert2-context2": dict(expert=2, context=2),
+                    "grouped-fsdp2-tensor2": dict(fsdp=2, tensor=2)}
 _reference: dict = {}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("style,layout", [("gpt2", layout) for layout in TRAINING_LAYOUTS]
-                         + [("llama", "expert4"), ("llama", "data2-fsdp2-expert2")])
+                         + [("llama", "expert4"), ("llama", "data2-fsdp2-expert2"), ("llama", "grouped-fsdp2-tensor2")])
 def test_training_with_experts_split_matches_one_device(style, layout):
     """Three AdamW steps of a tiny MoE decoder: every layout gives the losses, gradient norms and parameters of
     expert=1 on one device. The llama cases also place experts every 2nd layer, with a shared expert and the
-    bias balancing on."""
+    bias balancing on; "grouped" runs the experts as grouped matmuls (model.moe.grouped_matmul)."""
     moe = dict(every=2, shared_experts=1, bias_update_rate=1e-3) if style == "llama" else {}
     if style not in _reference:
         _reference[style] = run(moe_config({}, style, **moe), jax.devices()[:1])
     mesh = TRAINING_LAYOUTS[layout]
-    losses, params = run(moe_config(mesh, style, **moe), jax.devices()[:int(np.prod(list(mesh.values())))])
+    grouped = dict(grouped_matmul=True) if layout.startswith("grouped") else {}
+    losses, params = run(moe_config(mesh, style, **moe, **grouped),
+                         jax.devices()[:int(np.prod(list(mesh.values())))])
     ref_losses, ref_params = _reference[style]
     np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL), params, ref_params)

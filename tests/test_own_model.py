@@ -10,7 +10,16 @@ import logging
 import jax
 import numpy as np
 import pytest
-from own_models import RULES, Blobs, LinenNet, NNXNet, StackedNet, batches, classification_loss
+from own_models import (
+    RULES,
+    Blobs,
+    LinenNet,
+    NNXNet,
+    StackedNet,
+    batches,
+    classification_loss,
+    staged_classification_loss,
+)
 
 import jaxscale
 from jaxscale.config import load_config
@@ -178,13 +187,18 @@ STACKED_RULES = ["sharding.params.hidden_in=null", "sharding.params.layers=pipel
 
 
 @pytest.mark.parametrize("schedule", [["pipeline.schedule=gpipe"],
-                                      ["pipeline.schedule=circular", "pipeline.repeats=2"]])
+                                      ["pipeline.schedule=circular", "pipeline.repeats=2"],
+                                      ["pipeline.schedule=1f1b"],
+                                      ["pipeline.schedule=interleaved_1f1b", "pipeline.repeats=2"]])
 def test_a_user_model_with_stacked_blocks_is_staged_by_the_pipeline(schedule):
+    """GPipe and circular with the model's own loss on its output; 1F1B with its loss in run_layers_and_loss."""
+    loss_fn = staged_classification_loss if "1f1b" in schedule[0] else classification_loss
+
     def losses_and_params(mesh, devices):
         data = batches(STEPS, BATCH)
         run_config = config(*mesh, *STACKED_RULES, *schedule)
         trainer = build_trainer(run_config, jax.devices()[:devices],
-                                model=lambda rngs: StackedNet(rngs, run_config.pipeline), loss_fn=classification_loss)
+                                model=lambda rngs: StackedNet(rngs, run_config.pipeline), loss_fn=loss_fn)
         state, losses = trainer.init_state(), []
         for batch in data:
             state, metrics = trainer.train_step(state, jax.device_put(batch, trainer.data_sharding))
@@ -207,6 +221,16 @@ def test_a_user_model_that_does_not_run_its_layers_through_run_layers_is_refused
                             loss_fn=classification_loss)
     batch = jax.device_put(batches(1, BATCH)[0], trainer.data_sharding)
     with pytest.raises(ConfigError, match=r"never ran its layers through jaxscale.parallel.run_layers"):
+        trainer.train_step(trainer.init_state(), batch)
+
+
+def test_a_user_model_whose_loss_is_outside_run_layers_is_refused_by_1f1b():
+    run_config = config("mesh.data=4", "mesh.pipeline=2", "pipeline.schedule=1f1b", *STACKED_RULES)
+    trainer = build_trainer(run_config, jax.devices(), model=lambda rngs: StackedNet(rngs, run_config.pipeline),
+                            loss_fn=classification_loss)
+    batch = jax.device_put(batches(1, BATCH)[0], trainer.data_sharding)
+    with pytest.raises(ConfigError, match=r"pipeline\.schedule=1f1b runs each microbatch's loss inside the "
+                                          r"schedule.*jaxscale\.parallel\.run_layers_and_loss"):
         trainer.train_step(trainer.init_state(), batch)
 
 

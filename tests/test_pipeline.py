@@ -78,6 +78,7 @@ def test_describe_plan_shows_each_stages_layers_and_padding():
     assert rows == [["0", "2", "0", "0-1"], ["1", "1", "1", "2"], ["2", "1", "1", "3"], ["3", "1", "1", "4"]]
     table = describe_plan(plan_pipeline(8, stages=2, microbatches=4, repeats=2))
     assert table.splitlines()[2].split() == ["0", "4", "0", "0-1,", "4-5"]
+    assert "2 stages (interleaved_1f1b, 2 repeats)" in describe_plan(plan_pipeline(8, 2, 4, 2), "interleaved_1f1b")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,6 +190,7 @@ CASES = {
                             dict(remat="full")),
     "circular-p2-unrolled": ("gpt2", 8, dict(pipeline=2),
                              PipelineConfig(schedule="circular", microbatches=4, unroll=True), {}),
+    "1f1b-p2": ("gpt2", 8, dict(pipeline=2), PipelineConfig(schedule="1f1b", microbatches=4), {}),
 }
 SLOW_CASES = {
     "uneven-6-layers-on-4-stages": ("llama", 6, dict(pipeline=4), PipelineConfig(microbatches=4),
@@ -205,6 +207,17 @@ SLOW_CASES = {
                                              dict(remat="full")),
     "data2-p4-gpipe-unrolled-accumulation": ("gpt2", 8, dict(data=2, pipeline=4),
                                              PipelineConfig(microbatches=4, unroll=True), dict(microbatches=2)),
+    "interleaved-1f1b-p2": ("gpt2", 8, dict(pipeline=2),
+                            PipelineConfig(schedule="interleaved_1f1b", microbatches=4), {}),
+    "1f1b-data2-tensor2-p2-accumulation": ("llama", 6, dict(data=2, tensor=2, pipeline=2),
+                                           PipelineConfig(schedule="1f1b", microbatches=4),
+                                           dict(microbatches=2)),
+    "1f1b-uneven-6-layers-on-4-stages": ("llama", 6, dict(pipeline=4),
+                                         PipelineConfig(schedule="1f1b", microbatches=4),
+                                         dict(replicate_layers=True)),
+    "interleaved-1f1b-fsdp2-p2-3-repeats": ("llama", 6, dict(fsdp=2, pipeline=2),
+                                            PipelineConfig(schedule="interleaved_1f1b", microbatches=4,
+                                                           repeats=3), {}),
 }
 
 
@@ -213,6 +226,18 @@ def test_pipeline_matches_single_device(name):
     style, n_layers, mesh, pipeline, extra = {**CASES, **SLOW_CASES}[name]
     config = make_config(style, n_layers, mesh, pipeline, **extra)
     assert_same(run(config, devices_for(mesh)), reference(style, n_layers))
+
+
+def test_1f1b_evaluation_runs_the_layers_forward_only_and_gives_the_loss():
+    """Without a gradient (the eval step) the 1F1B loss runs the layers as GPipe does: the same loss as one
+    device."""
+    config = make_config("gpt2", 8, dict(pipeline=2), PipelineConfig(schedule="1f1b", microbatches=4))
+    single = build_trainer(make_config("gpt2", 8, {}), jax.devices()[:1])
+    trainer = build_trainer(config, devices_for(dict(pipeline=2)))
+    batch = batches(config)[0]
+    want = single.eval_step(single.init_state().params, jax.device_put(batch, single.data_sharding))["loss"]
+    got = trainer.eval_step(trainer.init_state().params, jax.device_put(batch, trainer.data_sharding))["loss"]
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
 
 
 def compiled_train_step(config: Config, mesh: dict):
@@ -332,6 +357,9 @@ def test_batch_over_the_pipeline_axis_outside_the_stages():
     (dict(n_layers=6, schedule="circular", microbatches=4),
      r"model\.n_layers=6 is fewer than .* = 8 layer chunks; use fewer stages or fewer pipeline\.repeats"),
     (dict(n_layers=6), r"model\.n_layers=6 does not split evenly over mesh\.pipeline=4.*sharding\.params\."),
+    (dict(schedule="interleaved_1f1b", microbatches=6, batch=24),
+     r"pipeline\.microbatches=6 with the interleaved 1F1B schedule must be a multiple of the 4 .*"
+     r"pipeline\.microbatches=8"),
 ])
 def test_bad_pipeline_settings_name_the_keys(setup, message):
     settings = dict(setup)
@@ -344,8 +372,10 @@ def test_bad_pipeline_settings_name_the_keys(setup, message):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("pipeline.schedule=1f1b", r"pipeline\.schedule='1f1b'; choose gpipe or circular"),
-    ("pipeline.repeats=1", r"pipeline\.repeats=1 with pipeline\.schedule=circular"),
+    ("pipeline.schedule=zero_bubble", r"pipeline\.schedule='zero_bubble'; choose one of gpipe, circular, 1f1b, "
+                                      r"interleaved_1f1b"),
+    ("pipeline.repeats=1", r"pipeline\.repeats=1 with pipeline\.schedule=circular: it needs repeats >= 2 "
+                           r"\(one repeat is gpipe\)"),
     ("pipeline.microbatches=0", r"pipeline\.microbatches=0 must be >= 1"),
 ])
 def test_bad_pipeline_values_fail_when_loaded(override, message):

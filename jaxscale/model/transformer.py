@@ -15,12 +15,13 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.kernels import attention
+from jaxscale.kernels.cross_entropy import cross_entropy
 from jaxscale.kernels.gelu import bias_gelu
 from jaxscale.kernels.norm import norm
 from jaxscale.model.config import ModelConfig
 from jaxscale.model.embedding import embedding_lookup
 from jaxscale.model.moe import SHARED_WEIGHTS, moe_mlp, moe_weights, no_stats
-from jaxscale.parallel import PipelineConfig, run_layers
+from jaxscale.parallel import PipelineConfig, run_layers, run_layers_and_loss
 from jaxscale.parallel.context import balanced_order, context_attention, context_ranks
 from jaxscale.parallel.experts import EXPERT_WEIGHTS
 from jaxscale.sharding import constrain
@@ -232,45 +233,92 @@ class Transformer(nnx.Module):
         """(logits as `__call__` gives them, the routing statistics averaged over the mixture-of-experts layers
         (`jaxscale.model.moe`), or None for a dense model)."""
         cfg = self.cfg
-        b, t = tokens.shape
-        ranks = context_ranks()
-        order = balanced_order(t, ranks) if ranks > 1 else None
-        if order is not None:  # each context rank gets an early and a late chunk: equal causal work
-            tokens = tokens[:, order]
-            segment_ids = None if segment_ids is None else segment_ids[:, order]
-        positions = jnp.broadcast_to(jnp.arange(t) if order is None else jnp.asarray(order), (b, t))
-        x = embedding_lookup(self.embed[...].astype(compute_dtype), tokens)
-        if cfg.style == "gpt2":
-            # A lookup rather than a broadcast add: the add's gradient is a sum over the batch, for which XLA on
-            # GPUs lays the whole residual stream out batch-minor, a transpose in every residual add and norm.
-            x = x + embedding_lookup(self.positions[...].astype(compute_dtype), positions)
-        x = constrain(x, ("batch", "length", "embed"))
-
-        def apply_layer(x, layer_params, segment_ids):  # x: the whole batch, or one pipeline microbatch
-            return layer(cfg, layer_params, x, positions[:x.shape[0]], segment_ids, compute_dtype)
-
+        x, segment_ids, positions, order = self.embedded(tokens, segment_ids, compute_dtype)
         stack, stats = self.blocks.stacked(), None
         if cfg.moe is None:
-            x = run_layers(apply_layer, stack, x, segment_ids, remat=remat, unroll=scan_unroll, settings=pipeline)
+            x = run_layers(layer_fn(cfg, positions, compute_dtype), stack, x, segment_ids, remat=remat,
+                           unroll=scan_unroll, settings=pipeline)
         else:  # the scan runs over groups of moe.every layers; every stack splits evenly into them
             groups = cfg.moe_layers
             grouped = {k: v.reshape(groups, v.shape[0] // groups, *v.shape[1:]) for k, v in stack.items()}
 
             def apply_group(carry, group_params, segment_ids):
-                return layer_group(cfg, group_params, carry, positions[:carry[0].shape[0]], segment_ids,
-                                   compute_dtype)
+                rows = jnp.broadcast_to(positions, carry[0].shape[:2])
+                return layer_group(cfg, group_params, carry, rows, segment_ids, compute_dtype)
 
             x, sums = run_layers(apply_group, grouped, (x, no_stats(cfg.moe)), segment_ids, remat=remat,
                                  unroll=scan_unroll, settings=pipeline)
             stats = jax.tree.map(lambda s: s / groups, sums)
+        return output_logits(cfg, self.head_weights(), x, order, compute_dtype), stats
 
-        if order is not None:  # back to the sequence's order for the output head
-            x = constrain(x[:, np.argsort(order)], ("batch", "length", "embed"))
-        final_bias = self.final_norm_bias[...] if cfg.style == "gpt2" else None
-        x = norm(x, self.final_norm[...], final_bias, cfg.norm_eps)
-        head = self.embed[...].T if cfg.tie_embeddings else self.head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(compute_dtype))
-        if cfg.mask_vocab_padding and cfg.padded_vocab > cfg.vocab_size:
-            padding = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) >= cfg.vocab_size
-            logits = jnp.where(padding, jnp.finfo(logits.dtype).min, logits)
-        return constrain(logits, ("batch", "length", "vocab")), stats
+    def next_token_loss(self, tokens: jax.Array, targets: jax.Array, segment_ids: jax.Array | None = None, *,
+                        compute_dtype=jnp.float32, remat: str = "none", scan_unroll: int = 1,
+                        pipeline: PipelineConfig | None = None) -> jax.Array:
+        """The mean cross entropy of `targets` (batch, length) given `tokens`, for a dense model. The layers,
+        output head and loss run through `run_layers_and_loss`, so a 1F1B pipeline schedule takes each
+        microbatch's loss inside it."""
+        if self.cfg.moe is not None:
+            raise ValueError("next_token_loss is for dense models; a mixture of experts also returns routing "
+                             "statistics: use forward")
+        cfg = self.cfg
+        x, segment_ids, positions, order = self.embedded(tokens, segment_ids, compute_dtype)
+
+        def head_loss(head, y, targets):
+            return cross_entropy(output_logits(cfg, head, y, order, compute_dtype), targets)
+
+        return run_layers_and_loss(layer_fn(cfg, positions, compute_dtype), self.blocks.stacked(), x,
+                                   segment_ids, head_loss, self.head_weights(), targets, remat=remat,
+                                   unroll=scan_unroll, settings=pipeline)
+
+    def embedded(self, tokens: jax.Array, segment_ids: jax.Array | None, compute_dtype):
+        """(the embedded tokens, the segment ids, the tokens' positions (length,), the balanced order of the
+        sequence over the context ranks or None): everything before the layers. With a context axis the
+        tokens are taken in balanced order (each context rank gets an early and a late chunk: equal causal
+        work)."""
+        cfg = self.cfg
+        b, t = tokens.shape
+        ranks = context_ranks()
+        order = balanced_order(t, ranks) if ranks > 1 else None
+        if order is not None:
+            tokens = tokens[:, order]
+            segment_ids = None if segment_ids is None else segment_ids[:, order]
+        positions = jnp.arange(t) if order is None else jnp.asarray(order)
+        x = embedding_lookup(self.embed[...].astype(compute_dtype), tokens)
+        if cfg.style == "gpt2":
+            # A lookup rather than a broadcast add: the add's gradient is a sum over the batch, for which XLA on
+            # GPUs lays the whole residual stream out batch-minor, a transpose in every residual add and norm.
+            rows = jnp.broadcast_to(positions, (b, t))
+            x = x + embedding_lookup(self.positions[...].astype(compute_dtype), rows)
+        return constrain(x, ("batch", "length", "embed")), segment_ids, positions, order
+
+    def head_weights(self) -> dict[str, jax.Array]:
+        """The weights after the layers: the final norm's and the output projection (the embedding if tied)."""
+        head = {"final_norm": self.final_norm[...],
+                "output": self.embed[...].T if self.cfg.tie_embeddings else self.head[...]}
+        if self.cfg.style == "gpt2":
+            head["final_norm_bias"] = self.final_norm_bias[...]
+        return head
+
+
+def layer_fn(cfg: ModelConfig, positions: jax.Array, dtype):
+    """The layer function `run_layers` takes: one layer on the whole batch, or on one pipeline microbatch.
+    `positions` (length,) are broadcast over x's rows, not sliced from a batch-sized array, whose rows may
+    lie on other devices."""
+
+    def apply_layer(x, layer_params, segment_ids):
+        return layer(cfg, layer_params, x, jnp.broadcast_to(positions, x.shape[:2]), segment_ids, dtype)
+
+    return apply_layer
+
+
+def output_logits(cfg: ModelConfig, head: dict[str, jax.Array], x: jax.Array, order, compute_dtype) -> jax.Array:
+    """The last layer's output x (batch, length, embed) -> logits (batch, length, padded vocab); `order`: the
+    balanced order x's sequence is in (context parallelism), or None."""
+    if order is not None:  # back to the sequence's order for the output head
+        x = constrain(x[:, np.argsort(order)], ("batch", "length", "embed"))
+    x = norm(x, head["final_norm"], head.get("final_norm_bias"), cfg.norm_eps)
+    logits = jnp.einsum("btd,dv->btv", x, head["output"].astype(compute_dtype))
+    if cfg.mask_vocab_padding and cfg.padded_vocab > cfg.vocab_size:
+        padding = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) >= cfg.vocab_size
+        logits = jnp.where(padding, jnp.finfo(logits.dtype).min, logits)
+    return constrain(logits, ("batch", "length", "vocab"))

@@ -1,5 +1,6 @@
-"""Parallelism beyond sharding rules: pipeline stages over the `pipeline` mesh axis; expert parallelism
-(`experts`) and context parallelism (`context`) live in their own modules."""
+"""Parallelism beyond sharding rules: pipeline stages over the `pipeline` mesh axis (GPipe, circular, 1F1B);
+expert parallelism (`experts`) and context parallelism (`context`) live in their own modules."""
+from jaxscale.parallel.one_f_one_b import run_layers_and_loss
 from jaxscale.parallel.pipeline import (
     active_plan,
     outer_rules,
@@ -17,4 +18,5 @@ from jaxscale.parallel.plan import (
 )
 
 __all__ = ["PipelineConfig", "PipelinePlan", "active_plan", "bubble_fraction", "describe_plan",
-           "outer_rules", "pipelined_layers", "run_layers", "plan_from_config", "plan_pipeline", "split_microbatches"]
+           "outer_rules", "pipelined_layers", "run_layers", "plan_from_config", "plan_pipeline",
+           "run_layers_and_loss", "split_microbatches"]

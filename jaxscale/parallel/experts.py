@@ -70,6 +70,35 @@ def expert_mlp(style: str, weights: dict[str, jax.Array], x: jax.Array) -> jax.A
     return jnp.einsum("ecf,edf->ecd", hidden, weights["expert_down"])
 
 
+def grouped_expert_mlp(style: str, weights: dict[str, jax.Array], x: jax.Array, sizes: jax.Array) -> jax.Array:
+    """x (rows, embed), sorted by expert with sizes[e] rows for expert e, through each row's expert's MLP as
+    grouped matmuls (`jax.lax.ragged_dot`); weights (experts, embed, hidden)."""
+    def up(name):
+        return jax.lax.ragged_dot(x, weights[name], sizes)
+
+    def down(hidden, name):
+        return jax.lax.ragged_dot(hidden, weights[name].swapaxes(1, 2), sizes)
+
+    if style == "gpt2":
+        return down(jax.nn.gelu(up("expert_in")), "expert_out")
+    return down(jax.nn.silu(up("expert_gate")) * up("expert_up"), "expert_down")
+
+
+def grouped_routing(moe: MoEConfig, style: str, axes: ExpertAxes, x: jax.Array, choice: jax.Array,
+                    gates: jax.Array, weights: dict[str, jax.Array]) -> jax.Array:
+    """Dropless routing without buffers: the (token, choice) rows sorted by expert, the experts run on exactly
+    their rows, the results put back in token order and summed with the gates. x (tokens, embed)."""
+    tokens, d = x.shape
+    flat = choice.reshape(-1)  # token-major: row i is token i // top_k's choice i % top_k
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=moe.experts).astype(jnp.int32)
+    out = grouped_expert_mlp(style, weights, x[order // moe.top_k], sizes)
+    if axes.hidden:
+        out = jax.lax.psum(out, axes.hidden)
+    rows = out[jnp.argsort(order)].reshape(tokens, moe.top_k, d)
+    return jnp.einsum("nkd,nk->nd", rows, gates.astype(x.dtype))
+
+
 def _mean(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return jax.lax.pmean(x, axes) if axes else x
 
@@ -83,6 +112,9 @@ def routed_on_device(moe: MoEConfig, style: str, axes: ExpertAxes, x: jax.Array,
     tokens, experts = x.shape[0], moe.experts
     logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), router.astype(jnp.float32))
     choice, gates, probs = route(logits, bias, moe.top_k)
+    if moe.grouped_matmul:
+        y = grouped_routing(moe, style, axes, x, choice, gates, weights).reshape(shape)
+        return y, _statistics(axes, logits, choice, probs, jnp.ones(choice.shape, bool), experts)
     capacity = moe.capacity(tokens)
     position, kept = slots(choice, experts, capacity)
 
@@ -105,16 +137,18 @@ def routed_on_device(moe: MoEConfig, style: str, axes: ExpertAxes, x: jax.Array,
     picked = out.at[choice, jnp.minimum(position, capacity - 1)].get()  # (tokens, top_k, embed)
     weight = jnp.where(kept, gates, 0).astype(x.dtype)
     y = jnp.einsum("nkd,nk->nd", picked, weight).reshape(shape)
+    return y, _statistics(axes, logits, choice, probs, kept, experts)
 
+
+def _statistics(axes: ExpertAxes, logits, choice, probs, kept, experts: int) -> dict:
     share = jnp.mean(jax.nn.one_hot(choice, experts, dtype=jnp.float32), axis=(0, 1))  # routed share per expert
     share, mean_probs = _mean(share, axes.tokens), _mean(jnp.mean(probs, axis=0), axes.tokens)
-    stats = {
+    return {
         "load": share,
         "aux_loss": experts * jnp.sum(share * mean_probs),
         "z_loss": _mean(jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2), axes.tokens),
         "dropped": 1 - _mean(jnp.mean(kept.astype(jnp.float32)), axes.tokens),
     }
-    return y, stats
 
 
 def routed_experts(moe: MoEConfig, style: str, x: jax.Array, router: jax.Array, bias: jax.Array,

@@ -24,6 +24,10 @@ class MoEConfig:
     # tokens past them are dropped (the residual carries them on). 0: dropless, every expert has room for
     # all of a device's tokens (the buffers are then experts / top_k times an even share).
     capacity_factor: float = 0.0
+    # Dropless only: sort the (token, choice) rows by expert and run the experts as grouped matmuls
+    # (jax.lax.ragged_dot) over exactly those rows, instead of buffers with room for every token per expert.
+    # Experts on one rank (mesh.expert=1).
+    grouped_matmul: bool = False
     aux_loss_weight: float = 0.01  # the balance loss: experts x sum over experts of (token share x mean probability)
     z_loss_weight: float = 0.001  # mean squared log-sum-exp of the router logits: keeps them small
     # The auxiliary-loss-free balancing: a per-expert bias added to the scores for choosing (not weighting)
@@ -41,6 +45,10 @@ class MoEConfig:
         if self.capacity_factor != 0:
             check_range("model.moe.capacity_factor", self.capacity_factor, 0, low_open=True,
                         note=" (e.g. 1.25), or 0 for dropless routing")
+        if self.grouped_matmul and self.capacity_factor != 0:
+            raise ConfigError(f"model.moe.grouped_matmul=true with model.moe.capacity_factor="
+                              f"{self.capacity_factor}: the grouped matmuls are dropless; set capacity_factor=0 "
+                              f"or grouped_matmul=false")
         for key in ("aux_loss_weight", "z_loss_weight", "bias_update_rate"):
             check_range(f"model.moe.{key}", getattr(self, key), 0, note=" (0 turns it off)")
 
@@ -58,6 +66,10 @@ class MoEConfig:
         if self.d_ff % sizes["tensor"] or self.shared_experts * self.d_ff % sizes["tensor"]:
             raise ConfigError(f"model.moe.d_ff={self.d_ff} is not divisible by mesh.tensor={sizes['tensor']}; "
                               f"choose a tensor size that divides it")
+        if self.grouped_matmul and sizes["expert"] > 1:
+            raise ConfigError(f"model.moe.grouped_matmul=true with mesh.expert={sizes['expert']}: the grouped "
+                              f"matmuls run with every expert on one rank; use mesh.expert=1 or "
+                              f"grouped_matmul=false")
         if sizes["pipeline"] > 1:
             raise ConfigError("model.moe with mesh.pipeline > 1 is not supported yet: the experts' all-to-all "
                               "runs outside pipeline stages; use mesh.pipeline=1 (split over mesh.expert, "

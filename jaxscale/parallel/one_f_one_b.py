@@ -13,6 +13,10 @@ holds is its stash of chunk inputs: `plan.one_f_one_b_peak_stash`.
 
 Without a mesh the stages run as a `vmap` on one device (every branch computed, the table's choice kept),
 which is how the arithmetic is tested.
+
+The trainer reaches it through `run_layers_and_loss` (`pipeline.schedule=1f1b` or `interleaved_1f1b`): a
+`custom_vjp` whose forward runs the schedule and keeps the gradients, so the work before the layers (the
+embedding) is differentiated as usual from the input's gradient.
 """
 from __future__ import annotations
 
@@ -23,14 +27,85 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxscale.parallel.pipeline import LayerFn, by_stage, split_microbatches
-from jaxscale.parallel.plan import BACKWARD, FORWARD, PipelinePlan, StepTable
+from jaxscale.parallel.pipeline import (
+    LayerFn,
+    active_plan,
+    by_stage,
+    pipelined_layers,
+    run_layers,
+    split_microbatches,
+    stage_rules,
+)
+from jaxscale.parallel.plan import (
+    BACKWARD,
+    FORWARD,
+    ONE_F_ONE_B_SCHEDULES,
+    PipelineConfig,
+    PipelinePlan,
+    StepTable,
+    one_f_one_b_table,
+)
+from jaxscale.sharding import activation_rules, current_activation_rules
 
 # loss_fn(head, y, microbatch) -> scalar: the loss of one microbatch's output of the last layer; the step's
 # loss is the sum over microbatches.
 LossFn = Callable[[object, jax.Array, jax.Array], jax.Array]
 
 AXIS = "pipeline"
+
+# head_loss(head, y, targets) -> scalar: the mean loss over the rows of y (the last layer's output) against
+# `targets` (a pytree of arrays whose first dimension is those rows), with the weights `head`.
+HeadLossFn = Callable[[object, jax.Array, object], jax.Array]
+
+
+def run_layers_and_loss(apply_layer: LayerFn, stack, x: jax.Array, segment_ids: jax.Array | None,
+                        head_loss: HeadLossFn, head, targets, *, remat: str = "none", unroll: int = 1,
+                        settings: PipelineConfig | None = None) -> jax.Array:
+    """head_loss(head, layers(x), targets): x through every layer of `stack` as `run_layers` runs it, then the
+    loss. Under a 1F1B schedule (`pipeline.schedule=1f1b` or `interleaved_1f1b` on a pipeline mesh) each
+    microbatch's loss is taken inside the schedule, on the last stage, so that its backward can start before
+    the later microbatches' forwards; the value is then the mean of the microbatches' losses, equal to the
+    whole batch's when `head_loss` is a mean over rows (microbatches have equal rows). `train.remat` and
+    `unroll` do not apply there: a stage's backward always recomputes its chunk's forward from the stashed
+    input. This is how a model of one's own is staged with 1F1B."""
+    n_layers = jax.tree.leaves(stack)[0].shape[0]
+    plan = active_plan(n_layers, settings)
+    if plan is None or settings.schedule not in ONE_F_ONE_B_SCHEDULES:  # a plan implies settings
+        y = run_layers(apply_layer, stack, x, segment_ids, remat=remat, unroll=unroll, settings=settings)
+        return head_loss(head, y, targets)
+    mesh, rules = current_activation_rules()
+    with activation_rules(mesh, stage_rules(rules)):
+        return pipelined_loss(apply_layer, head_loss, stack, head, x, segment_ids, targets, plan, mesh)
+
+
+def pipelined_loss(apply_layer: LayerFn, head_loss: HeadLossFn, stack, head, x: jax.Array,
+                   segment_ids: jax.Array | None, targets, plan: PipelinePlan, mesh: Mesh | None) -> jax.Array:
+    """The mean over microbatches of head_loss(head, layers(x_m), targets_m), differentiable in `stack`, `head`
+    and `x`: differentiated, the 1F1B schedule (`value_and_grad`) runs forwards and backwards together and
+    the gradients are kept for the backward pass, which only scales them by the incoming cotangent. Evaluated
+    without a gradient, the layers run forward only, as GPipe (or circular, interleaved) runs them."""
+    m = plan.microbatches
+    table = one_f_one_b_table(plan.stages, m, plan.repeats)
+
+    def microbatch_loss(targets):
+        split = jax.tree.map(lambda t: split_microbatches(t, m), targets)
+        return lambda h, y, mb: head_loss(h, y, jax.tree.map(lambda t: t[mb], split)) / m
+
+    @jax.custom_vjp
+    def loss(stack, head, x, segment_ids, targets):
+        ys = split_microbatches(pipelined_layers(apply_layer, stack, x, segment_ids, plan), m)
+        each = microbatch_loss(targets)
+        return jnp.sum(jax.lax.map(lambda mb: each(head, ys[mb], mb), jnp.arange(m)))
+
+    def forward_and_backward(stack, head, x, segment_ids, targets):  # (loss, its gradients as residuals)
+        return value_and_grad(apply_layer, microbatch_loss(targets), stack, head, x, segment_ids, plan, table,
+                              mesh)
+
+    def scaled(grads, cotangent):
+        return (*jax.tree.map(lambda g: (g * cotangent).astype(g.dtype), grads), None, None)
+
+    loss.defvjp(forward_and_backward, scaled)
+    return loss(stack, head, x, segment_ids, targets)
 
 
 def value_and_grad(apply_layer: LayerFn, loss_fn: LossFn, stack, head, x: jax.Array,

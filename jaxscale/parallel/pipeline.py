@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.errors import ConfigError
-from jaxscale.parallel.plan import PipelineConfig, PipelinePlan, plan_from_config
+from jaxscale.parallel.plan import ONE_F_ONE_B_SCHEDULES, PipelineConfig, PipelinePlan, plan_from_config
 from jaxscale.remat import dots_and_attention_saveable, remat_policy
 from jaxscale.sharding import Rules, activation_rules, constrain, current_activation_rules, rule_axes
 from jaxscale.trace_notes import note
@@ -68,6 +68,12 @@ def run_layers(apply_layer: LayerFn, stack, x: jax.Array, segment_ids: jax.Array
     is staged."""
     n_layers = jax.tree.leaves(stack)[0].shape[0]
     plan = active_plan(n_layers, settings)
+    schedule = settings.schedule if settings is not None else None
+    if plan is not None and schedule in ONE_F_ONE_B_SCHEDULES:
+        raise ConfigError(f"pipeline.schedule={schedule} runs each microbatch's loss inside the schedule, but the "
+                          f"model ran its layers through run_layers, which returns their output: run the layers "
+                          f"and the loss through jaxscale.parallel.run_layers_and_loss (README: Bring your own "
+                          f"model), or use pipeline.schedule=gpipe or circular")
     if plan is not None:  # remat applies to whole pipeline iterations there
         return pipelined_layers(apply_layer, stack, x, segment_ids, plan, remat, unroll)
     if remat != "none":

@@ -18,27 +18,32 @@ import numpy as np
 
 from jaxscale.errors import ConfigError
 
-SCHEDULES = ("gpipe", "circular")
+SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved_1f1b")
+ONE_F_ONE_B_SCHEDULES = ("1f1b", "interleaved_1f1b")  # the loss runs inside them: `run_layers_and_loss`
+REPEATED_SCHEDULES = ("circular", "interleaved_1f1b")  # `repeats` layer chunks per stage
 
 
 @dataclass
 class PipelineConfig:
     """How the layer stack runs when mesh.pipeline > 1; ignored otherwise."""
 
-    schedule: str = "gpipe"  # gpipe: one block of layers per stage | circular: `repeats` blocks per stage
+    # gpipe: one block of layers per stage | circular: `repeats` blocks per stage | 1f1b: one block, each stage
+    # alternating forwards and backwards | interleaved_1f1b: 1f1b with `repeats` blocks per stage
+    schedule: str = "gpipe"
     # Pieces each batch (each gradient-accumulation microbatch) is cut into; None: one per stage.
     microbatches: int | None = None
-    repeats: int = 2  # circular only: layer chunks (virtual stages) per stage; the bubble shrinks by this
+    repeats: int = 2  # circular, interleaved_1f1b: layer chunks (virtual stages) per stage; the bubble shrinks by this
     # Unroll the schedule's iterations into straight-line code: no loop buffers, and with train.remat=none
     # nothing is recomputed. Faster on GPUs; compile time grows with iterations x layers per stage.
     unroll: bool = False
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"pipeline.schedule={self.schedule!r}; choose gpipe or circular")
-        if self.schedule == "circular" and self.repeats < 2:
-            raise ConfigError(f"pipeline.repeats={self.repeats} with pipeline.schedule=circular: a circular "
-                              f"schedule needs repeats >= 2 (one repeat is gpipe)")
+            raise ConfigError(f"pipeline.schedule={self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.schedule in REPEATED_SCHEDULES and self.repeats < 2:
+            one = "gpipe" if self.schedule == "circular" else "1f1b"
+            raise ConfigError(f"pipeline.repeats={self.repeats} with pipeline.schedule={self.schedule}: it needs "
+                              f"repeats >= 2 (one repeat is {one})")
         if self.microbatches is not None and self.microbatches < 1:
             raise ConfigError(f"pipeline.microbatches={self.microbatches} must be >= 1, or null for one per "
                               f"stage")
@@ -104,15 +109,18 @@ def plan_pipeline(n_layers: int, stages: int, microbatches: int, repeats: int = 
 
 
 def plan_from_config(settings: PipelineConfig, n_layers: int, stages: int) -> PipelinePlan:
-    repeats = settings.repeats if settings.schedule == "circular" else 1
+    repeats = settings.repeats if settings.schedule in REPEATED_SCHEDULES else 1
     microbatches = stages if settings.microbatches is None else settings.microbatches
     return plan_pipeline(n_layers, stages, microbatches, repeats, settings.unroll)
 
 
-def describe_plan(plan: PipelinePlan) -> str:
-    """A table of the layers each stage holds, in the order it runs them, for the training log."""
+def describe_plan(plan: PipelinePlan, schedule: str | None = None) -> str:
+    """A table of the layers each stage holds, in the order it runs them, for the training log. `schedule`:
+    the pipeline.schedule name; None: gpipe or circular, by the plan's repeats."""
     slots = plan.slot_layers()
-    schedule = "gpipe" if plan.repeats == 1 else f"circular, {plan.repeats} repeats"
+    schedule = schedule or ("gpipe" if plan.repeats == 1 else "circular")
+    if plan.repeats > 1:
+        schedule += f", {plan.repeats} repeats"
     lines = [(f"pipeline: {plan.stages} stages ({schedule}), {plan.microbatches} microbatches, "
               f"{plan.iterations} iterations{' (unrolled)' if plan.unrolled else ''}, bubble {plan.bubble:.1%}"),
              f"{'stage':>5}  {'layers':>6}  {'padding':>7}  layers it runs (model depth), a range per repeat"]

@@ -43,9 +43,10 @@ def next_token_loss(config: Config, platform: str) -> LossFn:
     def loss_fn(model, batch, rngs):
         tokens = batch["tokens"]
         segments = batch["segment_ids"][:, :-1] if use_segments else None
+        if config.model.moe is None:  # the loss through run_layers_and_loss: 1F1B schedules take it inside
+            return model.next_token_loss(tokens[:, :-1], tokens[:, 1:], segments, **options)
         logits, moe_stats = model.forward(tokens[:, :-1], segments, **options)
-        loss = cross_entropy(logits, tokens[:, 1:])
-        return loss if moe_stats is None else moe_objective(loss, moe_stats, config.model.moe)
+        return moe_objective(cross_entropy(logits, tokens[:, 1:]), moe_stats, config.model.moe)
 
     return loss_fn
 

@@ -361,7 +361,7 @@ def start_run_dir(config: Config, trainer: Trainer, dataset, builtin: bool) -> P
         log.info(trainer.plan.elastic_note)
     if trainer.mesh.shape["pipeline"] > 1:
         log.info("%s", describe_plan(plan_from_config(config.pipeline, config.model.n_layers,
-                                                      trainer.mesh.shape["pipeline"])))
+                                                      trainer.mesh.shape["pipeline"]), config.pipeline.schedule))
     return run_dir
 
 

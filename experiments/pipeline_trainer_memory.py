@@ -1,0 +1,62 @@
+"""Peak temporary memory per device of the trainer's compiled train step (`memory_analysis()`) for each
+`pipeline.schedule`, on 4 simulated CPU devices, one stage each, as the microbatch count grows at a fixed
+microbatch size: the whole step (embedding, output head, loss, AdamW update) as `jaxscale train` compiles it.
+
+The model is a tiny Llama (8 layers, d_model 64) at 256 tokens per row, microbatches of 2 rows, float32, so
+per-microbatch activations dominate what a stage holds. GPipe runs with train.remat=none (keeps every matmul
+output) and full; circular with full; 1F1B and interleaved 1F1B recompute each chunk in its backward whatever
+train.remat says.
+
+Usage: PYTHONPATH=$PWD python experiments/pipeline_trainer_memory.py   (prints a table; ~10 minutes on 2 cores)
+"""
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+from jaxscale.config import Config, MeshConfig, TrainConfig  # noqa: E402
+from jaxscale.model import ModelConfig  # noqa: E402
+from jaxscale.parallel import PipelineConfig, bubble_fraction  # noqa: E402
+from jaxscale.parallel.plan import one_f_one_b_peak_stash  # noqa: E402
+from jaxscale.training import build_trainer  # noqa: E402
+
+STAGES, LAYERS, ROWS, LENGTH = 4, 8, 2, 256
+CASES = (("gpipe", "none"), ("gpipe", "full"), ("circular", "full"), ("1f1b", "none"),
+         ("interleaved_1f1b", "none"))
+
+
+def temp_bytes(schedule: str, microbatches: int, remat: str) -> int:
+    model = ModelConfig.from_preset("tiny-llama", seq_len=LENGTH, n_layers=LAYERS)
+    config = Config(model=model, mesh=MeshConfig(data=1, pipeline=STAGES),
+                    train=TrainConfig(batch_size=ROWS * microbatches, compute_dtype="float32", remat=remat),
+                    pipeline=PipelineConfig(schedule=schedule, microbatches=microbatches, repeats=2))
+    trainer = build_trainer(config, jax.devices()[:STAGES])
+    batch = {"tokens": jax.ShapeDtypeStruct((ROWS * microbatches, LENGTH + 1), jax.numpy.int32,
+                                            sharding=trainer.data_sharding),
+             "segment_ids": jax.ShapeDtypeStruct((ROWS * microbatches, LENGTH + 1), jax.numpy.int32,
+                                                 sharding=trainer.data_sharding)}
+    compiled = trainer.train_step.lower(trainer.abstract_state(), batch).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def main():
+    activation = ROWS * LENGTH * 64 * 4
+    print(f"{STAGES} stages, {LAYERS} layers, microbatch {ROWS} x {LENGTH} tokens: one activation "
+          f"{activation / 2**10:.0f} KiB")
+    print(f"{'schedule, remat':24} {'m':>3} {'temp KiB':>9} {'per microbatch':>14} {'bubble':>7} {'stash':>6}")
+    for schedule, remat in CASES:
+        repeats = 2 if schedule in ("circular", "interleaved_1f1b") else 1
+        first = None
+        for m in (4, 8, 16):
+            stash = max(one_f_one_b_peak_stash(STAGES, m, repeats)) if "1f1b" in schedule else repeats * m
+            size = temp_bytes(schedule, m, remat)
+            first = first or (m, size)
+            growth = "" if m == first[0] else f"{(size - first[1]) / (m - first[0]) / activation:.2f} act."
+            print(f"{schedule + ', ' + remat:24} {m:>3} {size / 2**10:>9.0f} {growth:>14} "
+                  f"{bubble_fraction(STAGES, m, repeats):>7.1%} {stash:>6}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
