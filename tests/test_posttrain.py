@@ -14,6 +14,7 @@ from jaxscale.data.tokenizers import ByteTokenizer
 from jaxscale.errors import ConfigError
 from jaxscale.kernels.cross_entropy import cross_entropy
 from jaxscale.model import ModelConfig
+from jaxscale.parallel.moe_config import MoEConfig
 from jaxscale.posttrain.chat import BuiltinTemplate, load_template
 from jaxscale.posttrain.config import PosttrainConfig
 from jaxscale.posttrain.losses import dpo_loss, sft_loss
@@ -45,8 +46,11 @@ def files(tmp_path_factory):
     return {"sft": write_jsonl(root / "sft.jsonl", sft), "dpo": write_jsonl(root / "dpo.jsonl", dpo)}
 
 
-def make_config(method: str, source: str, mesh: dict | None = None, style: str = "gpt2", **posttrain) -> Config:
-    return Config(model=ModelConfig.from_preset("tiny" if style == "gpt2" else "tiny-llama", seq_len=SEQ_LEN),
+def make_config(method: str, source: str, mesh: dict | None = None, style: str = "gpt2", moe: dict | None = None,
+                **posttrain) -> Config:
+    model = ModelConfig.from_preset("tiny" if style == "gpt2" else "tiny-llama", seq_len=SEQ_LEN,
+                                    moe=MoEConfig(experts=4, top_k=2, **moe) if moe is not None else None)
+    return Config(model=model,
                   mesh=MeshConfig(**{"data": 1, **(mesh or {})}),
                   optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0),
                   train=TrainConfig(steps=2, batch_size=8, compute_dtype="float32", eval_every=0),
@@ -275,3 +279,40 @@ def test_a_template_that_fails_to_render_is_named_with_the_example(tmp_path):
     cfg = make_config("sft", source).posttrain
     with pytest.raises(ConfigError, match=r"c.jsonl:1: the chat template failed to render .*must start with user"):
         build_rows(cfg, load_template(str(tmp_path / "tokenizer_config.json"), ByteTokenizer()), 65, 256)
+
+
+def bound(trainer, loss_fn, batch):
+    return lambda params: loss_fn(trainer.model.bind(params), batch, None)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_with_experts_the_balance_losses_are_added_and_trained(files, method):
+    """With model.moe the fine-tuning loss adds the experts' balance and z-losses with their weights, reports
+    the loss without them, and their gradient reaches the router."""
+    weights = dict(aux_loss_weight=0.5, z_loss_weight=0.25)
+    configs = {name: make_config(method, files[method], moe=moe) for name, moe in
+               (("weighted", weights), ("off", dict(aux_loss_weight=0.0, z_loss_weight=0.0)))}
+    trainer = build_trainer(configs["off"], jax.devices()[:1])
+    params = trainer.init_state().params
+    rows, _ = open_posttrain_data(configs["off"])
+    batch = stacked(rows, range(4))
+    if method == "dpo":
+        batch["reference_chosen"], batch["reference_rejected"] = np.full(4, -30.0, np.float32), np.full(4, -31.0, np.float32)
+    out = {}
+    for name, config in configs.items():
+        settings, options = config.posttrain, model_options(config, "cpu")
+        loss_fn = (sft_loss(options, config.model.moe) if method == "sft"
+                   else dpo_loss(settings, options, config.model.moe))
+        out[name] = jax.jit(jax.value_and_grad(bound(trainer, loss_fn, batch), has_aux=True))(params)
+    ((loss, metrics), grads), ((plain, _), plain_grads) = out["weighted"], out["off"]
+    name = "cross_entropy" if method == "sft" else "preference_loss"
+    assert float(metrics[name]) == pytest.approx(float(plain), rel=1e-6)
+    want = plain + weights["aux_loss_weight"] * metrics["moe_aux_loss"] + weights["z_loss_weight"] * metrics["moe_z_loss"]
+    assert float(metrics["moe_aux_loss"]) > 0 and float(loss) == pytest.approx(float(want), rel=1e-6)
+    assert float(loss) > float(plain)
+    router = [(path, g) for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+              if jax.tree_util.keystr(path).endswith("['router']")]
+    plain_router = [g for path, g in jax.tree_util.tree_flatten_with_path(plain_grads)[0]
+                    if jax.tree_util.keystr(path).endswith("['router']")]
+    assert len(router) == len(plain_router) == 1
+    assert not np.allclose(router[0][1], plain_router[0])

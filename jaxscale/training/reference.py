@@ -8,7 +8,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxscale.platforms import devices_platform
-from jaxscale.posttrain.losses import response_log_probs
+from jaxscale.posttrain.losses import pair_log_probs
 from jaxscale.posttrain.rows import PreferencePairs
 from jaxscale.training.batches import batch_shard, to_global
 from jaxscale.training.language_model import model_options
@@ -26,8 +26,8 @@ def attach_reference(trainer, *pair_sets: PreferencePairs | None) -> None:
         with tracing_model(config, mesh, trainer.plan.per_device_batch):
             model = trainer.model.bind(params)
             model.eval()
-            return jnp.stack([response_log_probs(model, batch[f"{side}_tokens"], batch[f"{side}_mask"], options)
-                              for side in ("chosen", "rejected")], -1)
+            chosen, rejected, _ = pair_log_probs(model, batch, options)
+            return jnp.stack([chosen, rejected], -1)
 
     compute = jax.jit(log_probs, in_shardings=(trainer.shardings.params, trainer.data_sharding),
                       out_shardings=NamedSharding(mesh, PartitionSpec()))
