@@ -23,6 +23,7 @@ from jaxscale.errors import ConfigError
 from jaxscale.hf import initial_params
 from jaxscale.mesh import build_mesh
 from jaxscale.model import FlaxModel, LossFn, flax_model
+from jaxscale.model.run_source import RUN_PREFIX
 from jaxscale.platforms import devices_platform
 from jaxscale.sharding import names_used
 from jaxscale.training.elastic import adapt_to_devices, per_device_batch
@@ -37,6 +38,7 @@ from jaxscale.training.language_model import (
 )
 from jaxscale.training.optimizer import build_optimizer
 from jaxscale.training.posttrain import posttrain_loss
+from jaxscale.training.run_init import run_params
 from jaxscale.training.step import (
     TrainState,
     batch_sharding,
@@ -97,11 +99,12 @@ class Trainer:
     _store: CheckpointStore | None = field(default=None, repr=False)
 
     def init_state(self) -> TrainState:
-        """The state at step 0, created sharded: drawn from the seed, or, with model.init_from=hf:<dir> and the
-        built-in decoder, the Hugging Face model's weights, each device reading only its own blocks."""
+        """The state at step 0, created sharded: drawn from the seed, or, with the built-in decoder and
+        model.init_from=hf:<dir> (or run:<dir>), the Hugging Face model's weights (or the parameters of that run's
+        newest checkpoint), each device reading only its own blocks."""
         if self.plan.builtin_model and self.config.model.init_from:
-            return state_from_params(initial_params(self.config, self.abstract_state().params), self.tx,
-                                     self.shardings)
+            read = run_params if self.config.model.init_from.startswith(RUN_PREFIX) else initial_params
+            return state_from_params(read(self.config, self.abstract_state().params), self.tx, self.shardings)
         return init_state(self.model, self.tx, self.shardings, self.config.train.seed)
 
     def abstract_state(self) -> TrainState:
