@@ -148,7 +148,8 @@ def pairs_and_model(files):
     return trainer, params, batch, {side: logits(params, batch[f"{side}_tokens"]) for side in ("chosen", "rejected")}
 
 
-@pytest.mark.parametrize("settings", [dict(), dict(label_smoothing=0.2), dict(loss="ipo", beta=0.5)])
+@pytest.mark.parametrize("settings", [dict(), dict(label_smoothing=0.2), dict(loss="ipo", beta=0.5),
+                                      dict(nll_weight=0.5)])
 def test_dpo_loss_margin_and_accuracy_equal_a_hand_computation(files, pairs_and_model, settings):
     trainer, params, batch, logits = pairs_and_model
     config = make_config("dpo", files["dpo"], **settings)
@@ -160,7 +161,9 @@ def test_dpo_loss_margin_and_accuracy_equal_a_hand_computation(files, pairs_and_
     log_sigmoid = lambda x: -np.log1p(np.exp(-x))  # noqa: E731
     want = ((h - 1 / (2 * beta)) ** 2 if config.posttrain.loss == "ipo"
             else -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h)).mean()
-    assert float(loss) == pytest.approx(want, rel=1e-5)
+    nll = -policy["chosen"].sum() / np.asarray(batch["chosen_mask"])[:, 1:].sum()  # per chosen token
+    assert float(metrics["chosen_nll"]) == pytest.approx(nll, rel=1e-5)
+    assert float(loss) == pytest.approx(want + config.posttrain.nll_weight * nll, rel=1e-5)
     assert float(metrics["reward_margin"]) == pytest.approx((beta * h).mean(), rel=1e-5, abs=1e-6)
     assert float(metrics["reward_accuracy"]) == (h > 0).mean()
     assert 0 < (h > 0).mean() < 1  # the hand-picked references make both outcomes occur
@@ -305,7 +308,7 @@ def test_with_experts_the_balance_losses_are_added_and_trained(files, method):
                    else dpo_loss(settings, options, config.model.moe))
         out[name] = jax.jit(jax.value_and_grad(bound(trainer, loss_fn, batch), has_aux=True))(params)
     ((loss, metrics), grads), ((plain, _), plain_grads) = out["weighted"], out["off"]
-    name = "cross_entropy" if method == "sft" else "preference_loss"
+    name = "cross_entropy" if method == "sft" else "dpo_loss"
     assert float(metrics[name]) == pytest.approx(float(plain), rel=1e-6)
     want = plain + weights["aux_loss_weight"] * metrics["moe_aux_loss"] + weights["z_loss_weight"] * metrics["moe_z_loss"]
     assert float(metrics["moe_aux_loss"]) > 0 and float(loss) == pytest.approx(float(want), rel=1e-6)

@@ -27,6 +27,10 @@ class PosttrainConfig:
     beta: float = 0.1  # DPO: strength of the pull towards the reference model
     label_smoothing: float = 0.0  # DPO (sigmoid loss): assumed share of flipped preference labels (cDPO)
     loss: str = "sigmoid"  # DPO loss: sigmoid (DPO, cDPO with label_smoothing) or ipo
+    # DPO: weight of the chosen responses' negative log-likelihood (per token) added to the preference loss
+    # (RPO). The preference loss alone leaves the tokens both responses share unanchored, and lowers the
+    # likelihood of both; 0: plain DPO
+    nll_weight: float = 0.0
     # reference log-probabilities: computed once from the initial model before the first step, kept beside the data
     reference: str = "cached"
 
@@ -40,6 +44,7 @@ class PosttrainConfig:
         check_range("posttrain.validation_fraction", self.validation_fraction, 0, 1, high_open=True)
         check_range("posttrain.beta", self.beta, 0, low_open=True)
         check_range("posttrain.label_smoothing", self.label_smoothing, 0, 0.5, high_open=True)
+        check_range("posttrain.nll_weight", self.nll_weight, 0)
         if self.label_smoothing and self.loss == "ipo":
             raise ConfigError("posttrain.label_smoothing applies to the sigmoid loss only; set posttrain.loss="
                               "sigmoid or posttrain.label_smoothing=0")

@@ -5,6 +5,7 @@ their segment ids. DPO: each response's log-probability (the sum over its masked
 against the reference's from the batch; h = (policy - reference) log-ratio of chosen over rejected.
   sigmoid: -(1 - ε) log σ(β h) - ε log σ(-β h)   (DPO; cDPO with label smoothing ε)
   ipo:     (h - 1 / (2β))²
+plus, with posttrain.nll_weight α, α times the chosen responses' mean negative log-likelihood per token (RPO).
 With model.moe, both add the experts' balance losses, as pretraining does (`jaxscale.model.moe.moe_objective`).
 """
 from __future__ import annotations
@@ -78,6 +79,11 @@ def dpo_loss(settings: PosttrainConfig, options: dict, moe: MoEConfig | None = N
         loss, metrics = preference_loss(chosen, rejected, batch["reference_chosen"], batch["reference_rejected"],
                                         beta=settings.beta, label_smoothing=settings.label_smoothing,
                                         loss=settings.loss)
-        return plus_balance(loss, metrics, moe_stats, moe, "preference_loss")
+        tokens = jnp.sum(batch["chosen_mask"][:, 1:].astype(jnp.float32))
+        metrics["chosen_nll"] = -jnp.sum(chosen) / jnp.maximum(tokens, 1.0)
+        if settings.nll_weight:
+            metrics["preference_loss"] = loss
+            loss = loss + settings.nll_weight * metrics["chosen_nll"]
+        return plus_balance(loss, metrics, moe_stats, moe, "dpo_loss")
 
     return loss_fn
