@@ -182,14 +182,14 @@ def test_the_cached_reference_is_the_initial_policy_so_the_first_loss_is_log_2(f
     assert (pairs.reference < 0).all()  # log-probabilities of whole responses
 
 
-def resumed_losses(tmp_path, method, source, stops):
+def resumed_losses(tmp_path, method, source, stops, extra=()):
     """Training rows' losses of a run trained to each step in `stops` in turn, resuming from its checkpoint (a
     constant learning rate: the schedule does not depend on train.steps)."""
     import jaxscale
 
     rows = []
     for steps in stops:
-        config = jaxscale.load_config("default", [
+        config = jaxscale.load_config("default", [*extra,
             f"posttrain.method={method}", f"posttrain.source={source}", "posttrain.validation_fraction=0",
             f"model.seq_len={SEQ_LEN}", "model.d_model=64", "model.n_layers=2", "mesh.data=2", "mesh.fsdp=2",
             "mesh.tensor=2", "optimizer.warmup_steps=0", "optimizer.min_lr_ratio=1", f"train.steps={steps}", "train.batch_size=8", "train.log_every=1",
@@ -199,10 +199,12 @@ def resumed_losses(tmp_path, method, source, stops):
 
 
 @pytest.mark.slow  # 4-6 minutes each on the shared 2-core CPU machine: four sessions of a run on 8 devices
-@pytest.mark.parametrize("method", ["sft", "dpo"])
-def test_a_resumed_run_continues_exactly(files, tmp_path, method):
-    straight = resumed_losses(tmp_path / "straight", method, files[method], [4])
-    resumed = resumed_losses(tmp_path / "resumed", method, files[method], [2, 4])
+@pytest.mark.parametrize("method, reference", [("sft", "cached"), ("dpo", "cached"), ("dpo", "frozen")])
+def test_a_resumed_run_continues_exactly(files, tmp_path, method, reference):
+    """With posttrain.reference=frozen the frozen copy is checkpointed with the state and restored with it."""
+    extra = [f"posttrain.reference={reference}"]
+    straight = resumed_losses(tmp_path / "straight", method, files[method], [4], extra)
+    resumed = resumed_losses(tmp_path / "resumed", method, files[method], [2, 4], extra)
     assert [step for step, _ in resumed] == [1, 2, 3, 4]
     np.testing.assert_array_equal(resumed, straight)
 
@@ -211,7 +213,7 @@ def layout_run(config: Config, devices):
     """(loss, gradient norm) per step and the reference values, on `devices`."""
     trainer = build_trainer(config, devices)
     rows, _ = open_posttrain_data(config)
-    if config.posttrain.method == "dpo":
+    if config.posttrain.method == "dpo" and config.posttrain.reference == "cached":
         attach_reference(trainer, rows)
     state, out = trainer.init_state(), []
     for step in range(config.train.steps):
@@ -232,6 +234,27 @@ def test_one_device_equals_data_fsdp_and_tensor_layouts(files, method):
         np.testing.assert_allclose(got, want, rtol=1e-5)
         if method == "dpo":
             np.testing.assert_allclose(got_reference, reference, rtol=1e-5)
+
+
+FROZEN_TOLERANCE = dict(rtol=2e-6, atol=1e-6)  # in-step and cached reference: separately compiled float32
+
+
+@pytest.mark.parametrize("mesh", [pytest.param(None, id="one-device"),
+                                  pytest.param({"data": 2, "fsdp": 2, "tensor": 2}, id="data2-fsdp2-tensor2",
+                                               marks=pytest.mark.slow)])  # ~1 minute: 8 devices, 2 compilations
+def test_a_frozen_reference_gives_the_cached_references_losses(files, mesh):
+    """posttrain.reference=frozen computes the reference in the step from a frozen copy of the initial
+    parameters (in the state, sharded like them); the losses and gradient norms are the cached reference's."""
+    devices = jax.devices()[:1] if mesh is None else jax.devices()
+    cached, _ = layout_run(make_config("dpo", files["dpo"], mesh, reference="cached"), devices)
+    config = make_config("dpo", files["dpo"], mesh, reference="frozen")
+    trainer = build_trainer(config, devices)
+    state = trainer.init_state()
+    assert jax.tree.structure(state.reference) == jax.tree.structure(state.params)
+    assert all(r.sharding == p.sharding for r, p in zip(jax.tree.leaves(state.reference), jax.tree.leaves(state.params)))
+    frozen, _ = layout_run(config, devices)
+    assert frozen[0][0] == pytest.approx(math.log(2), abs=1e-6)
+    np.testing.assert_allclose(frozen, cached, **FROZEN_TOLERANCE)
 
 
 BAD = [

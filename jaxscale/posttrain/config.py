@@ -8,7 +8,7 @@ from jaxscale.errors import ConfigError, check_range
 METHODS = ("none", "sft", "dpo")
 TRUNCATE_RULES = ("none", "prompt", "end")
 DPO_LOSSES = ("sigmoid", "ipo")
-REFERENCES = ("cached",)
+REFERENCES = ("cached", "frozen")
 
 
 @dataclass
@@ -31,7 +31,9 @@ class PosttrainConfig:
     # (RPO). The preference loss alone leaves the tokens both responses share unanchored, and lowers the
     # likelihood of both; 0: plain DPO
     nll_weight: float = 0.0
-    # reference log-probabilities: computed once from the initial model before the first step, kept beside the data
+    # DPO's reference log-probabilities, from the initial model: cached = computed once before the first step and
+    # kept beside the pairs (no weights in memory); frozen = a copy of the initial parameters in the training
+    # state, sharded like the policy's, the reference computed in each step (one more forward pass a step)
     reference: str = "cached"
 
     def __post_init__(self) -> None:

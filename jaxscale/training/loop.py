@@ -217,8 +217,8 @@ def prepare(config: Config, model, loss_fn: LossFn | None, data, eval_data) -> R
     trainer = build(plan, jax.devices(), model, loss_fn, example)
     if builtin and config.model.init_from.startswith(RUN_PREFIX):
         check_run_params(config, trainer.abstract_state().params)
-    if config.posttrain.method == "dpo" and loss_fn is None:
-        attach_reference(trainer, data, eval_data)
+    if config.posttrain.method == "dpo" and loss_fn is None:  # frozen: the step computes the training pairs'
+        attach_reference(trainer, data if config.posttrain.reference == "cached" else None, eval_data)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.data_sharding)
                       for k, v in (example or lm_batch_spec(config)).items()}
     compile_started = time.perf_counter()

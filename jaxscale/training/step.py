@@ -27,19 +27,23 @@ class TrainState:
     step: jax.Array
     params: dict
     opt_state: Any
+    # DPO with posttrain.reference=frozen: the initial parameters, sharded like `params`, never updated (no
+    # optimizer state); checkpointed with the rest, so a resumed run has them exactly
+    reference: dict | None = None
 
 
 def state_shardings(model: FlaxModel, tx: optax.GradientTransformation, mesh: Mesh, param_rules: dict,
-                    offload_optimizer: bool = False) -> TrainState:
+                    offload_optimizer: bool = False, frozen_reference: bool = False) -> TrainState:
     """Parameters follow the rules; optimizer moments follow their parameter (ZeRO: sharded like it), in host
-    memory (`pinned_host`) with `offload_optimizer`; scalars (step, counts) are replicated on the devices."""
+    memory (`pinned_host`) with `offload_optimizer`; scalars (step, counts) are replicated on the devices. With
+    `frozen_reference`, the state holds a frozen copy of the parameters, sharded like them."""
     params = param_shardings(model.logical_axes, model.shapes, mesh, param_rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, model.shapes)
     place = (lambda sharding: sharding.with_memory_kind("pinned_host")) if offload_optimizer else (lambda s: s)
     opt = optax.tree_map_params(tx, lambda _, sharding: place(sharding), abstract_opt, params,
                                 transform_non_params=lambda _: replicated)
-    return TrainState(step=replicated, params=params, opt_state=opt)
+    return TrainState(step=replicated, params=params, opt_state=opt, reference=params if frozen_reference else None)
 
 
 def on_device(tree, shardings):
@@ -59,7 +63,8 @@ def init_state(model: FlaxModel, tx: optax.GradientTransformation, shardings: Tr
 
     def init(key):
         params = model.init(key)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          reference=params if shardings.reference is not None else None)
 
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
@@ -67,8 +72,9 @@ def init_state(model: FlaxModel, tx: optax.GradientTransformation, shardings: Tr
 def state_from_params(params: dict, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
     """The state at step 0 for parameters given (a pretrained model): fresh optimizer moments beside them."""
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    reference = jax.tree.map(jnp.copy, params) if shardings.reference is not None else None  # its own buffers
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
-                      opt_state=opt_state)
+                      opt_state=opt_state, reference=reference)
 
 
 def batch_sharding(mesh: Mesh, activation_rules_table: dict) -> NamedSharding:
@@ -123,7 +129,9 @@ def traced_rules(config: Config, mesh: Mesh, per_device_batch: int) -> dict:
 
 def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule: optax.Schedule, config: Config,
                     mesh: Mesh, shardings: TrainState, data_sharding: NamedSharding, per_device_batch: int,
-                    compute_dtype) -> Callable:
+                    compute_dtype, reference_fn: Callable | None = None) -> Callable:
+    """`reference_fn(reference params, batch) -> entries added to the batch`, for a state with a frozen
+    reference (DPO's reference log-probabilities, computed in the step)."""
     grad_fn = jax.value_and_grad(model.loss, has_aux=True)
     if config.train.grad_reduce_dtype == "compute":
         grad_fn = in_compute_dtype(grad_fn, compute_dtype)
@@ -151,6 +159,8 @@ def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule
 
     def train_step(state: TrainState, batch: dict):
         with tracing_model(config, mesh, per_device_batch):
+            if state.reference is not None:
+                batch = {**batch, **reference_fn(jax.lax.stop_gradient(state.reference), batch)}
             (loss, model_metrics), grads = accumulated_grads(state.params, batch,
                                                              step_key(config.train.seed, state.step))
         clash = set(model_metrics) & set(STEP_METRICS)
@@ -167,7 +177,7 @@ def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": schedule(state.step),
                    **guard_metrics(opt_state), **model_metrics}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, reference=state.reference), metrics
 
     return jax.jit(train_step, in_shardings=(shardings, data_sharding), out_shardings=(shardings, None),
                    donate_argnums=0)

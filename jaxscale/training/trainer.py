@@ -38,6 +38,7 @@ from jaxscale.training.language_model import (
 )
 from jaxscale.training.optimizer import build_optimizer
 from jaxscale.training.posttrain import posttrain_loss
+from jaxscale.training.reference import reference_log_probs
 from jaxscale.training.run_init import run_params
 from jaxscale.training.step import (
     TrainState,
@@ -111,7 +112,8 @@ class Trainer:
         """Shape, dtype and sharding of every array of the state, without computing any: the target that a
         checkpoint restores into, each device reading only its own pieces."""
         shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.model.shapes,
-                            opt_state=jax.eval_shape(self.tx.init, self.model.shapes))
+                            opt_state=jax.eval_shape(self.tx.init, self.model.shapes),
+                            reference=self.model.shapes if self.shardings.reference is not None else None)
         return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                             shapes, self.shardings)
 
@@ -229,11 +231,14 @@ def build(plan: RunPlan, devices: list, model=None, loss_fn: LossFn | None = Non
     tx, schedule = build_optimizer(config.optimizer, config.train.steps, flax,
                                    balance_rate=moe.bias_update_rate if moe else 0.0)
     tx = guard_updates(tx, config.guards)
-    shardings = state_shardings(flax, tx, mesh, config.sharding.params, config.train.offload_optimizer)
+    frozen = plan.builtin_model and config.posttrain.method == "dpo" and config.posttrain.reference == "frozen"
+    shardings = state_shardings(flax, tx, mesh, config.sharding.params, config.train.offload_optimizer, frozen)
     data_sharding = batch_sharding(mesh, config.sharding.activations)
+    reference_fn = reference_log_probs(flax, model_options(config, platform)) if frozen else None
     return Trainer(config, mesh, flax, tx, schedule, shardings, data_sharding,
                    train_step=make_train_step(flax, tx, schedule, config, mesh, shardings, data_sharding,
-                                              plan.per_device_batch, compute_dtype_for(config, platform)),
+                                              plan.per_device_batch, compute_dtype_for(config, platform),
+                                              reference_fn),
                    eval_step=make_eval_step(flax, config, mesh, shardings, data_sharding, plan.per_device_batch),
                    plan=plan)
 
