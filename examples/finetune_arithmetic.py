@@ -7,8 +7,8 @@ Everything is made here, offline, in --work (default runs/finetune_arithmetic):
   3. DPO on the SFT model's own mistakes: for 2,000 more prompts, its greedy answer where that is wrong is the
      rejected answer and the sum the chosen one (posttrain.method=dpo, model.init_from=hf:<SFT model>), with
      the chosen answers' negative log-likelihood added (posttrain.nll_weight)
-  4. with --control: SFT continued instead, on the same prompts' right answers for as many steps (what the
-     likelihood term alone does)
+  4. with --control: SFT continued instead, on the same prompts' right answers, as many examples as DPO's
+     pairs (what the likelihood term alone does)
 Sums of 400 held-out number pairs are never trained on. Measured on each model, on held-out prompts:
 exact-match accuracy of greedy answers (200 prompts), and how often the model gives the right sum a higher
 probability than a wrong one, for two kinds of wrong answer: the SFT model's own wrong greedy answers to the
@@ -181,14 +181,14 @@ def main(argv: list[str] | None = None) -> dict:
     results["dpo_eval_reward_accuracy"] = last.get("eval_reward_accuracy")
     measure("dpo", dpo)
 
-    if args.control:  # the same prompts' right answers, 16 of them a step (4 packed rows of 4)
+    if args.control:  # the same prompts' right answers, as many as DPO's pairs: 16 rows of 4 a step, 1/4 the steps
         answers = work / "control.jsonl"
         answers.write_text("".join(json.dumps(dict(zip(("prompt", "response"), problem(a, b)))) + "\n"
                                    for a, b in data["dpo_prompts"]))
         control, results["control_s"], _ = train_and_export("control", [
             f"model.init_from=hf:{sft}", "posttrain.method=sft", f"posttrain.source={answers}",
-            f"train.steps={args.dpo_steps}", "train.eval_every=0", "train.batch_size=4",
-            f"optimizer.learning_rate={args.dpo_learning_rate}", "optimizer.warmup_steps=10"], work)
+            f"train.steps={max(1, args.dpo_steps // 4)}", "train.eval_every=0", "train.batch_size=16",
+            f"optimizer.learning_rate={args.dpo_learning_rate}", "optimizer.warmup_steps=3"], work)
         measure("control", control)
 
     (work / "results.json").write_text(json.dumps(results, indent=1) + "\n")
