@@ -19,6 +19,7 @@ from jaxscale.data import DataConfig, DataError
 from jaxscale.errors import ConfigError, check_range
 from jaxscale.model.config import ModelConfig, preset_values
 from jaxscale.model.hf_config import resolve_init_from
+from jaxscale.model.run_source import RUN_PREFIX, resolve_run_init_from
 from jaxscale.observe.profile import ProfileConfig
 from jaxscale.observe.stragglers import StragglerConfig
 from jaxscale.observe.trackers import TrackingConfig
@@ -374,8 +375,9 @@ def load_config(experiment: str | None = None, overrides: list[str] | tuple[str,
     model = raw.get("model")
     if isinstance(model, dict) and "preset" in model:  # preset values first, the experiment's own keys win
         raw["model"] = {**preset_values(model.pop("preset")), **model}
-    if isinstance(raw.get("model"), dict) and raw["model"].get("init_from"):  # the shape from its config.json
-        raw["model"] = resolve_init_from(raw["model"])
+    if isinstance(raw.get("model"), dict) and raw["model"].get("init_from"):  # the shape from its config
+        init_from = str(raw["model"]["init_from"])
+        raw["model"] = (resolve_run_init_from if init_from.startswith(RUN_PREFIX) else resolve_init_from)(raw["model"])
     mesh = raw.get("mesh")
     if isinstance(mesh, str):  # a mesh preset name; `--set mesh=gpu-8` works too
         raw["mesh"] = read_yaml(find_yaml(mesh, "meshes"))

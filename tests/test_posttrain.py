@@ -14,6 +14,7 @@ from jaxscale.data.tokenizers import ByteTokenizer
 from jaxscale.errors import ConfigError
 from jaxscale.kernels.cross_entropy import cross_entropy
 from jaxscale.model import ModelConfig
+from jaxscale.parallel.moe_config import MoEConfig
 from jaxscale.posttrain.chat import BuiltinTemplate, load_template
 from jaxscale.posttrain.config import PosttrainConfig
 from jaxscale.posttrain.losses import dpo_loss, sft_loss
@@ -45,8 +46,11 @@ def files(tmp_path_factory):
     return {"sft": write_jsonl(root / "sft.jsonl", sft), "dpo": write_jsonl(root / "dpo.jsonl", dpo)}
 
 
-def make_config(method: str, source: str, mesh: dict | None = None, style: str = "gpt2", **posttrain) -> Config:
-    return Config(model=ModelConfig.from_preset("tiny" if style == "gpt2" else "tiny-llama", seq_len=SEQ_LEN),
+def make_config(method: str, source: str, mesh: dict | None = None, style: str = "gpt2", moe: dict | None = None,
+                **posttrain) -> Config:
+    model = ModelConfig.from_preset("tiny" if style == "gpt2" else "tiny-llama", seq_len=SEQ_LEN,
+                                    moe=MoEConfig(experts=4, top_k=2, **moe) if moe is not None else None)
+    return Config(model=model,
                   mesh=MeshConfig(**{"data": 1, **(mesh or {})}),
                   optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0),
                   train=TrainConfig(steps=2, batch_size=8, compute_dtype="float32", eval_every=0),
@@ -144,7 +148,8 @@ def pairs_and_model(files):
     return trainer, params, batch, {side: logits(params, batch[f"{side}_tokens"]) for side in ("chosen", "rejected")}
 
 
-@pytest.mark.parametrize("settings", [dict(), dict(label_smoothing=0.2), dict(loss="ipo", beta=0.5)])
+@pytest.mark.parametrize("settings", [dict(), dict(label_smoothing=0.2), dict(loss="ipo", beta=0.5),
+                                      dict(nll_weight=0.5)])
 def test_dpo_loss_margin_and_accuracy_equal_a_hand_computation(files, pairs_and_model, settings):
     trainer, params, batch, logits = pairs_and_model
     config = make_config("dpo", files["dpo"], **settings)
@@ -156,7 +161,9 @@ def test_dpo_loss_margin_and_accuracy_equal_a_hand_computation(files, pairs_and_
     log_sigmoid = lambda x: -np.log1p(np.exp(-x))  # noqa: E731
     want = ((h - 1 / (2 * beta)) ** 2 if config.posttrain.loss == "ipo"
             else -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h)).mean()
-    assert float(loss) == pytest.approx(want, rel=1e-5)
+    nll = -policy["chosen"].sum() / np.asarray(batch["chosen_mask"])[:, 1:].sum()  # per chosen token
+    assert float(metrics["chosen_nll"]) == pytest.approx(nll, rel=1e-5)
+    assert float(loss) == pytest.approx(want + config.posttrain.nll_weight * nll, rel=1e-5)
     assert float(metrics["reward_margin"]) == pytest.approx((beta * h).mean(), rel=1e-5, abs=1e-6)
     assert float(metrics["reward_accuracy"]) == (h > 0).mean()
     assert 0 < (h > 0).mean() < 1  # the hand-picked references make both outcomes occur
@@ -175,14 +182,14 @@ def test_the_cached_reference_is_the_initial_policy_so_the_first_loss_is_log_2(f
     assert (pairs.reference < 0).all()  # log-probabilities of whole responses
 
 
-def resumed_losses(tmp_path, method, source, stops):
+def resumed_losses(tmp_path, method, source, stops, extra=()):
     """Training rows' losses of a run trained to each step in `stops` in turn, resuming from its checkpoint (a
     constant learning rate: the schedule does not depend on train.steps)."""
     import jaxscale
 
     rows = []
     for steps in stops:
-        config = jaxscale.load_config("default", [
+        config = jaxscale.load_config("default", [*extra,
             f"posttrain.method={method}", f"posttrain.source={source}", "posttrain.validation_fraction=0",
             f"model.seq_len={SEQ_LEN}", "model.d_model=64", "model.n_layers=2", "mesh.data=2", "mesh.fsdp=2",
             "mesh.tensor=2", "optimizer.warmup_steps=0", "optimizer.min_lr_ratio=1", f"train.steps={steps}", "train.batch_size=8", "train.log_every=1",
@@ -192,10 +199,12 @@ def resumed_losses(tmp_path, method, source, stops):
 
 
 @pytest.mark.slow  # 4-6 minutes each on the shared 2-core CPU machine: four sessions of a run on 8 devices
-@pytest.mark.parametrize("method", ["sft", "dpo"])
-def test_a_resumed_run_continues_exactly(files, tmp_path, method):
-    straight = resumed_losses(tmp_path / "straight", method, files[method], [4])
-    resumed = resumed_losses(tmp_path / "resumed", method, files[method], [2, 4])
+@pytest.mark.parametrize("method, reference", [("sft", "cached"), ("dpo", "cached"), ("dpo", "frozen")])
+def test_a_resumed_run_continues_exactly(files, tmp_path, method, reference):
+    """With posttrain.reference=frozen the frozen copy is checkpointed with the state and restored with it."""
+    extra = [f"posttrain.reference={reference}"]
+    straight = resumed_losses(tmp_path / "straight", method, files[method], [4], extra)
+    resumed = resumed_losses(tmp_path / "resumed", method, files[method], [2, 4], extra)
     assert [step for step, _ in resumed] == [1, 2, 3, 4]
     np.testing.assert_array_equal(resumed, straight)
 
@@ -204,7 +213,7 @@ def layout_run(config: Config, devices):
     """(loss, gradient norm) per step and the reference values, on `devices`."""
     trainer = build_trainer(config, devices)
     rows, _ = open_posttrain_data(config)
-    if config.posttrain.method == "dpo":
+    if config.posttrain.method == "dpo" and config.posttrain.reference == "cached":
         attach_reference(trainer, rows)
     state, out = trainer.init_state(), []
     for step in range(config.train.steps):
@@ -225,6 +234,27 @@ def test_one_device_equals_data_fsdp_and_tensor_layouts(files, method):
         np.testing.assert_allclose(got, want, rtol=1e-5)
         if method == "dpo":
             np.testing.assert_allclose(got_reference, reference, rtol=1e-5)
+
+
+FROZEN_TOLERANCE = dict(rtol=2e-6, atol=1e-6)  # in-step and cached reference: separately compiled float32
+
+
+@pytest.mark.parametrize("mesh", [pytest.param(None, id="one-device"),
+                                  pytest.param({"data": 2, "fsdp": 2, "tensor": 2}, id="data2-fsdp2-tensor2",
+                                               marks=pytest.mark.slow)])  # ~1 minute: 8 devices, 2 compilations
+def test_a_frozen_reference_gives_the_cached_references_losses(files, mesh):
+    """posttrain.reference=frozen computes the reference in the step from a frozen copy of the initial
+    parameters (in the state, sharded like them); the losses and gradient norms are the cached reference's."""
+    devices = jax.devices()[:1] if mesh is None else jax.devices()
+    cached, _ = layout_run(make_config("dpo", files["dpo"], mesh, reference="cached"), devices)
+    config = make_config("dpo", files["dpo"], mesh, reference="frozen")
+    trainer = build_trainer(config, devices)
+    state = trainer.init_state()
+    assert jax.tree.structure(state.reference) == jax.tree.structure(state.params)
+    assert all(r.sharding == p.sharding for r, p in zip(jax.tree.leaves(state.reference), jax.tree.leaves(state.params)))
+    frozen, _ = layout_run(config, devices)
+    assert frozen[0][0] == pytest.approx(math.log(2), abs=1e-6)
+    np.testing.assert_allclose(frozen, cached, **FROZEN_TOLERANCE)
 
 
 BAD = [
@@ -275,3 +305,40 @@ def test_a_template_that_fails_to_render_is_named_with_the_example(tmp_path):
     cfg = make_config("sft", source).posttrain
     with pytest.raises(ConfigError, match=r"c.jsonl:1: the chat template failed to render .*must start with user"):
         build_rows(cfg, load_template(str(tmp_path / "tokenizer_config.json"), ByteTokenizer()), 65, 256)
+
+
+def bound(trainer, loss_fn, batch):
+    return lambda params: loss_fn(trainer.model.bind(params), batch, None)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_with_experts_the_balance_losses_are_added_and_trained(files, method):
+    """With model.moe the fine-tuning loss adds the experts' balance and z-losses with their weights, reports
+    the loss without them, and their gradient reaches the router."""
+    weights = dict(aux_loss_weight=0.5, z_loss_weight=0.25)
+    configs = {name: make_config(method, files[method], moe=moe) for name, moe in
+               (("weighted", weights), ("off", dict(aux_loss_weight=0.0, z_loss_weight=0.0)))}
+    trainer = build_trainer(configs["off"], jax.devices()[:1])
+    params = trainer.init_state().params
+    rows, _ = open_posttrain_data(configs["off"])
+    batch = stacked(rows, range(4))
+    if method == "dpo":
+        batch["reference_chosen"], batch["reference_rejected"] = np.full(4, -30.0, np.float32), np.full(4, -31.0, np.float32)
+    out = {}
+    for name, config in configs.items():
+        settings, options = config.posttrain, model_options(config, "cpu")
+        loss_fn = (sft_loss(options, config.model.moe) if method == "sft"
+                   else dpo_loss(settings, options, config.model.moe))
+        out[name] = jax.jit(jax.value_and_grad(bound(trainer, loss_fn, batch), has_aux=True))(params)
+    ((loss, metrics), grads), ((plain, _), plain_grads) = out["weighted"], out["off"]
+    name = "cross_entropy" if method == "sft" else "dpo_loss"
+    assert float(metrics[name]) == pytest.approx(float(plain), rel=1e-6)
+    want = plain + weights["aux_loss_weight"] * metrics["moe_aux_loss"] + weights["z_loss_weight"] * metrics["moe_z_loss"]
+    assert float(metrics["moe_aux_loss"]) > 0 and float(loss) == pytest.approx(float(want), rel=1e-6)
+    assert float(loss) > float(plain)
+    router = [(path, g) for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+              if jax.tree_util.keystr(path).endswith("['router']")]
+    plain_router = [g for path, g in jax.tree_util.tree_flatten_with_path(plain_grads)[0]
+                    if jax.tree_util.keystr(path).endswith("['router']")]
+    assert len(router) == len(plain_router) == 1
+    assert not np.allclose(router[0][1], plain_router[0])

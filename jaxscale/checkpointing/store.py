@@ -231,6 +231,37 @@ class CheckpointStore:
             raise DamagedCheckpoint(f"{len(wrong)} arrays differ from what was saved, e.g. {wrong[0]}")
         return Restored(state, metadata, self.path(step), damaged=[])
 
+    def param_differences(self, step: int, abstract_params) -> list[str]:
+        """How the parameters of checkpoint `step` differ from `abstract_params` (shapes, dtypes, names): empty
+        when they match."""
+        saved = {path: entry for path, entry in self.read_metadata(step).arrays.items() if path.startswith(".params")}
+        return layout_differences(saved, {_state_path(path): layout
+                                          for path, layout in array_layout({"params": abstract_params}).items()})
+
+    def restore_params(self, step: int, abstract_params) -> dict:
+        """Only the parameters of checkpoint `step` (the state's `params`; no optimizer state is read), laid out
+        as `abstract_params` and checked against the fingerprints saved with them. Raises CheckpointError where
+        they differ from this model's, DamagedCheckpoint where they do not read back intact."""
+        differences = self.param_differences(step, abstract_params)
+        if differences:
+            raise CheckpointError(f"the parameters of checkpoint {self.path(step)} differ from this model's:\n  "
+                                  + "\n  ".join(differences))
+        target = {"params": abstract_params}
+        try:
+            check_array_files(self.path(step) / "state")
+            with ocp.PyTreeCheckpointer() as reader:
+                params = reader.restore(self.path(step) / "state", args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True))["params"]
+        except Exception as e:  # damaged files, missing or undecodable arrays
+            raise DamagedCheckpoint(f"parameters unreadable: {type(e).__name__}: {first_line(e)}") from e
+        saved = self.read_metadata(step).arrays
+        fingerprints, _ = summarize({"params": params})
+        wrong = [path for path, fp in fingerprints.items() if saved[_state_path(path)]["fingerprint"] != fp]
+        if wrong:
+            raise DamagedCheckpoint(f"{len(wrong)} parameters differ from what was saved, e.g. {wrong[0]}")
+        return params
+
     def restore_newest(self, abstract_state) -> Restored | None:
         """The newest checkpoint that reads back intact (see `restore`). Damaged ones on the way are moved
         aside with a warning naming them. None if there are no checkpoints; an error if there are some but
@@ -272,6 +303,11 @@ class CheckpointStore:
     def close(self) -> None:
         """Waits for saves in flight, then releases the manager."""
         self.manager.close()
+
+
+def _state_path(path: str) -> str:
+    """A leaf path of {"params": ...} as the saved state names it (the TrainState's attribute)."""
+    return ".params" + path.removeprefix("['params']")
 
 
 def first_line(error: Exception) -> str:

@@ -39,7 +39,9 @@ class ModelConfig:
     # Logits of the padding ids past vocab_size are the dtype's lowest value, so the softmax covers the real
     # vocabulary only (imported models: their loss is the original's). Off, padding ids are learned away.
     mask_vocab_padding: bool = False
-    init_from: str = ""  # "hf:<dir>": start from a Hugging Face checkpoint; the shape comes from its config.json
+    # "hf:<dir>": start from a Hugging Face checkpoint, the shape from its config.json; "run:<dir>": from the
+    # parameters of a jaxscale run's newest finished checkpoint, the shape from its config.yaml
+    init_from: str = ""
     moe: MoEConfig | None = None  # None: dense feed-forward layers; else mixtures of experts (jaxscale.model.moe)
 
     def __post_init__(self):
@@ -47,8 +49,9 @@ class ModelConfig:
             raise ConfigError(f"model.style={self.style!r}; choose gpt2 or llama")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ConfigError(f"model.attention={self.attention!r}; choose {', '.join(ATTENTION_IMPLEMENTATIONS)}")
-        if self.init_from and not self.init_from.startswith("hf:"):
-            raise ConfigError(f"model.init_from={self.init_from!r}; give hf:<directory of a Hugging Face model>")
+        if self.init_from and not self.init_from.startswith(("hf:", "run:")):
+            raise ConfigError(f"model.init_from={self.init_from!r}; give hf:<directory of a Hugging Face model> or "
+                              f"run:<run_dir of a jaxscale run>")
         for key in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
             value = getattr(self, key)
             if value is not None:  # n_kv_heads, d_ff: None means the default; 0 is a mistake

@@ -78,13 +78,14 @@ def no_stats(moe: MoEConfig) -> dict:
             "z_loss": jnp.zeros((), jnp.float32), "dropped": jnp.zeros((), jnp.float32)}
 
 
-def moe_objective(cross_entropy: jax.Array, stats: dict, moe: MoEConfig) -> tuple[jax.Array, dict]:
-    """(training loss, metrics) from the cross entropy and the routing statistics averaged over the MoE layers:
-    the loss adds the weighted balance and z-losses; the metrics hold each term, the dropped share, each
-    expert's share of the routed tokens (moe_load_<e>) and the busiest expert's share over an even one
-    (moe_load_max: 1.0 is even)."""
-    loss = cross_entropy + moe.aux_loss_weight * stats["aux_loss"] + moe.z_loss_weight * stats["z_loss"]
-    metrics = {"cross_entropy": cross_entropy, "moe_aux_loss": stats["aux_loss"], "moe_z_loss": stats["z_loss"],
+def moe_objective(loss: jax.Array, stats: dict, moe: MoEConfig, name: str = "cross_entropy"
+                  ) -> tuple[jax.Array, dict]:
+    """(training loss, metrics) from a loss (next-token cross entropy, or a fine-tuning loss) and the routing
+    statistics averaged over the MoE layers: the loss adds the weighted balance and z-losses; the metrics hold
+    the loss without them (as `name`), each term, the dropped share, each expert's share of the routed tokens
+    (moe_load_<e>) and the busiest expert's share over an even one (moe_load_max: 1.0 is even)."""
+    total = loss + moe.aux_loss_weight * stats["aux_loss"] + moe.z_loss_weight * stats["z_loss"]
+    metrics = {name: loss, "moe_aux_loss": stats["aux_loss"], "moe_z_loss": stats["z_loss"],
                "moe_dropped": stats["dropped"], "moe_load_max": jnp.max(stats["load"]) * moe.experts,
                **{f"moe_load_{e}": stats["load"][e] for e in range(moe.experts)}}
-    return loss, metrics
+    return total, metrics

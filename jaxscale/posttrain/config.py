@@ -8,7 +8,7 @@ from jaxscale.errors import ConfigError, check_range
 METHODS = ("none", "sft", "dpo")
 TRUNCATE_RULES = ("none", "prompt", "end")
 DPO_LOSSES = ("sigmoid", "ipo")
-REFERENCES = ("cached",)
+REFERENCES = ("cached", "frozen")
 
 
 @dataclass
@@ -27,7 +27,13 @@ class PosttrainConfig:
     beta: float = 0.1  # DPO: strength of the pull towards the reference model
     label_smoothing: float = 0.0  # DPO (sigmoid loss): assumed share of flipped preference labels (cDPO)
     loss: str = "sigmoid"  # DPO loss: sigmoid (DPO, cDPO with label_smoothing) or ipo
-    # reference log-probabilities: computed once from the initial model before the first step, kept beside the data
+    # DPO: weight of the chosen responses' negative log-likelihood (per token) added to the preference loss
+    # (RPO). The preference loss alone leaves the tokens both responses share unanchored, and lowers the
+    # likelihood of both; 0: plain DPO
+    nll_weight: float = 0.0
+    # DPO's reference log-probabilities, from the initial model: cached = computed once before the first step and
+    # kept beside the pairs (no weights in memory); frozen = a copy of the initial parameters in the training
+    # state, sharded like the policy's, the reference computed in each step (one more forward pass a step)
     reference: str = "cached"
 
     def __post_init__(self) -> None:
@@ -40,6 +46,7 @@ class PosttrainConfig:
         check_range("posttrain.validation_fraction", self.validation_fraction, 0, 1, high_open=True)
         check_range("posttrain.beta", self.beta, 0, low_open=True)
         check_range("posttrain.label_smoothing", self.label_smoothing, 0, 0.5, high_open=True)
+        check_range("posttrain.nll_weight", self.nll_weight, 0)
         if self.label_smoothing and self.loss == "ipo":
             raise ConfigError("posttrain.label_smoothing applies to the sigmoid loss only; set posttrain.loss="
                               "sigmoid or posttrain.label_smoothing=0")

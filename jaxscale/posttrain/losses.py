@@ -5,6 +5,8 @@ their segment ids. DPO: each response's log-probability (the sum over its masked
 against the reference's from the batch; h = (policy - reference) log-ratio of chosen over rejected.
   sigmoid: -(1 - ε) log σ(β h) - ε log σ(-β h)   (DPO; cDPO with label smoothing ε)
   ipo:     (h - 1 / (2β))²
+plus, with posttrain.nll_weight α, α times the chosen responses' mean negative log-likelihood per token (RPO).
+With model.moe, both add the experts' balance losses, as pretraining does (`jaxscale.model.moe.moe_objective`).
 """
 from __future__ import annotations
 
@@ -13,26 +15,46 @@ import jax.numpy as jnp
 
 from jaxscale.kernels.cross_entropy import cross_entropy, token_cross_entropy
 from jaxscale.model import LossFn
+from jaxscale.model.moe import moe_objective
+from jaxscale.parallel.moe_config import MoEConfig
 from jaxscale.posttrain.config import PosttrainConfig
 
 
-def sft_loss(options: dict) -> LossFn:
-    """`options`: the built-in decoder's call options (training.language_model.model_options)."""
+def plus_balance(loss, metrics: dict, moe_stats: dict | None, moe: MoEConfig | None, name: str):
+    """(loss, metrics) with the MoE balance losses added and their metrics, the loss without them as `name`;
+    unchanged for a dense model (no routing statistics)."""
+    if moe_stats is None:
+        return loss, metrics
+    total, moe_metrics = moe_objective(loss, moe_stats, moe, name)
+    return total, {**metrics, **moe_metrics}
+
+
+def sft_loss(options: dict, moe: MoEConfig | None = None) -> LossFn:
+    """`options`: the built-in decoder's call options (training.language_model.model_options); `moe`: its
+    model.moe."""
 
     def loss_fn(model, batch, rngs):
         tokens, mask = batch["tokens"], batch["loss_mask"][:, 1:]
-        logits = model(tokens[:, :-1], batch["segment_ids"][:, :-1], **options)
+        logits, moe_stats = model.forward(tokens[:, :-1], batch["segment_ids"][:, :-1], **options)
         loss = cross_entropy(logits, tokens[:, 1:], mask)
-        return loss, {"trained_fraction": jnp.mean(mask.astype(jnp.float32))}
+        metrics = {"trained_fraction": jnp.mean(mask.astype(jnp.float32))}
+        return plus_balance(loss, metrics, moe_stats, moe, "cross_entropy")
 
     return loss_fn
 
 
-def response_log_probs(model, tokens, mask, options) -> jax.Array:
-    """log p(response | prompt) of each row: the sum of the masked tokens' log-probabilities, float32 (batch,)."""
-    logits = model(tokens[:, :-1], None, **options)
-    return -jnp.sum(token_cross_entropy(logits, tokens[:, 1:]) * mask[:, 1:], axis=-1)
-
+def pair_log_probs(model, batch, options) -> tuple[jax.Array, jax.Array, dict | None]:
+    """(log p(chosen | prompt), log p(rejected | prompt), the MoE routing statistics or None): each the sum of
+    the response's masked tokens' log-probabilities, float32 (batch,). Both sides go through one forward pass,
+    each pair's two rows side by side (a device keeps its own pairs), so that MoE routing sees them together,
+    as one batch, and the experts' bias update counts once per step."""
+    tokens = jnp.stack([batch["chosen_tokens"], batch["rejected_tokens"]], 1)
+    mask = jnp.stack([batch["chosen_mask"], batch["rejected_mask"]], 1)
+    pairs, _, length = tokens.shape
+    tokens, mask = tokens.reshape(2 * pairs, length), mask.reshape(2 * pairs, length)
+    logits, moe_stats = model.forward(tokens[:, :-1], None, **options)
+    log_probs = -jnp.sum(token_cross_entropy(logits, tokens[:, 1:]) * mask[:, 1:], axis=-1).reshape(pairs, 2)
+    return log_probs[:, 0], log_probs[:, 1], moe_stats
 
 def preference_loss(chosen, rejected, reference_chosen, reference_rejected, *, beta: float, label_smoothing: float,
                     loss: str) -> tuple[jax.Array, dict]:
@@ -50,12 +72,18 @@ def preference_loss(chosen, rejected, reference_chosen, reference_rejected, *, b
     return jnp.mean(losses), metrics
 
 
-def dpo_loss(settings: PosttrainConfig, options: dict) -> LossFn:
+def dpo_loss(settings: PosttrainConfig, options: dict, moe: MoEConfig | None = None) -> LossFn:
 
     def loss_fn(model, batch, rngs):
-        chosen = response_log_probs(model, batch["chosen_tokens"], batch["chosen_mask"], options)
-        rejected = response_log_probs(model, batch["rejected_tokens"], batch["rejected_mask"], options)
-        return preference_loss(chosen, rejected, batch["reference_chosen"], batch["reference_rejected"],
-                               beta=settings.beta, label_smoothing=settings.label_smoothing, loss=settings.loss)
+        chosen, rejected, moe_stats = pair_log_probs(model, batch, options)
+        loss, metrics = preference_loss(chosen, rejected, batch["reference_chosen"], batch["reference_rejected"],
+                                        beta=settings.beta, label_smoothing=settings.label_smoothing,
+                                        loss=settings.loss)
+        tokens = jnp.sum(batch["chosen_mask"][:, 1:].astype(jnp.float32))
+        metrics["chosen_nll"] = -jnp.sum(chosen) / jnp.maximum(tokens, 1.0)
+        if settings.nll_weight:
+            metrics["preference_loss"] = loss
+            loss = loss + settings.nll_weight * metrics["chosen_nll"]
+        return plus_balance(loss, metrics, moe_stats, moe, "dpo_loss")
 
     return loss_fn

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jaxscale.checkpointing import CheckpointStore
-from jaxscale.config import Config, batch_shards, from_dict, read_yaml, resolve_mesh_sizes
+from jaxscale.config import Config, batch_shards, resolve_mesh_sizes
 from jaxscale.data.tokenizers import load_tokenizer
 from jaxscale.errors import ConfigError
 from jaxscale.hf.layout import placements
@@ -26,21 +26,12 @@ from jaxscale.hf.safetensors_io import MAX_SHARD_BYTES, write_checkpoint
 from jaxscale.model.hf_config import PREFIX, config_json, read_config_json, special_token_ids
 from jaxscale.parallel import plan_from_config
 from jaxscale.training.elastic import fit_mesh
+from jaxscale.training.run_init import read_run_config
 from jaxscale.training.trainer import build_trainer
 
 # What transformers' tokenizers save beside the model; those present in the run's tokenizer directory are copied.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model")
-
-
-def read_run_config(run_dir: Path) -> Config:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist: give the directory of a `jaxscale train` run (it holds "
-                          f"config.yaml and checkpoints/)")
-    config = from_dict(Config, read_yaml(path), "")
-    config.model = config.model.resolved()
-    return config
 
 
 def tokenizer_files(config: Config) -> dict[str, Path]:

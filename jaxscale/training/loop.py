@@ -29,6 +29,7 @@ from jaxscale.distributed import PeerWatchdog
 from jaxscale.errors import ConfigError
 from jaxscale.mesh import describe
 from jaxscale.model import FlaxModel, LossFn
+from jaxscale.model.run_source import RUN_PREFIX
 from jaxscale.observe import goodput, stragglers
 from jaxscale.observe.goodput import GoodputClock
 from jaxscale.observe.profile import StepProfiler
@@ -46,6 +47,7 @@ from jaxscale.training.metrics import MetricsLogger
 from jaxscale.training.posttrain import open_posttrain_data
 from jaxscale.training.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from jaxscale.training.reference import attach_reference
+from jaxscale.training.run_init import check_run_params
 from jaxscale.training.run_lock import RunLock
 from jaxscale.training.step import TrainState, model_flops
 from jaxscale.training.trainer import Trainer, build, checkpoint_dir, plan_run
@@ -213,8 +215,10 @@ def prepare(config: Config, model, loss_fn: LossFn | None, data, eval_data) -> R
         example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
                    for k, v in dataset.example_batch(config.train.batch_size).items()}
     trainer = build(plan, jax.devices(), model, loss_fn, example)
-    if config.posttrain.method == "dpo" and loss_fn is None:
-        attach_reference(trainer, data, eval_data)
+    if builtin and config.model.init_from.startswith(RUN_PREFIX):
+        check_run_params(config, trainer.abstract_state().params)
+    if config.posttrain.method == "dpo" and loss_fn is None:  # frozen: the step computes the training pairs'
+        attach_reference(trainer, data if config.posttrain.reference == "cached" else None, eval_data)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.data_sharding)
                       for k, v in (example or lm_batch_spec(config)).items()}
     compile_started = time.perf_counter()

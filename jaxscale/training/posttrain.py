@@ -40,7 +40,7 @@ def open_posttrain_data(config: Config):
 def posttrain_loss(config: Config, options: dict) -> LossFn | None:
     """The loss of posttrain.method for the built-in decoder called with `options` (None: pretraining's)."""
     if config.posttrain.method == "sft":
-        return sft_loss(options)
+        return sft_loss(options, config.model.moe)
     if config.posttrain.method == "dpo":
-        return dpo_loss(config.posttrain, options)
+        return dpo_loss(config.posttrain, options, config.model.moe)
     return None

@@ -1,5 +1,9 @@
-"""DPO's reference: each preference pair's log-probabilities under the initial model, computed once before
-training on the run's mesh."""
+"""DPO's reference: each preference pair's log-probabilities under the initial model.
+
+posttrain.reference=cached: computed once before training, on the run's mesh, and kept beside the pairs (no
+copy of the weights while training). frozen: the state holds a copy of the initial parameters, sharded like
+the policy's (no optimizer state), and the train step computes them from it (`reference_log_probs`); the
+held-out pairs' values are still computed once here, for the evaluation step."""
 from __future__ import annotations
 
 import jax
@@ -8,11 +12,24 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxscale.platforms import devices_platform
-from jaxscale.posttrain.losses import response_log_probs
+from jaxscale.posttrain.losses import pair_log_probs
 from jaxscale.posttrain.rows import PreferencePairs
 from jaxscale.training.batches import batch_shard, to_global
 from jaxscale.training.language_model import model_options
 from jaxscale.training.step import on_device, tracing_model
+
+
+def reference_log_probs(model, options: dict):
+    """(reference params, batch) -> {"reference_chosen", "reference_rejected"}: the frozen reference's
+    log-probabilities of the batch's pairs, inside the train step."""
+
+    def compute(params, batch):
+        reference = model.bind(params)
+        reference.eval()
+        chosen, rejected, _ = pair_log_probs(reference, batch, options)
+        return {"reference_chosen": chosen, "reference_rejected": rejected}
+
+    return compute
 
 
 def attach_reference(trainer, *pair_sets: PreferencePairs | None) -> None:
@@ -26,8 +43,8 @@ def attach_reference(trainer, *pair_sets: PreferencePairs | None) -> None:
         with tracing_model(config, mesh, trainer.plan.per_device_batch):
             model = trainer.model.bind(on_device(params, trainer.shardings.params))  # train.offload_params
             model.eval()
-            return jnp.stack([response_log_probs(model, batch[f"{side}_tokens"], batch[f"{side}_mask"], options)
-                              for side in ("chosen", "rejected")], -1)
+            chosen, rejected, _ = pair_log_probs(model, batch, options)
+            return jnp.stack([chosen, rejected], -1)
 
     compute = jax.jit(log_probs, in_shardings=(trainer.shardings.params, trainer.data_sharding),
                       out_shardings=NamedSharding(mesh, PartitionSpec()))

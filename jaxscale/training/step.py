@@ -30,19 +30,25 @@ class TrainState:
     step: jax.Array
     params: dict
     opt_state: Any
+    # DPO with posttrain.reference=frozen: the initial parameters, sharded like `params`, never updated (no
+    # optimizer state); checkpointed with the rest, so a resumed run has them exactly
+    reference: dict | None = None
 
 
 def state_shardings(model: FlaxModel, tx: optax.GradientTransformation, mesh: Mesh, param_rules: dict,
-                    offload_optimizer: bool = False, offload_params: bool = False) -> TrainState:
+                    offload_optimizer: bool = False, offload_params: bool = False,
+                    frozen_reference: bool = False) -> TrainState:
     """Parameters follow the rules; optimizer moments follow their parameter (ZeRO: sharded like it); each in
-    host memory (`pinned_host`) when offloaded; scalars (step, counts) are replicated on the devices."""
+    host memory (`pinned_host`) when offloaded; scalars (step, counts) are replicated on the devices. With
+    `frozen_reference`, the state holds a frozen copy of the parameters, sharded like them on the devices."""
     params = param_shardings(model.logical_axes, model.shapes, mesh, param_rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, model.shapes)
     opt = optax.tree_map_params(tx, lambda _, sharding: in_memory(sharding, offload_optimizer), abstract_opt,
                                 params, transform_non_params=lambda _: replicated)
+    reference = params if frozen_reference else None
     params = jax.tree.map(lambda sharding: in_memory(sharding, offload_params), params)
-    return TrainState(step=replicated, params=params, opt_state=opt)
+    return TrainState(step=replicated, params=params, opt_state=opt, reference=reference)
 
 
 def in_memory(sharding: NamedSharding, on_host: bool) -> NamedSharding:
@@ -103,7 +109,8 @@ def init_state(model: FlaxModel, tx: optax.GradientTransformation, shardings: Tr
 
     def init(key):
         params = model.init(key)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          reference=params if shardings.reference is not None else None)
 
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
@@ -111,8 +118,9 @@ def init_state(model: FlaxModel, tx: optax.GradientTransformation, shardings: Tr
 def state_from_params(params: dict, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
     """The state at step 0 for parameters given (a pretrained model): fresh optimizer moments beside them."""
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    reference = jax.tree.map(jnp.copy, params) if shardings.reference is not None else None  # its own buffers
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
-                      opt_state=opt_state)
+                      opt_state=opt_state, reference=reference)
 
 
 def batch_sharding(mesh: Mesh, activation_rules_table: dict) -> NamedSharding:
@@ -165,7 +173,9 @@ def traced_rules(config: Config, mesh: Mesh, per_device_batch: int) -> dict:
 
 def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule: optax.Schedule, config: Config,
                     mesh: Mesh, shardings: TrainState, data_sharding: NamedSharding, per_device_batch: int,
-                    compute_dtype) -> Callable:
+                    compute_dtype, reference_fn: Callable | None = None) -> Callable:
+    """`reference_fn(reference params, batch) -> entries added to the batch`, for a state with a frozen
+    reference (DPO's reference log-probabilities, computed in the step)."""
     train = config.train
     value_and_grad = jax.value_and_grad(model.loss, has_aux=True)
     if train.grad_reduce_dtype == "compute":
@@ -203,6 +213,8 @@ def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule
     def train_step(state: TrainState, batch: dict):
         params = compute_copy(state.params, shardings.params, compute_dtype) if train.offload_params else state.params
         with tracing_model(config, mesh, per_device_batch):
+            if state.reference is not None:
+                batch = {**batch, **reference_fn(jax.lax.stop_gradient(state.reference), batch)}
             (loss, model_metrics), grads = accumulated_grads(params, batch, step_key(train.seed, state.step))
         clash = set(model_metrics) & set(STEP_METRICS)
         if clash:
@@ -214,7 +226,7 @@ def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule
         params, opt_state = apply_update(tx, grads, loss, state, shardings, update_where)
         metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": schedule(state.step),
                    **guard_metrics(opt_state), **model_metrics}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, reference=state.reference), metrics
 
     return jax.jit(train_step, in_shardings=(shardings, data_sharding), out_shardings=(shardings, None),
                    donate_argnums=0)

@@ -23,6 +23,7 @@ from jaxscale.errors import ConfigError
 from jaxscale.hf import initial_params
 from jaxscale.mesh import build_mesh
 from jaxscale.model import FlaxModel, LossFn, flax_model
+from jaxscale.model.run_source import RUN_PREFIX
 from jaxscale.platforms import devices_platform
 from jaxscale.sharding import names_used
 from jaxscale.training.elastic import adapt_to_devices, per_device_batch
@@ -37,6 +38,8 @@ from jaxscale.training.language_model import (
 )
 from jaxscale.training.optimizer import build_optimizer
 from jaxscale.training.posttrain import posttrain_loss
+from jaxscale.training.reference import reference_log_probs
+from jaxscale.training.run_init import run_params
 from jaxscale.training.step import (
     TrainState,
     batch_sharding,
@@ -97,18 +100,20 @@ class Trainer:
     _store: CheckpointStore | None = field(default=None, repr=False)
 
     def init_state(self) -> TrainState:
-        """The state at step 0, created sharded: drawn from the seed, or, with model.init_from=hf:<dir> and the
-        built-in decoder, the Hugging Face model's weights, each device reading only its own blocks."""
+        """The state at step 0, created sharded: drawn from the seed, or, with the built-in decoder and
+        model.init_from=hf:<dir> (or run:<dir>), the Hugging Face model's weights (or the parameters of that run's
+        newest checkpoint), each device reading only its own blocks."""
         if self.plan.builtin_model and self.config.model.init_from:
-            return state_from_params(initial_params(self.config, self.abstract_state().params), self.tx,
-                                     self.shardings)
+            read = run_params if self.config.model.init_from.startswith(RUN_PREFIX) else initial_params
+            return state_from_params(read(self.config, self.abstract_state().params), self.tx, self.shardings)
         return init_state(self.model, self.tx, self.shardings, self.config.train.seed)
 
     def abstract_state(self) -> TrainState:
         """Shape, dtype and sharding of every array of the state, without computing any: the target that a
         checkpoint restores into, each device reading only its own pieces."""
         shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.model.shapes,
-                            opt_state=jax.eval_shape(self.tx.init, self.model.shapes))
+                            opt_state=jax.eval_shape(self.tx.init, self.model.shapes),
+                            reference=self.model.shapes if self.shardings.reference is not None else None)
         return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                             shapes, self.shardings)
 
@@ -226,12 +231,15 @@ def build(plan: RunPlan, devices: list, model=None, loss_fn: LossFn | None = Non
     tx, schedule = build_optimizer(config.optimizer, config.train.steps, flax,
                                    balance_rate=moe.bias_update_rate if moe else 0.0)
     tx = guard_updates(tx, config.guards)
+    frozen = plan.builtin_model and config.posttrain.method == "dpo" and config.posttrain.reference == "frozen"
     shardings = state_shardings(flax, tx, mesh, config.sharding.params, config.train.offload_optimizer,
-                                config.train.offload_params)
+                                config.train.offload_params, frozen)
     data_sharding = batch_sharding(mesh, config.sharding.activations)
+    reference_fn = reference_log_probs(flax, model_options(config, platform)) if frozen else None
     return Trainer(config, mesh, flax, tx, schedule, shardings, data_sharding,
                    train_step=make_train_step(flax, tx, schedule, config, mesh, shardings, data_sharding,
-                                              plan.per_device_batch, compute_dtype_for(config, platform)),
+                                              plan.per_device_batch, compute_dtype_for(config, platform),
+                                              reference_fn),
                    eval_step=make_eval_step(flax, config, mesh, shardings, data_sharding, plan.per_device_batch),
                    plan=plan)
 
