@@ -8,16 +8,19 @@ E_a|b| + (|a| + E_a) E_b with E = u|.| + d, summed over the contracted index: th
 each output element to (float32 compute, so no further rounding worth counting).
 """
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import PARAM_ATOL, assert_same, batches, make_config
+from helpers import LOSS_RTOL, PARAM_ATOL, assert_same, batches, make_config, run
 
+from jaxscale.cli import main
 from jaxscale.config import TrainConfig
 from jaxscale.errors import ConfigError
 from jaxscale.kernels.fp8 import BACKWARD, FORWARD, gradient_specs, matmul
+from jaxscale.model import Model, ModelConfig
 from jaxscale.training import build_trainer
 
 
@@ -80,6 +83,18 @@ def test_fp8_matmul_refuses_einsums_it_cannot_differentiate(spec):
         matmul(spec, jnp.ones((2, 3)), jnp.ones((3, 4)), "fp8")
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_decoder_logits_in_fp8_near_the_default(preset):
+    """The option reaches every projection: fp8 logits differ from float32's by fp8 rounding, no more."""
+    model = Model.build(ModelConfig.from_preset(preset, seq_len=32))
+    params = model.init(jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, model.cfg.vocab_size)
+    default = model.apply(params, tokens)
+    fp8 = model.apply(params, tokens, matmul_dtype="fp8")
+    gap = float(jnp.linalg.norm(fp8 - default) / jnp.linalg.norm(default))
+    assert 1e-3 < gap < 0.1, gap
+
+
 def with_matmul(config, matmul_dtype: str, **train):
     return dataclasses.replace(config, train=dataclasses.replace(config.train, matmul_dtype=matmul_dtype, **train))
 
@@ -113,20 +128,56 @@ def test_tiny_decoder_trains_in_fp8_as_in_the_default_dtype(style):
     assert abs(fp8[-1] - default[-1]) <= FINAL_LOSS_RTOL * default[-1], (fp8[-1], default[-1])
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
-def test_fp8_on_a_sharded_mesh_matches_one_device(style):
-    """Per-tensor scales are maxima over the whole (sharded) tensor, so the layout changes no scale; the
-    harness's tolerances hold (tests/helpers.py)."""
-    mesh = dict(data=2, fsdp=2, tensor=2)
-    from helpers import run
-    single = run(with_matmul(make_config(style, {}), "fp8"), jax.devices()[:1])
-    sharded = run(with_matmul(make_config(style, mesh), "fp8"), jax.devices()[:8])
-    assert_same(sharded, single)
-    default_params = run(make_config(style, {}), jax.devices()[:1])[1]
-    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), single[1], default_params)
-    assert max(jax.tree.leaves(moved)) > PARAM_ATOL  # fp8 changed the result: the comparison is of fp8 runs
+def fp8_runs(style: str):
+    """(one device, data2 x fsdp2 x tensor2, one device in the default dtype): the harness's 3 steps each."""
+    one = run(with_matmul(make_config(style, {}), "fp8"), jax.devices()[:1])
+    sharded = run(with_matmul(make_config(style, dict(data=2, fsdp=2, tensor=2)), "fp8"), jax.devices()[:8])
+    default = run(make_config(style, {}), jax.devices()[:1])
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), one[1], default[1])
+    assert max(jax.tree.leaves(moved)) > 10 * PARAM_ATOL  # fp8 changed the result: the comparison is of fp8 runs
+    return one, sharded
+
+
+@pytest.mark.slow  # ~65 s on a shared 2-core CPU
+def test_fp8_llama_on_a_sharded_mesh_matches_one_device():
+    """Per-tensor scales are maxima over the whole (sharded) tensor, so the layout changes no scale: the
+    equivalence suite's tolerances hold (tests/helpers.py)."""
+    one, sharded = fp8_runs("llama")
+    assert_same(sharded, one)
+
+
+@pytest.mark.slow  # ~75 s on a shared 2-core CPU
+def test_fp8_gpt2_on_a_sharded_mesh_matches_one_device_to_fp8_rounding():
+    """The same for GPT-2, whose first step holds the suite's tolerances and whose later steps can only agree to
+    fp8's precision: fp8 rounding is a step function, so the float32 summation order of a sharded matmul (1e-7)
+    can move an e5m2 gradient element by a whole fp8 step (12.5%). In GPT-2's first backward pass that flips the
+    sign of a few weight-gradient elements that are close to zero, and AdamW's first update, the gradient's
+    sign times the learning rate, moves them 2e-3 apart (9 of 65,536 in wqkv and w_in); from then on every fp8
+    rounding of the two runs may differ. Measured over 3 steps: losses 6e-5 apart (relative), gradient norms
+    1.5e-3, parameters 3e-5 on average (at most 2e-3), against 1e-4 / 1e-2 / PARAM_ATOL / 3 AdamW steps here. A
+    layout that lost a reduction or a scale changed per shard would be off by far more in all four."""
+    (one_steps, one_params), (sharded_steps, sharded_params) = fp8_runs("gpt2")
+    np.testing.assert_allclose(sharded_steps[0], one_steps[0], rtol=LOSS_RTOL)
+    np.testing.assert_allclose(np.array(sharded_steps)[:, 0], np.array(one_steps)[:, 0], rtol=1e-4)
+    np.testing.assert_allclose(np.array(sharded_steps)[:, 1], np.array(one_steps)[:, 1], rtol=1e-2)
+    gaps = np.concatenate([np.abs(a - b).ravel() for a, b in zip(jax.tree.leaves(sharded_params),
+                                                                 jax.tree.leaves(one_params))])
+    assert gaps.mean() < PARAM_ATOL and gaps.max() < 3 * 2 * 1e-3, (gaps.mean(), gaps.max())
 
 
 def test_unknown_matmul_dtype_is_refused():
     with pytest.raises(ConfigError, match=r"train.matmul_dtype='int8'.*compute.*fp8"):
         TrainConfig(matmul_dtype="int8")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed: pip install 'jaxscale[tpu]'")
+def test_fp8_is_refused_on_tpus(capfd):
+    """TPUs (v5e, v5p, v6e) have no fp8 matrix unit: the step for a TPU topology is refused before compiling, with
+    the key and the fix."""
+    code = main(["compile", "--topology", "v5e-4", "--set", "mesh.data=1", "--set", "mesh.fsdp=4",
+                 "--set", "train.batch_size=4", "--set", "train.matmul_dtype=fp8"])
+    out, err = capfd.readouterr()
+    assert code == 2
+    assert "train.matmul_dtype=fp8" in err and "TPUs have no fp8 matrix unit" in err
+    assert "--set train.matmul_dtype=compute" in err
