@@ -32,6 +32,8 @@ tail -3 "$OUT/tests.log"
 # (e4m3 x e4m3 forward, e5m2 x e4m3 backward). None means XLA kept bf16 dots and fp8 only adds work.
 step gemms 120 python - <<'PY'
 import re
+from collections import Counter
+
 import jax
 from jaxscale.config import load_config
 from jaxscale.training import build_trainer
@@ -41,10 +43,12 @@ config = load_config("default", ["model.preset=llama-1b", "model.n_layers=2", "t
 trainer = build_trainer(config, jax.devices()[:1])
 batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=trainer.data_sharding)
          for k, s in lm_batch_spec(config).items()}
-hlo = trainer.train_step.lower(trainer.abstract_state(), batch).compile().as_text()
-calls = re.findall(r"custom-call\((f8e\w+)\[[^\]]*\][^,]*, (f8e\w+)", hlo)
-print("fp8 GEMM custom calls (operand dtypes):", sorted((a, b, calls.count((a, b))) for a, b in set(calls)))
-print("bf16 cuBLAS GEMMs:", len(re.findall(r"custom-call\(bf16.*__cublas\$(lt\$)?gemm", hlo)))
+hlo = trainer.train_step.lower(trainer.abstract_state(), batch).compile().as_text().splitlines()
+fp8 = [line.split("custom-call(", 1)[1] for line in hlo if 'custom_call_target="__cublas$lt$matmul$f8"' in line]
+pairs = Counter(tuple(re.findall(r"(f8e\w+)\[", line)[:2]) for line in fp8)
+print(f"{len(fp8)} cuBLASLt fp8 GEMMs, operand dtypes {dict(pairs)}")
+print("bf16/f32 GEMMs:", sum('custom_call_target="__cublas$gemm"' in line
+                             or 'custom_call_target="__cublas$lt$matmul"' in line for line in hlo))
 PY
 cat "$OUT/gemms.log"
 

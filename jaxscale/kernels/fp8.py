@@ -2,13 +2,13 @@
 
 Forward operands (activations and weights) go to float8_e4m3fn, the gradient flowing back to float8_e5m2 (more
 range, less precision), each with one scale per tensor computed from that tensor's largest magnitude in the same
-step, so its values fill the format's range. Each operand is quantized, then dequantized (convert to the compute
-dtype, multiply by its scale) right before an ordinary einsum: XLA's GPU GEMM rewriter matches that
-convert -> multiply -> dot pattern and runs one cuBLASLt fp8 GEMM with the scales as its arguments (on Hopper and
-newer), the form JAX's and Flax's fp8 guide recommends over a dot on raw fp8 operands (which takes no scales and
-promotes e4m3 x e5m2 to float16). Elsewhere (the CPU) the same program computes the same numbers with a
-compute-dtype dot. The backward pass keeps the operands' fp8 copies as residuals and treats rounding as the
-identity (straight-through), as fp8 training recipes do.
+step, so its values fill the format's range. Per-tensor scales factor out of the sum, so the dot runs on the fp8
+values themselves (`lax.dot_general` with fp8 operands, `preferred_element_type` the compute dtype: a mixed
+e5m2 x e4m3 dot stays fp8, where jnp.einsum would promote it to float16) and one multiply by the two scales'
+product rescales its output. XLA's GPU GEMM rewriter turns a dot of fp8 operands into a cuBLASLt fp8 GEMM on
+Hopper and newer; elsewhere (the CPU) XLA computes the same dot by widening the operands. The backward pass keeps
+the operands' fp8 copies as residuals and treats rounding as the identity (straight-through), as fp8 training
+recipes do.
 """
 from __future__ import annotations
 
@@ -21,19 +21,27 @@ FORWARD = jnp.float8_e4m3fn  # activations and weights: 3 mantissa bits, largest
 BACKWARD = jnp.float8_e5m2  # gradients: 2 mantissa bits, largest 57344
 
 
-def quantize(x: jax.Array, fp8_dtype, dtype) -> tuple[jax.Array, jax.Array]:
-    """(x / scale in `fp8_dtype`, scale): the per-tensor scale puts x's largest magnitude at fp8's largest finite
-    value. The scale is rounded to `dtype` first, so dequantizing in `dtype` multiplies by exactly the number that
-    divided here."""
+def quantize(x: jax.Array, fp8_dtype) -> tuple[jax.Array, jax.Array]:
+    """(x / scale in `fp8_dtype`, scale in float32): the per-tensor scale puts x's largest magnitude at fp8's
+    largest finite value."""
     largest = jnp.finfo(fp8_dtype).max.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
-    scale = jnp.where(amax > 0, amax / largest, 1.0).astype(dtype).astype(jnp.float32)
-    # the clip: float8_e4m3fn has no infinity, an overflow would become NaN (the rounded scale can land just low)
+    scale = jnp.where(amax > 0, amax / largest, 1.0)
+    # the clip: float8_e4m3fn has no infinity, an overflow would become NaN (amax / scale can round above largest)
     return jnp.clip(x.astype(jnp.float32) / scale, -largest, largest).astype(fp8_dtype), scale
 
 
-def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    return q.astype(dtype) * scale.astype(dtype)
+def scaled_dot(spec: str, a: jax.Array, a_scale, b: jax.Array, b_scale, dtype) -> jax.Array:
+    """einsum(spec, a * a_scale, b * b_scale) in `dtype`, as one dot_general of the fp8 `a` and `b` (every
+    index in exactly two terms: contracted, or kept from one operand) and a transpose to the output's order."""
+    inputs, out = spec.split("->")
+    a_labels, b_labels = inputs.split(",")
+    contracted = [c for c in a_labels if c in b_labels]
+    dims = ((tuple(a_labels.index(c) for c in contracted), tuple(b_labels.index(c) for c in contracted)), ((), ()))
+    y = jax.lax.dot_general(a, b, dims, preferred_element_type=dtype)
+    kept = [c for c in a_labels if c not in contracted] + [c for c in b_labels if c not in contracted]
+    y = jnp.transpose(y, [kept.index(c) for c in out])
+    return y * (a_scale * b_scale).astype(dtype)
 
 
 def gradient_specs(spec: str) -> tuple[str, str]:
@@ -58,23 +66,17 @@ def fp8_einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _forward(spec, x, w):
-    dtype = x.dtype
-    xq, x_scale = quantize(x, FORWARD, dtype)
-    wq, w_scale = quantize(w, FORWARD, dtype)
-    y = jnp.einsum(spec, dequantize(xq, x_scale, dtype), dequantize(wq, w_scale, dtype),
-                   preferred_element_type=dtype)
-    return y, (xq, x_scale, wq, w_scale)
+    xq, x_scale = quantize(x, FORWARD)
+    wq, w_scale = quantize(w, FORWARD)
+    return scaled_dot(spec, xq, x_scale, wq, w_scale, x.dtype), (xq, x_scale, wq, w_scale)
 
 
 def _backward(spec, residuals, g):
     xq, x_scale, wq, w_scale = residuals
-    dtype = g.dtype
-    gq, g_scale = quantize(g, BACKWARD, dtype)
-    g = dequantize(gq, g_scale, dtype)
+    gq, g_scale = quantize(g, BACKWARD)
     x_spec, w_spec = gradient_specs(spec)
-    dx = jnp.einsum(x_spec, g, dequantize(wq, w_scale, dtype), preferred_element_type=dtype)
-    dw = jnp.einsum(w_spec, dequantize(xq, x_scale, dtype), g, preferred_element_type=dtype)
-    return dx, dw
+    return (scaled_dot(x_spec, gq, g_scale, wq, w_scale, g.dtype),
+            scaled_dot(w_spec, xq, x_scale, gq, g_scale, g.dtype))
 
 
 fp8_einsum.defvjp(_forward, _backward)
@@ -87,6 +89,7 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, matmul_dtype: str = "compute")
         return jnp.einsum(spec, x, w)
     if matmul_dtype != "fp8":
         raise ValueError(f"matmul_dtype={matmul_dtype!r}; choose compute or fp8")
+    spec = spec.replace(" ", "")
     gradient_specs(spec)  # refuses, while tracing the forward pass, a spec whose gradients it could not form
     dtype = jnp.result_type(x, w)
     return fp8_einsum(spec, x.astype(dtype), w.astype(dtype))
