@@ -112,7 +112,7 @@ def train_losses(config, steps: int) -> list[float]:
 
 
 # fp8's final loss within 1% of the default's (float32) after 30 steps at learning rate 1e-2, over which the
-# loss falls ~12-16%; measured on this CPU: gpt2 5.2647 against 5.2557 (0.17%), llama 5.0067 against 5.0069 (0.004%)
+# loss falls 12-16%; measured on this CPU: gpt2 5.2635 against 5.2557 (0.15%), llama 5.0076 against 5.0069 (0.014%)
 FINAL_LOSS_RTOL = 0.01
 
 
@@ -152,9 +152,9 @@ def test_fp8_gpt2_on_a_sharded_mesh_matches_one_device_to_fp8_rounding():
     fp8's precision: fp8 rounding is a step function, so the float32 summation order of a sharded matmul (1e-7)
     can move an e5m2 gradient element by a whole fp8 step (12.5%). In GPT-2's first backward pass that flips the
     sign of a few weight-gradient elements that are close to zero, and AdamW's first update, the gradient's
-    sign times the learning rate, moves them 2e-3 apart (9 of 65,536 in wqkv and w_in); from then on every fp8
+    sign times the learning rate, moves them 2e-3 apart (a handful in wqkv and w_in); from then on every fp8
     rounding of the two runs may differ. Measured over 3 steps: losses 6e-5 apart (relative), gradient norms
-    1.5e-3, parameters 3e-5 on average (at most 2e-3), against 1e-4 / 1e-2 / PARAM_ATOL / 3 AdamW steps here. A
+    3.3e-3, parameters 3e-5 on average (at most 2.2e-3), against 1e-4 / 1e-2 / PARAM_ATOL / 3 AdamW steps here. A
     layout that lost a reduction or a scale changed per shard would be off by far more in all four."""
     (one_steps, one_params), (sharded_steps, sharded_params) = fp8_runs("gpt2")
     np.testing.assert_allclose(sharded_steps[0], one_steps[0], rtol=LOSS_RTOL)
