@@ -17,7 +17,7 @@ import pytest
 from helpers import LOSS_RTOL, PARAM_ATOL, assert_same, batches, make_config, run
 
 from jaxscale.cli import main
-from jaxscale.config import TrainConfig
+from jaxscale.config import TrainConfig, load_config
 from jaxscale.errors import ConfigError
 from jaxscale.kernels.fp8 import BACKWARD, FORWARD, gradient_specs, matmul
 from jaxscale.model import Model, ModelConfig
@@ -181,3 +181,13 @@ def test_fp8_is_refused_on_tpus(capfd):
     assert code == 2
     assert "train.matmul_dtype=fp8" in err and "TPUs have no fp8 matrix unit" in err
     assert "--set train.matmul_dtype=compute" in err
+
+
+def test_fp8_with_a_model_of_ones_own_is_refused():
+    """The setting reaches the built-in decoder only: with a user's model it would change nothing, silently."""
+    from own_models import RULES, NNXNet, classification_loss
+    from own_models import batches as own_batches
+    config = load_config(None, ["train.matmul_dtype=fp8", "train.batch_size=16", *RULES])
+    with pytest.raises(ConfigError, match=r"train.matmul_dtype=fp8 applies to the built-in decoder.*remove"):
+        build_trainer(config, jax.devices()[:1], model=lambda rngs: NNXNet(rngs), loss_fn=classification_loss,
+                      example_batch=own_batches(1, 16)[0])
