@@ -156,6 +156,9 @@ class TrainConfig:
     scan_unroll: int = 1  # layers per scan iteration: 1 = compile time flat in depth; n_layers = fastest on GPU
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU
+    # The built-in decoder's projections and dense MLPs: compute (in the compute dtype) or fp8 (float8 operands,
+    # scaled per tensor every step: jaxscale.kernels.fp8; NVIDIA Hopper or newer, and the CPU; refused on TPUs)
+    matmul_dtype: str = "compute"
     # What gradients are summed across devices in. "compute": all of them in the compute dtype. "float32": those
     # the step computes in float32 (norms, biases, the embedding lookup's sums) in float32; a bf16 matmul's weight
     # gradient leaves the matmul in bf16 and XLA sums its per-device parts there in either setting (as the
@@ -204,6 +207,9 @@ class TrainConfig:
             parse_remat(self.remat)
         except ValueError as e:
             raise ConfigError(f"train.remat={self.remat!r}: {e}") from None
+        if self.matmul_dtype not in ("compute", "fp8"):
+            raise ConfigError(f"train.matmul_dtype={self.matmul_dtype!r}; choose compute (matmuls in "
+                              f"train.compute_dtype) or fp8 (float8 projections and MLPs, on Hopper GPUs)")
         for key in ("param_dtype", "compute_dtype"):
             if getattr(self, key) not in ("auto", "float32", "bfloat16", "float16") or (
                     key == "param_dtype" and self.param_dtype == "auto"):

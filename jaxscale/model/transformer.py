@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxscale.kernels import attention
 from jaxscale.kernels.cross_entropy import cross_entropy
+from jaxscale.kernels.fp8 import matmul
 from jaxscale.kernels.gelu import bias_gelu
 from jaxscale.kernels.norm import norm
 from jaxscale.model.config import ModelConfig
@@ -127,14 +128,15 @@ def cast(p: dict[str, jax.Array], dtype) -> dict[str, jax.Array]:
 
 
 def attention_half(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, segment_ids,
-                   dtype) -> jax.Array:
-    """x plus the attention of one layer; `p` holds this layer's slice of every stacked weight."""
+                   dtype, matmul_dtype: str = "compute") -> jax.Array:
+    """x plus the attention of one layer; `p` holds this layer's slice of every stacked weight. `matmul_dtype`:
+    that of the projections (jaxscale.kernels.fp8.matmul)."""
     gpt2 = cfg.style == "gpt2"
     w = cast(p, dtype)
     bias = (lambda name: w[name]) if gpt2 else (lambda name: 0)
 
     h = norm(x, p["attn_norm"], p.get("attn_norm_bias"), cfg.norm_eps)
-    qkv = jnp.einsum("btd,dkgh->btkgh", h, w["wqkv"]) + bias("bqkv")
+    qkv = matmul("btd,dkgh->btkgh", h, w["wqkv"], matmul_dtype) + bias("bqkv")
     # checkpoint names: the save points of train.remat=save:NAMES / offload:NAMES (jaxscale.remat.SAVE_POINTS)
     qkv = checkpoint_name(constrain(qkv, ("batch", "length", "kv_heads", None, "head_dim")), "qkv")
     b, t, n_kv, groups, hd = qkv.shape
@@ -151,7 +153,7 @@ def attention_half(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, posi
     else:
         y = attention(q, k, v, segment_ids, causal=True, implementation=cfg.attention)  # within each document
     y = checkpoint_name(constrain(y, ("batch", "length", "heads", "head_dim")), "attention_out")
-    x = x + jnp.einsum("btnh,dnh->btd", y, w["wo"]) + bias("bo")
+    x = x + matmul("btnh,dnh->btd", y, w["wo"], matmul_dtype) + bias("bo")
     return constrain(x, ("batch", "length", "embed"))
 
 
@@ -159,25 +161,30 @@ def mlp_input(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array) -> jax.Ar
     return norm(x, p["mlp_norm"], p.get("mlp_norm_bias"), cfg.norm_eps)
 
 
-def dense_mlp(cfg: ModelConfig, w: dict[str, jax.Array], h: jax.Array) -> jax.Array:
+def dense_mlp(cfg: ModelConfig, w: dict[str, jax.Array], h: jax.Array, matmul_dtype: str = "compute") -> jax.Array:
     """The dense feed-forward part's output for its input h (batch, length, embed); `w` in the compute dtype."""
+    def mm(spec, a, name):
+        return matmul(spec, a, w[name], matmul_dtype)
+
     if cfg.style == "gpt2":
-        hidden = bias_gelu(jnp.einsum("btd,df->btf", h, w["w_in"]), w["b_in"])
+        hidden = bias_gelu(mm("btd,df->btf", h, "w_in"), w["b_in"])
     else:
-        hidden = jax.nn.silu(jnp.einsum("btd,df->btf", h, w["w_gate"])) * jnp.einsum("btd,df->btf", h, w["w_up"])
+        hidden = jax.nn.silu(mm("btd,df->btf", h, "w_gate")) * mm("btd,df->btf", h, "w_up")
     hidden = checkpoint_name(constrain(hidden, ("batch", "length", "mlp")), "mlp_hidden")
-    return jnp.einsum("btf,df->btd", hidden, w["w_out" if cfg.style == "gpt2" else "w_down"])
+    return mm("btf,df->btd", hidden, "w_out" if cfg.style == "gpt2" else "w_down")
 
 
-def layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, segment_ids, dtype) -> jax.Array:
+def layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, segment_ids, dtype,
+          matmul_dtype: str = "compute") -> jax.Array:
     """One transformer layer; `p` holds this layer's slice of every stacked weight."""
-    x = attention_half(cfg, p, x, positions, segment_ids, dtype)
+    x = attention_half(cfg, p, x, positions, segment_ids, dtype, matmul_dtype)
     w = cast(p, dtype)
-    x = x + dense_mlp(cfg, w, mlp_input(cfg, p, x)) + w.get("b_out", 0)
+    x = x + dense_mlp(cfg, w, mlp_input(cfg, p, x), matmul_dtype) + w.get("b_out", 0)
     return constrain(x, ("batch", "length", "embed"))
 
 
-def layer_group(cfg: ModelConfig, p: dict[str, jax.Array], carry, positions, segment_ids, dtype):
+def layer_group(cfg: ModelConfig, p: dict[str, jax.Array], carry, positions, segment_ids, dtype,
+                matmul_dtype: str = "compute"):
     """cfg.moe.every layers, the last of them with experts, on carry (x, summed routing statistics). `p` holds
     the group's slice of every stack: per-layer weights (every, ...), dense MLPs (every - 1, ...) and the
     experts' (1, ...)."""
@@ -186,11 +193,11 @@ def layer_group(cfg: ModelConfig, p: dict[str, jax.Array], carry, positions, seg
     per_layer = {k: v for k, v in p.items() if k not in own and k not in DENSE_MLP_WEIGHTS}
     for j in range(every):
         lp = {k: v[j] for k, v in per_layer.items()}
-        x = attention_half(cfg, lp, x, positions, segment_ids, dtype)
+        x = attention_half(cfg, lp, x, positions, segment_ids, dtype, matmul_dtype)
         h = mlp_input(cfg, lp, x)
         if j < every - 1:
             w = cast({k: v[j] for k, v in p.items() if k in DENSE_MLP_WEIGHTS}, dtype)
-            x = x + dense_mlp(cfg, w, h) + w.get("b_out", 0)
+            x = x + dense_mlp(cfg, w, h, matmul_dtype) + w.get("b_out", 0)
         else:
             y, layer_stats = moe_mlp(cfg, {k: v[0] for k, v in p.items() if k in own}, h, dtype)
             x = x + y
@@ -217,34 +224,36 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
                  compute_dtype=jnp.float32, remat: str = "none", scan_unroll: int = 1,
-                 pipeline: PipelineConfig | None = None) -> jax.Array:
+                 pipeline: PipelineConfig | None = None, matmul_dtype: str = "compute") -> jax.Array:
         """tokens (batch, length) int -> logits (batch, length, padded vocab) in `compute_dtype`.
 
         `scan_unroll` layers run per scan iteration: 1 keeps compile time flat in depth, n_layers removes the
         loop's stacking copies (faster on GPUs, longer compiles). Under a mesh whose `pipeline` axis is > 1
         the layers run as pipeline stages instead (`jaxscale.parallel`), scheduled by `pipeline` (the run's
-        `config.pipeline`, needed there)."""
+        `config.pipeline`, needed there). `matmul_dtype`: that of the layers' projections and dense MLPs,
+        compute or fp8 (`jaxscale.kernels.fp8`)."""
         return self.forward(tokens, segment_ids, compute_dtype=compute_dtype, remat=remat, scan_unroll=scan_unroll,
-                            pipeline=pipeline)[0]
+                            pipeline=pipeline, matmul_dtype=matmul_dtype)[0]
 
     def forward(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
                 compute_dtype=jnp.float32, remat: str = "none", scan_unroll: int = 1,
-                pipeline: PipelineConfig | None = None) -> tuple[jax.Array, dict | None]:
+                pipeline: PipelineConfig | None = None,
+                matmul_dtype: str = "compute") -> tuple[jax.Array, dict | None]:
         """(logits as `__call__` gives them, the routing statistics averaged over the mixture-of-experts layers
         (`jaxscale.model.moe`), or None for a dense model)."""
         cfg = self.cfg
         x, segment_ids, positions, order = self.embedded(tokens, segment_ids, compute_dtype)
         stack, stats = self.blocks.stacked(), None
         if cfg.moe is None:
-            x = run_layers(layer_fn(cfg, positions, compute_dtype), stack, x, segment_ids, remat=remat,
-                           unroll=scan_unroll, settings=pipeline)
+            x = run_layers(layer_fn(cfg, positions, compute_dtype, matmul_dtype), stack, x, segment_ids,
+                           remat=remat, unroll=scan_unroll, settings=pipeline)
         else:  # the scan runs over groups of moe.every layers; every stack splits evenly into them
             groups = cfg.moe_layers
             grouped = {k: v.reshape(groups, v.shape[0] // groups, *v.shape[1:]) for k, v in stack.items()}
 
             def apply_group(carry, group_params, segment_ids):
                 rows = jnp.broadcast_to(positions, carry[0].shape[:2])
-                return layer_group(cfg, group_params, carry, rows, segment_ids, compute_dtype)
+                return layer_group(cfg, group_params, carry, rows, segment_ids, compute_dtype, matmul_dtype)
 
             x, sums = run_layers(apply_group, grouped, (x, no_stats(cfg.moe)), segment_ids, remat=remat,
                                  unroll=scan_unroll, settings=pipeline)
@@ -253,7 +262,7 @@ class Transformer(nnx.Module):
 
     def next_token_loss(self, tokens: jax.Array, targets: jax.Array, segment_ids: jax.Array | None = None, *,
                         compute_dtype=jnp.float32, remat: str = "none", scan_unroll: int = 1,
-                        pipeline: PipelineConfig | None = None) -> jax.Array:
+                        pipeline: PipelineConfig | None = None, matmul_dtype: str = "compute") -> jax.Array:
         """The mean cross entropy of `targets` (batch, length) given `tokens`, for a dense model. The layers,
         output head and loss run through `run_layers_and_loss`, so a 1F1B pipeline schedule takes each
         microbatch's loss inside it."""
@@ -266,7 +275,7 @@ class Transformer(nnx.Module):
         def head_loss(head, y, targets):
             return cross_entropy(output_logits(cfg, head, y, order, compute_dtype), targets)
 
-        return run_layers_and_loss(layer_fn(cfg, positions, compute_dtype), self.blocks.stacked(), x,
+        return run_layers_and_loss(layer_fn(cfg, positions, compute_dtype, matmul_dtype), self.blocks.stacked(), x,
                                    segment_ids, head_loss, self.head_weights(), targets, remat=remat,
                                    unroll=scan_unroll, settings=pipeline)
 
@@ -300,13 +309,14 @@ class Transformer(nnx.Module):
         return head
 
 
-def layer_fn(cfg: ModelConfig, positions: jax.Array, dtype):
+def layer_fn(cfg: ModelConfig, positions: jax.Array, dtype, matmul_dtype: str = "compute"):
     """The layer function `run_layers` takes: one layer on the whole batch, or on one pipeline microbatch.
     `positions` (length,) are broadcast over x's rows, not sliced from a batch-sized array, whose rows may
     lie on other devices."""
 
     def apply_layer(x, layer_params, segment_ids):
-        return layer(cfg, layer_params, x, jnp.broadcast_to(positions, x.shape[:2]), segment_ids, dtype)
+        return layer(cfg, layer_params, x, jnp.broadcast_to(positions, x.shape[:2]), segment_ids, dtype,
+                     matmul_dtype)
 
     return apply_layer
 

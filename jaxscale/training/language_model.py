@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxscale.config import Config
+from jaxscale.errors import ConfigError
 from jaxscale.kernels.cross_entropy import cross_entropy
 from jaxscale.model import LossFn, transformer_factory
 from jaxscale.model.moe import moe_objective
@@ -29,9 +30,13 @@ def builtin_factory(config: Config):
 
 def model_options(config: Config, platform: str) -> dict:
     """The built-in decoder's call options: the config's compute dtype (on `platform`), remat, scan and pipeline
-    settings."""
+    settings, and the matmuls' dtype."""
+    if config.train.matmul_dtype == "fp8" and platform == "tpu":
+        # no fp8 matrix unit on v5e/v5p/v6e: the scaled fp8 round trip would run as bfloat16 matmuls plus extra work
+        raise ConfigError("train.matmul_dtype=fp8 runs fp8 matmuls on NVIDIA GPUs (Hopper or newer); TPUs have no "
+                          "fp8 matrix unit: use --set train.matmul_dtype=compute there")
     return dict(compute_dtype=compute_dtype_for(config, platform), remat=config.train.remat,
-                scan_unroll=config.train.scan_unroll, pipeline=config.pipeline)
+                scan_unroll=config.train.scan_unroll, pipeline=config.pipeline, matmul_dtype=config.train.matmul_dtype)
 
 
 def next_token_loss(config: Config, platform: str) -> LossFn:

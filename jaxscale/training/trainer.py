@@ -189,6 +189,10 @@ def resolve_model(config: Config, model, loss_fn: LossFn | None, example_batch, 
         loss_fn = (loss_fn or posttrain_loss(config, model_options(config, platform))
                    or next_token_loss(config, platform))
         return flax_model(builtin_factory(config), loss_fn, example_batch)
+    if config.train.matmul_dtype != "compute":  # the setting reaches the built-in decoder's einsums only
+        raise ConfigError(f"train.matmul_dtype={config.train.matmul_dtype} applies to the built-in decoder; a model "
+                          f"of your own does its own matmuls (jaxscale.kernels.fp8.matmul does them in fp8): "
+                          f"remove the setting")
     return flax_model(model, loss_fn or plain_next_token_loss, example_batch)
 
 
