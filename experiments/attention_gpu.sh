@@ -11,22 +11,7 @@ set -u
 OUT=${OUT:-/tmp/attention_gpu}
 BUDGET=${BUDGET_S:-560}
 BEST_FILE=${BEST_FILE:-/tmp/best_attention}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda JAXSCALE_CACHE=${JAXSCALE_CACHE:-/tmp/jaxscale_cache}
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
-nvidia-smi --query-gpu=name,memory.total,power.limit --format=csv,noheader
-python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)"
-date -u +%FT%TZ
-GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | tr -dc 0-9)
-
-left() { echo $((BUDGET - SECONDS)); }
-step() {  # NAME CAP COMMAND...: runs with the smaller of CAP and the time left, logs to $OUT/NAME.log
-  local name=$1 cap=$2; shift 2
-  local limit=$(( cap < $(left) ? cap : $(left) ))
-  if [ "$limit" -lt 30 ]; then echo "$name skipped: $(left) s left"; return; fi
-  timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "$name rc=$? at ${SECONDS} s (cap ${limit} s)"
-}
+source "$(dirname "$0")/gpu_steps.sh"
 
 step gpu_tests 100 python -m pytest -q tests/test_attention.py -k gpu -p no:cacheprovider
 tail -4 "$OUT/gpu_tests.log"
