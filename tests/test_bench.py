@@ -54,6 +54,7 @@ def test_bench_runs_on_cpu_and_writes_json_and_a_trace(tmp_path):
     assert f"timed step (median window): {row['step_s'] * 1e3:.2f} ms" in result.stderr
 
 
+@pytest.mark.slow  # over 15 s; the default suite stays near 15 minutes
 def test_two_processes_end_the_timed_warm_up_at_the_same_step(tmp_path):
     """Every step holds collectives, so the processes must agree when the warm-up's time is up (they warm up
     while any one's time is not); one step more on either would leave the other waiting at the end."""

@@ -91,6 +91,7 @@ def test_bad_sizes_and_rule_names_exit_2_with_the_message(tmp_path, override, me
     assert not (tmp_path / "run").exists() and not (tmp_path / "gs:").exists()  # nothing written
 
 
+@pytest.mark.slow  # over 15 s; the default suite stays near 15 minutes
 def test_a_resumed_run_says_which_steps_it_trained(tmp_path):
     settings = ["--set", f"run_dir={tmp_path / 'run'}", "--set", "model.n_layers=1", "--set", "model.seq_len=32",
                 "--set", "train.eval_every=0", "--set", "checkpoint.every_steps=2"]

@@ -248,6 +248,7 @@ def assert_two_processes_resume_to_the_reference(run_dir, tmp_path, newest, refe
     assert [row["step"] for row in events(run_dir, "resume")] == [newest]
 
 
+@pytest.mark.slow  # over 15 s; the default suite stays near 15 minutes
 def test_two_processes_killed_together_resume_from_their_last_checkpoint(tmp_path, reference,
                                                                          reference_state):
     run_dir = tmp_path / "run"
@@ -315,6 +316,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, r
                                                  reference_state)
 
 
+@pytest.mark.slow  # over 15 s; the default suite stays near 15 minutes
 def test_an_elastic_restart_may_need_more_microbatches_than_the_config_names(tmp_path):
     """6 devices at 12 x 2 microbatches (1 sequence per device each), then 4: the survivors need 3 microbatches,
     which the run picks itself; the configured 2 do not divide the batch over 4 devices."""

@@ -273,6 +273,7 @@ def test_four_stages_hold_their_layers_pass_activations_by_collective_permute_an
     assert_same((losses, jax.device_get(state.params)), reference("gpt2", 8))
 
 
+@pytest.mark.slow  # over 15 s; the default suite stays near 15 minutes
 def test_each_schedule_iteration_passes_activations_once_forward_and_once_backward():
     """Unrolled, pipeline=4: one collective-permute of the activation buffer per iteration in the forward pass
     and one in the backward pass. (Autodiff's transpose of jnp.roll made two of the backward one here, four on

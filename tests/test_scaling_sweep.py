@@ -140,6 +140,7 @@ def test_sweep_dry_run_prints_the_plan(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow  # over 15 s; the default suite stays near 15 minutes
 def test_parallel_sweep_matches_the_sequential_one_and_names_a_failed_run(tmp_path, capsys):
     # Child processes inherit conftest's 8 CPU devices, as this process has them: the same mesh, the same losses.
     steps = [5, 10]
