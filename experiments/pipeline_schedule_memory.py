@@ -58,23 +58,29 @@ def temp_bytes(schedule: str, microbatches: int, remat: str = "full") -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-def main():
+def print_table(cases, temp_bytes) -> None:
+    """One row per (schedule, remat, repeats, is 1F1B) case and microbatch count 4, 8, 16: temp_bytes(schedule,
+    m, remat), the growth per extra microbatch in activations, the bubble and the stash (1F1B's peak, else all
+    m x repeats microbatches)."""
     activation = ROWS * LENGTH * 64 * 4
     print(f"{STAGES} stages, {LAYERS} layers, microbatch {ROWS} x {LENGTH} tokens: one activation "
           f"{activation / 2**10:.0f} KiB")
-    print(f"{'schedule':18} {'m':>3} {'temp KiB':>9} {'per microbatch':>14} {'bubble':>7} {'stash (formula)':>15}")
-    for schedule, remat in (("gpipe", "none"), ("gpipe", "full"), ("circular", "full"), ("1f1b", "full"),
-                            ("interleaved", "full")):
-        repeats = 1 if schedule in ("gpipe", "1f1b") else 2
+    print(f"{'schedule, remat':24} {'m':>3} {'temp KiB':>9} {'per microbatch':>14} {'bubble':>7} {'stash':>6}")
+    for schedule, remat, repeats, is_1f1b in cases:
         first = None
         for m in (4, 8, 16):
-            stash = max(one_f_one_b_peak_stash(STAGES, m, repeats)) if schedule in ("1f1b", "interleaved") \
-                else repeats * m
+            stash = max(one_f_one_b_peak_stash(STAGES, m, repeats)) if is_1f1b else repeats * m
             size = temp_bytes(schedule, m, remat)
             first = first or (m, size)
             growth = "" if m == first[0] else f"{(size - first[1]) / (m - first[0]) / activation:.2f} act."
-            print(f"{schedule + ' ' + remat:18} {m:>3} {size / 2**10:>9.0f} {growth:>14} "
-                  f"{bubble_fraction(STAGES, m, repeats):>7.1%} {stash:>15}", flush=True)
+            print(f"{schedule + ', ' + remat:24} {m:>3} {size / 2**10:>9.0f} {growth:>14} "
+                  f"{bubble_fraction(STAGES, m, repeats):>7.1%} {stash:>6}", flush=True)
+
+
+def main():
+    print_table([("gpipe", "none", 1, False), ("gpipe", "full", 1, False), ("circular", "full", 2, False),
+                 ("1f1b", "full", 1, True), ("interleaved", "full", 2, True)], temp_bytes)
+
 
 if __name__ == "__main__":
     main()

@@ -15,14 +15,13 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+from pipeline_schedule_memory import LAYERS, LENGTH, ROWS, STAGES, print_table  # noqa: E402  (this folder)
 
 from jaxscale.config import Config, MeshConfig, TrainConfig  # noqa: E402
 from jaxscale.model import ModelConfig  # noqa: E402
-from jaxscale.parallel import PipelineConfig, bubble_fraction  # noqa: E402
-from jaxscale.parallel.plan import one_f_one_b_peak_stash  # noqa: E402
+from jaxscale.parallel import PipelineConfig  # noqa: E402
 from jaxscale.training import build_trainer  # noqa: E402
 
-STAGES, LAYERS, ROWS, LENGTH = 4, 8, 2, 256
 CASES = (("gpipe", "none"), ("gpipe", "full"), ("circular", "full"), ("1f1b", "none"),
          ("interleaved_1f1b", "none"))
 
@@ -42,20 +41,8 @@ def temp_bytes(schedule: str, microbatches: int, remat: str) -> int:
 
 
 def main():
-    activation = ROWS * LENGTH * 64 * 4
-    print(f"{STAGES} stages, {LAYERS} layers, microbatch {ROWS} x {LENGTH} tokens: one activation "
-          f"{activation / 2**10:.0f} KiB")
-    print(f"{'schedule, remat':24} {'m':>3} {'temp KiB':>9} {'per microbatch':>14} {'bubble':>7} {'stash':>6}")
-    for schedule, remat in CASES:
-        repeats = 2 if schedule in ("circular", "interleaved_1f1b") else 1
-        first = None
-        for m in (4, 8, 16):
-            stash = max(one_f_one_b_peak_stash(STAGES, m, repeats)) if "1f1b" in schedule else repeats * m
-            size = temp_bytes(schedule, m, remat)
-            first = first or (m, size)
-            growth = "" if m == first[0] else f"{(size - first[1]) / (m - first[0]) / activation:.2f} act."
-            print(f"{schedule + ', ' + remat:24} {m:>3} {size / 2**10:>9.0f} {growth:>14} "
-                  f"{bubble_fraction(STAGES, m, repeats):>7.1%} {stash:>6}", flush=True)
+    print_table([(schedule, remat, 2 if schedule in ("circular", "interleaved_1f1b") else 1, "1f1b" in schedule)
+                 for schedule, remat in CASES], temp_bytes)
 
 
 if __name__ == "__main__":
