@@ -104,7 +104,7 @@ def run_bench(config: Config, *, warmup: int = 5, warmup_s: float | None = None,
     t = config.train
     dataset, shard = open_dataset(config), batch_shard(trainer.data_sharding, t.batch_size)
     step_count = warmup + windows * steps_per_window
-    # Batches are read before timing: the loader's own speed is measured by the data benchmark.
+    # Batches are read before timing: the loader's own speed is measured by experiments/data_loader_bench.py.
     batches = [to_global(dataset.batch(i, t.batch_size, **shard), trainer.data_sharding, t.batch_size)
                for i in range(step_count)]
     state = trainer.init_state()

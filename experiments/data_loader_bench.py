@@ -1,4 +1,4 @@
-"""Loader throughput on the CPU: python -m jaxscale.data.bench [--file PATH]
+"""Loader throughput on the CPU: PYTHONPATH=$PWD python experiments/data_loader_bench.py [--file PATH]
 
 Measures, for the built-in corpus and for a 1 GB uint16 token file (generated in a temporary directory
 and deleted afterwards unless --file is given): the one-time tokenize/split time into a fresh cache, and
