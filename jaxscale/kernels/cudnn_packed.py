@@ -49,7 +49,7 @@ def _cudnn(q, k, v, offsets, lengths, *, causal, sliding_window, scale):
                                  mask_type=mask, sliding_window_length=sliding_window)
 
 
-def packed_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, *,
+def packed_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
                      causal: bool = True, sliding_window: int | None = None, scale: float | None = None
                      ) -> jax.Array:
     """q (batch, length, heads, head_dim), k and v (batch, length, kv_heads, head_dim), segment_ids (batch,
@@ -57,10 +57,8 @@ def packed_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     `max_documents(length)` documents send the batch through the Triton kernel."""
     if sliding_window is not None and not causal:
         raise ValueError("cuDNN takes a sliding window only with causal attention")
-    batch, length, _, head_dim = q.shape
+    _, length, _, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    if segment_ids is None:
-        segment_ids = jnp.zeros((batch, length), jnp.int32)
     documents = max_documents(length)
     offsets, lengths, count = document_bounds(segment_ids, documents)
     options = dict(causal=causal, sliding_window=sliding_window, scale=scale)
