@@ -16,8 +16,16 @@ from jaxscale.config import Config, MeshConfig, validate
 from jaxscale.errors import ConfigError
 from jaxscale.kernels.attention import reference as reference_attention
 from jaxscale.mesh import build_mesh
+from jaxscale.model.config import CONTEXT_ATTENTION
 from jaxscale.parallel.blockwise_attention import blockwise_attention, key_block
-from jaxscale.parallel.context import balanced_order, context_attention, kept_pairs_per_rank
+from jaxscale.parallel.context import (
+    IMPLEMENTATIONS,
+    balanced_order,
+    bytes_moved_per_layer,
+    context_attention,
+    kept_pairs_per_rank,
+    tiles_per_rank,
+)
 from jaxscale.sharding import activation_rules
 
 
@@ -32,18 +40,42 @@ def test_balanced_chunks_give_every_rank_the_same_causal_work(ranks):
     assert max(contiguous) > 2 * min(contiguous)  # what the pairing avoids: the last rank does most of the work
 
 
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_balanced_chunks_give_every_rank_the_same_tiles_to_compute(ranks):
+    """The tiles the kernels compute rather than skip (their work): equal on every rank, for the all-gather and
+    for every step of the ring (a rank with more to do in a step would hold up the next hand-over)."""
+    length = 128 * ranks  # chunks of 64 tokens, one tile each
+    order = balanced_order(length, ranks)
+    gathered, ring = tiles_per_rank(order, ranks, "allgather"), tiles_per_rank(order, ranks, "ring")
+    assert gathered.shape == (ranks, 1) and ring.shape == (ranks, ranks)
+    assert len(set(gathered.ravel())) == 1 and gathered.sum() == ring.sum() == ranks * (2 * ranks + 1)
+    assert all(len(set(ring[:, s])) == 1 for s in range(ranks))  # step by step
+    # The chunks in their own order: the last rank computes 2 x ranks - 1 tiles per key span, the first 1 + 2.
+    contiguous = tiles_per_rank(np.arange(length), ranks, "ring").sum(axis=1)
+    assert contiguous[-1] == 3 + 4 * (ranks - 1) and contiguous[0] == 3
+
+
+def test_bytes_moved_per_layer():
+    """4k tokens over 4 ranks, 2 KV heads of 64 in bfloat16: 1024 tokens per rank, 3 spans of them received."""
+    per_token = 2 * 2 * 64 * 2 + 8
+    assert bytes_moved_per_layer(4096, 4, 2, 64, 2, "allgather") == (3 * 1024 * per_token, 3 * 1024 * (per_token - 8))
+    forward, backward = bytes_moved_per_layer(4096, 4, 2, 64, 2, "ring")
+    assert forward == 3 * 1024 * per_token and backward == forward + 4 * 1024 * 2 * 2 * 64 * 4
+
+
 MESHES = {"context2": dict(context=2), "context4": dict(context=4), "context8": dict(context=8),
-          "data2-context2-tensor2": dict(data=2, context=2, tensor=2)}
+          "data2-context2-tensor2": dict(data=2, context=2, tensor=2), "fsdp2-context4": dict(fsdp=2, context=4)}
 
 
 def devices_for(mesh: dict) -> list:
     return jax.devices()[:int(np.prod(list(mesh.values())))]
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("layout", MESHES)
-def test_context_attention_matches_one_device(layout):
-    """Queries, keys and values in balanced order, split over the context ranks, packed documents: the outputs
-    and gradients of plain causal attention over the sequence in its own order."""
+def test_context_attention_matches_one_device(layout, implementation):
+    """Queries, keys and values in balanced order, split over the context ranks, packed documents, 2 query heads
+    per KV head: the outputs and gradients of plain causal attention over the sequence in its own order."""
     b, t, heads, kv_heads, hd = 2, 32, 4, 2, 8
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (b, t, heads, hd))
@@ -63,7 +95,7 @@ def test_context_attention_matches_one_device(layout):
         with activation_rules(mesh, rules):
             positions = jnp.broadcast_to(jnp.asarray(order), (b, t))
             return jnp.sum(context_attention(q[:, order], k[:, order], v[:, order], positions,
-                                             segments[:, order]) * weight)
+                                             segments[:, order], implementation) * weight)
 
     want = jax.jit(jax.value_and_grad(expected, argnums=(0, 1, 2)))(q, k, v)
     got = jax.jit(jax.value_and_grad(split, argnums=(0, 1, 2)))(q, k, v)
@@ -71,11 +103,16 @@ def test_context_attention_matches_one_device(layout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("style,layout", [("gpt2", layout) for layout in MESHES] + [("llama", "context4")])
-def test_training_with_the_sequence_split_matches_one_device(style, layout):
-    """Three AdamW steps of the tiny decoder on packed documents: losses, gradient norms and parameters."""
+@pytest.mark.parametrize("style,layout,implementation",
+                         [("gpt2", layout, "allgather") for layout in MESHES] + [("llama", "context4", "allgather")]
+                         + [("llama", layout, "ring") for layout in MESHES])
+def test_training_with_the_sequence_split_matches_one_device(style, layout, implementation):
+    """Three AdamW steps of the tiny decoder on packed documents: losses, gradient norms and parameters. The
+    ring with tiny-llama: 4 query heads on 2 KV heads."""
     mesh = MESHES[layout]
-    losses, params = run(make_config(style, mesh), devices_for(mesh))
+    config = make_config(style, mesh)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, context_attention=implementation))
+    losses, params = run(config, devices_for(mesh))
     ref_losses, ref_params = reference(style)
     np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL), params, ref_params)
@@ -89,6 +126,9 @@ def test_context_checks():
         validate(odd, 8)
     with pytest.raises(ConfigError, match="mesh.context > 1 with mesh.pipeline > 1"):
         validate(dataclasses.replace(config, mesh=MeshConfig(data=1, context=2, pipeline=2)), 4)
+    with pytest.raises(ConfigError, match="model.context_attention='rings'; choose allgather or ring"):
+        dataclasses.replace(config.model, context_attention="rings")
+    assert CONTEXT_ATTENTION == IMPLEMENTATIONS
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from jaxscale.errors import ConfigError, check_range
 from jaxscale.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from jaxscale.parallel.moe_config import MoEConfig
 
+CONTEXT_ATTENTION = ("allgather", "ring")  # jaxscale.parallel.context.IMPLEMENTATIONS, without importing it
+
 
 @dataclass
 class RopeScaling:
@@ -36,6 +38,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention: str = "auto"  # auto | cudnn | xla | pallas: jaxscale.kernels.attention says what each runs
+    # With mesh.context > 1: allgather (every rank gathers the sequence's keys) | ring (the keys go round the
+    # ranks); jaxscale.parallel.context says what each costs
+    context_attention: str = "allgather"
     # Logits of the padding ids past vocab_size are the dtype's lowest value, so the softmax covers the real
     # vocabulary only (imported models: their loss is the original's). Off, padding ids are learned away.
     mask_vocab_padding: bool = False
@@ -49,6 +54,9 @@ class ModelConfig:
             raise ConfigError(f"model.style={self.style!r}; choose gpt2 or llama")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ConfigError(f"model.attention={self.attention!r}; choose {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        if self.context_attention not in CONTEXT_ATTENTION:
+            raise ConfigError(f"model.context_attention={self.context_attention!r}; choose "
+                              f"{' or '.join(CONTEXT_ATTENTION)}")
         if self.init_from and not self.init_from.startswith(("hf:", "run:")):
             raise ConfigError(f"model.init_from={self.init_from!r}; give hf:<directory of a Hugging Face model> or "
                               f"run:<run_dir of a jaxscale run>")

@@ -149,7 +149,7 @@ def attention_half(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, posi
         freqs = rope_frequencies(cfg)
         q, k = rope(q, positions, freqs), rope(k, positions, freqs)
     if context_ranks() > 1:  # the sequence split over the context axis, in balanced_order
-        y = context_attention(q, k, v, positions, segment_ids)
+        y = context_attention(q, k, v, positions, segment_ids, cfg.context_attention)
     else:
         y = attention(q, k, v, segment_ids, causal=True, implementation=cfg.attention)  # within each document
     y = checkpoint_name(constrain(y, ("batch", "length", "heads", "head_dim")), "attention_out")
