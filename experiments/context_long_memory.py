@@ -8,7 +8,8 @@ of the keys and values, and the ring (`model.context_attention`).
 2. Bytes each rank receives in one layer's attention (forward + backward), read from the compiled program's
    collectives (their result shapes, times the trip counts of the loops around them) next to the formula
    (`jaxscale.parallel.context.bytes_moved_per_layer`).
-3. Train step time of tiny-llama at a moderate length (median of the timed steps after one warm-up).
+3. Train step time of tiny-llama at a moderate length (median of the timed steps after one warm-up, the two
+   taking turns).
 
 Usage: PYTHONPATH=$PWD python experiments/context_long_memory.py [--lengths 8192 16384 32768 65536]
        [--time-length 8192] [--steps 5]                              (prints three tables)
@@ -58,21 +59,26 @@ def step_memory(name: str, length: int, implementation: str) -> tuple[float, flo
     return compiled.memory_analysis().temp_size_in_bytes / 2**20, time.perf_counter() - start
 
 
-def step_seconds(length: int, implementation: str, steps: int) -> float:
-    trainer = trainer_for("tiny-llama", length, implementation)
-    state = trainer.init_state()
+def step_seconds(length: int, steps: int) -> dict[str, float]:
+    """Median train step seconds of each implementation, their steps taken in turns (A, B, A, B, ...) after one
+    warm-up step each, so that load from other processes falls on both alike."""
     rng = np.random.default_rng(0)
     shape = (1, length + 1)
-    batch = jax.device_put({"tokens": rng.integers(0, 257, shape, dtype=np.int32),
-                            "segment_ids": 1 + np.cumsum(rng.random(shape) < 1e-3, axis=1, dtype=np.int32)},
-                           trainer.data_sharding)
-    times = []
-    for _ in range(steps + 1):  # the first compiles
-        start = time.perf_counter()
-        state, metrics = trainer.train_step(state, batch)
-        jax.block_until_ready(metrics["loss"])
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    batch = {"tokens": rng.integers(0, 257, shape, dtype=np.int32),
+             "segment_ids": 1 + np.cumsum(rng.random(shape) < 1e-3, axis=1, dtype=np.int32)}
+    runs = {}
+    for i in IMPLEMENTATIONS:
+        trainer = trainer_for("tiny-llama", length, i)
+        state, _ = trainer.train_step(trainer.init_state(), jax.device_put(batch, trainer.data_sharding))
+        runs[i] = [trainer, state, jax.device_put(batch, trainer.data_sharding), []]
+    for _ in range(steps):
+        for run in runs.values():
+            trainer, state, placed, times = run
+            start = time.perf_counter()
+            run[1], metrics = trainer.train_step(state, placed)
+            jax.block_until_ready(metrics["loss"])
+            times.append(time.perf_counter() - start)
+    return {i: statistics.median(run[3]) for i, run in runs.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,8 +182,8 @@ def main():
                 print(f"{name:>10} {i:>10} {shown:>40} {formula / 2**20:>8.2f}", flush=True)
     if "time" not in args.skip:
         print(f"\n3. tiny-llama train step at {args.time_length} tokens, median of {args.steps} steps")
-        for i in IMPLEMENTATIONS:
-            print(f"{i:>10} {step_seconds(args.time_length, i, args.steps):.3f} s", flush=True)
+        for i, seconds in step_seconds(args.time_length, args.steps).items():
+            print(f"{i:>10} {seconds:.3f} s", flush=True)
 
 
 if __name__ == "__main__":

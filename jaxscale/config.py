@@ -41,7 +41,8 @@ class MeshConfig:
     (e.g. `moe_group: 4`) for rule tables to map onto; they sit between expert and tensor and stay inside a slice.
     `expert` holds a mixture-of-experts model's experts, a share on each rank, and splits the batch like data
     elsewhere (tokens reach their experts by all-to-all). `context` splits each sequence (long contexts):
-    attention gathers the keys and values of the whole sequence (jaxscale.parallel.context).
+    attention gathers the keys and values of the whole sequence or passes them round the ranks
+    (model.context_attention, jaxscale.parallel.context).
     """
 
     data: int = -1
