@@ -38,9 +38,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention: str = "auto"  # auto | cudnn | xla | pallas: jaxscale.kernels.attention says what each runs
-    # With mesh.context > 1: allgather (every rank gathers the sequence's keys) | ring (the keys go round the
-    # ranks); jaxscale.parallel.context says what each costs
-    context_attention: str = "allgather"
+    # With mesh.context > 1: ring (the keys go round the ranks) | allgather (every rank gathers the sequence's
+    # keys); jaxscale.parallel.context says what each costs
+    context_attention: str = "ring"
     # Logits of the padding ids past vocab_size are the dtype's lowest value, so the softmax covers the real
     # vocabulary only (imported models: their loss is the original's). Off, padding ids are learned away.
     mask_vocab_padding: bool = False
