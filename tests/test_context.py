@@ -50,7 +50,8 @@ def test_balanced_chunks_give_every_rank_the_same_tiles_to_compute(ranks):
     assert gathered.shape == (ranks, 1) and ring.shape == (ranks, ranks)
     assert len(set(gathered.ravel())) == 1 and gathered.sum() == ring.sum() == ranks * (2 * ranks + 1)
     assert all(len(set(ring[:, s])) == 1 for s in range(ranks))  # step by step
-    # The chunks in their own order: the last rank computes 2 x ranks - 1 tiles per key span, the first 1 + 2.
+    # The chunks in their own order: the first rank computes the 3 tiles of its own span only, the last 4 more for
+    # every other rank's span.
     contiguous = tiles_per_rank(np.arange(length), ranks, "ring").sum(axis=1)
     assert contiguous[-1] == 3 + 4 * (ranks - 1) and contiguous[0] == 3
 
@@ -172,8 +173,8 @@ def test_key_block_divides_the_length():
 def context_attention_grad_memory(length: int, ranks: int = 2, implementation: str = "allgather",
                                   kv_heads: int = 1, groups: int = 2) -> int:
     """Compiled temporary bytes per device of the gradient of context-parallel attention (batch 1, `groups` query
-    heads per KV head, head_dim 16, packed documents) with the sequence over `ranks` context ranks, in a scan over two
-    layers as the model runs it (where autodiff would hoist a mask that depends only on positions)."""
+    heads per KV head, head_dim 16, packed documents) with the sequence over `ranks` context ranks, in a scan
+    over two layers as the model runs it (where autodiff would hoist a mask that depends only on positions)."""
     mesh_config = MeshConfig(data=1, context=ranks)
     mesh = build_mesh(mesh_config, jax.devices()[:ranks])
     rules = Config(mesh=mesh_config).sharding.activations

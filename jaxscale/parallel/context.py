@@ -19,9 +19,9 @@ no query sees skipped), so no (length x length) mask or score matrix is ever mad
   gradients. It holds 1 / C of the keys and values, and each hand-over can run while the rank computes on the
   span it has; it moves more bytes than the all-gather (1.6 x in float32, `bytes_moved_per_layer`).
 
-On 8 simulated CPU devices (experiments/context_long_memory.py) the ring's train step needs 25-42% less
-temporary memory at 8k-64k tokens and takes about as long as the all-gather's from 8k tokens on; the
-all-gather is quicker at 4k. BENCHMARKS.md has the numbers.
+On 8 simulated CPU devices (experiments/context_long_memory.py) the ring's train step needs 18-42% less
+temporary memory at 8k-64k tokens (more where every head has its own keys) and takes about as long as the
+all-gather's from 8k tokens on; the all-gather is quicker at 4k. BENCHMARKS.md has the numbers.
 """
 from __future__ import annotations
 
