@@ -7,14 +7,19 @@
 #   OUT=/tmp/attention bash experiments/attention_gpu.sh
 # Every step has a timeout taken from one deadline (BUDGET_S, default 560 s), so the summary always prints. The
 # faster masked kernel at 1B is written to $BEST_FILE (default /tmp/best_attention) for a later call to use.
+# SHAPES (default "1b 8k 3b") picks the benches; KERNELS (default "pallas cudnn") the masked kernels at 1B and 8k;
+# TESTS=0 skips the GPU tests; SWEEP=0 the kernel microbenchmark.
 set -u
 OUT=${OUT:-/tmp/attention_gpu}
 BUDGET=${BUDGET_S:-560}
 BEST_FILE=${BEST_FILE:-/tmp/best_attention}
 source "$(dirname "$0")/gpu_steps.sh"
 
-step gpu_tests 100 python -m pytest -q tests/test_attention.py -k gpu -p no:cacheprovider
-tail -4 "$OUT/gpu_tests.log"
+SHAPES=${SHAPES:-1b 8k 3b}
+KERNELS=${KERNELS:-pallas cudnn}
+has() { [[ " $1 " == *" $2 "* ]]; }
+[ "${TESTS:-1}" = 1 ] && step gpu_tests 100 python -m pytest -q tests/test_attention.py -k gpu -p no:cacheprovider
+[ "${TESTS:-1}" = 1 ] && tail -4 "$OUT/gpu_tests.log"
 
 LLAMA=(--set model.preset=llama-1b --set model.vocab_size=128256 --set model.tie_embeddings=true
        --windows 3 --steps-per-window 5)
@@ -25,9 +30,10 @@ bench() {  # NAME CAP MASKING ATTENTION EXTRA...
 }
 ONE_B=(--set train.batch_size=8 --set train.scan_unroll=16)
 EIGHT_K=(--set model.seq_len=8192 --set train.batch_size=2 --set train.scan_unroll=16)
-bench 1b-off 90 false auto "${ONE_B[@]}"
-bench 1b-pallas 90 true pallas "${ONE_B[@]}"
-bench 1b-cudnn 90 true cudnn "${ONE_B[@]}"
+if has "$SHAPES" 1b; then
+  bench 1b-off 90 false auto "${ONE_B[@]}"
+  for kernel in $KERNELS; do bench "1b-$kernel" 90 true "$kernel" "${ONE_B[@]}"; done
+fi
 python - "$OUT" "$BEST_FILE" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
@@ -38,16 +44,21 @@ pathlib.Path(sys.argv[2]).write_text(best)
 print("faster masked kernel at 1B:", best, rates)
 PY
 BEST=$(cat "$BEST_FILE")
-bench 8k-off 100 false auto "${EIGHT_K[@]}"
-bench 8k-pallas 100 true pallas "${EIGHT_K[@]}"
-bench 8k-cudnn 100 true cudnn "${EIGHT_K[@]}"
+if has "$SHAPES" 8k; then
+  bench 8k-off 100 false auto "${EIGHT_K[@]}"
+  for kernel in $KERNELS; do bench "8k-$kernel" 100 true "$kernel" "${EIGHT_K[@]}"; done
+fi
 if [ "$GPU_MIB" -ge 100000 ]; then REMAT=none; else REMAT=dots; fi
 THREE_B=(--set model.d_model=3072 --set model.n_layers=28 --set model.n_heads=24 --set train.batch_size=4
          --set train.scan_unroll=28 --set train.remat=$REMAT)
-bench 3b-off 110 false auto "${THREE_B[@]}"
-bench "3b-$BEST" 110 true "$BEST" "${THREE_B[@]}"
-step kernels 120 python experiments/attention_kernels.py --layouts corpus --tilings t128x64 --shapes 1b-2k,1b-8k
-grep "^|" "$OUT/kernels.log"
+if has "$SHAPES" 3b; then
+  bench 3b-off 110 false auto "${THREE_B[@]}"
+  bench "3b-$BEST" 110 true "$BEST" "${THREE_B[@]}"
+fi
+if [ "${SWEEP:-1}" = 1 ]; then
+  step kernels 120 python experiments/attention_kernels.py --layouts corpus --tilings t128x64 --shapes 1b-2k,1b-8k
+  grep "^|" "$OUT/kernels.log"
+fi
 
 python - "$OUT" <<'PY'
 import json, pathlib, sys

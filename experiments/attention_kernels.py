@@ -3,16 +3,20 @@ error against XLA's reference, at the Llama 3.2 1B / 3B attention shapes, on thr
 
     PYTHONPATH=. python experiments/attention_kernels.py [--layouts corpus,one,short256] [--tilings t128x64,...]
         [--shapes 1b-2k,3b-2k,1b-8k] [--no-others]
+    PYTHONPATH=. python experiments/attention_kernels.py --sweep 3b-2k     # tiles of the Triton kernels
 
 Candidates: cuDNN causal without segment ids (the speed to match), jaxscale's Pallas (Triton) flash kernels
 with segment ids under a few tilings, cuDNN's packed layout (segment offsets and lengths, padding + causal
 mask; its number of segments per row is static, here each layout's maximum), and JAX's Pallas `mha` with
 segment ids (no grouped-query support: K and V repeated). Layouts: rows of the built-in corpus (as
 `jaxscale bench` reads them), one document per row, documents of 256 tokens. Prints one table, last.
+`--sweep` times the forward kernel's tilings, then the backward kernels' (with the default forward), on the
+corpus layout, and prints the fastest of each as a `Tiles(...)` for `flash_gpu.tiles_for`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import statistics
@@ -39,6 +43,15 @@ TILINGS = {
     "t64x64": Tiles(forward=(64, 64), dkv=(64, 64), dq=(64, 64), warps=4, stages=4, backward_warps=4,
                     backward_stages=3),
 }
+
+
+FORWARD_SWEEP = [Tiles(forward=block, warps=warps, stages=stages)
+                 for block in ((128, 64), (128, 128), (64, 64), (128, 32), (64, 128))
+                 for warps in (4, 8) for stages in (2, 3)]
+BACKWARD_SWEEP = [Tiles(dkv=dkv, dq=dq, backward_warps=warps, backward_stages=stages)
+                  for dkv, dq in (((64, 128), (128, 64)), ((32, 128), (128, 32)), ((64, 64), (64, 64)),
+                                  ((32, 64), (64, 32)), ((128, 128), (128, 128)), ((64, 128), (128, 32)))
+                  for warps in (4, 8) for stages in (2, 3)]
 
 
 def layout(name: str, batch: int, length: int) -> np.ndarray:
@@ -105,20 +118,61 @@ def max_error(attend, q, k, v, d_out, segment_ids) -> float:
     return max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w))) for g, w in zip(got, want))
 
 
+def inputs(shape_name: str):
+    batch, length, heads, kv_heads, head_dim = SHAPES[shape_name]
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (batch, length, heads, head_dim), jnp.bfloat16)
+    k, v = (jax.random.normal(key, (batch, length, kv_heads, head_dim), jnp.bfloat16) for key in keys[1:3])
+    return q, k, v, jax.random.normal(keys[3], q.shape, jnp.bfloat16)
+
+
+def sweep(shape_name: str) -> None:
+    """Forward tilings timed alone, backward tilings as forward + backward less the default forward."""
+    q, k, v, d_out = inputs(shape_name)
+    segment_ids = jnp.asarray(layout("corpus", q.shape[0], q.shape[1]))
+    cudnn_forward, cudnn_both = measure(
+        lambda q, k, v, _: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
+        q, k, v, d_out, None)
+    timings = {}
+    for part, candidates in (("forward", FORWARD_SWEEP), ("backward", BACKWARD_SWEEP)):
+        for tiles in candidates:
+            try:
+                forward, both = measure(functools.partial(flash_attention, tiles=tiles), q, k, v, d_out, segment_ids)
+            except Exception as e:  # a tiling Triton cannot compile (shared memory) is skipped
+                print(f"{part} {tiles}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            timings.setdefault(part, []).append((forward if part == "forward" else both, tiles))
+            print(part, tiles, f"{forward * 1e3:.3f} / {both * 1e3:.3f} ms", flush=True)
+    forward_time, fastest_forward = min(timings["forward"], key=lambda t: t[0])
+    both_time, fastest_backward = min(timings["backward"], key=lambda t: t[0])
+    best = dataclasses.replace(fastest_backward, forward=fastest_forward.forward, warps=fastest_forward.warps,
+                               stages=fastest_forward.stages)
+    default = Tiles()
+    rows = [("cudnn causal, no segments", cudnn_forward, cudnn_both)]
+    for name, tiles in (("pallas default tiles", default), ("pallas fastest tiles", best)):
+        rows.append((name, *measure(functools.partial(flash_attention, tiles=tiles), q, k, v, d_out, segment_ids)))
+    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {shape_name}, corpus layout")
+    print("fastest:", best)
+    print("| kernel | forward ms | forward + backward ms | / cuDNN causal |")
+    print("| --- | --- | --- | --- |")
+    for name, forward, both in rows:
+        print(f"| {name} | {forward * 1e3:.3f} | {both * 1e3:.3f} | {both / cudnn_both:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--layouts", default="corpus,one,short256")
     parser.add_argument("--tilings", default=",".join(TILINGS))
     parser.add_argument("--no-others", action="store_true", help="jaxscale's kernels only (no cuDNN packed, mha)")
+    parser.add_argument("--sweep", metavar="SHAPE", help="time tilings of the Triton kernels at this shape")
     args = parser.parse_args()
+    if args.sweep:
+        return sweep(args.sweep)
     rows = []
     for shape_name in args.shapes.split(","):
-        batch, length, heads, kv_heads, head_dim = SHAPES[shape_name]
-        keys = jax.random.split(jax.random.key(0), 4)
-        q = jax.random.normal(keys[0], (batch, length, heads, head_dim), jnp.bfloat16)
-        k, v = (jax.random.normal(key, (batch, length, kv_heads, head_dim), jnp.bfloat16) for key in keys[1:3])
-        d_out = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
+        q, k, v, d_out = inputs(shape_name)
+        batch, length = q.shape[:2]
         fwd, both = measure(lambda q, k, v, _: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                              implementation="cudnn"),
                             q, k, v, d_out, None)
