@@ -47,7 +47,7 @@ def run_path(value: str | os.PathLike, key: str = "run_dir") -> epath.Path:
         package = SCHEMES[scheme]
         if importlib.util.find_spec(package) is None:
             raise ConfigError(f"{key}={text}: {scheme}:// needs {package}, which is not installed: "
-                              f"pip install 'jaxscale[tpu]' (or pip install {package})")
+                              f"pip install 'jaxscale[gcs]'")
         return epath.Path(text)
     cut_short = re.match(r"([A-Za-z][A-Za-z0-9+.-]+):(/?)", text)  # gs:/bucket, gs:bucket, file:/abs
     if cut_short and (cut_short.group(2) or cut_short.group(1) in ("file", *SCHEMES)):
