@@ -124,9 +124,10 @@ def test_a_run_in_a_bucket_trains_checkpoints_and_resumes_bitwise(bucket, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
 
     run_dir = run_path(f"{bucket}/runs/tiny")
-    for steps in (4, 8):  # the second command resumes from the first one's checkpoint at step 4
-        result = run_train([*SETTINGS, f"run_dir={run_dir}", f"train.steps={steps}"],
-                           tmp_path)  # its environment holds the emulator's variables
+    # the second command resumes from the first one's checkpoint at step 4, traces step 6 and writes TensorBoard's
+    # event files (neither changes what is computed); their environment holds the emulator's variables
+    for extra in (["train.steps=4"], ["train.steps=8", "profile.steps=6:7", "tracking.writers=[jsonl,tensorboard]"]):
+        result = run_train([*SETTINGS, f"run_dir={run_dir}", *extra], tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed after step 4, trained to step 8" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reference"]  # no URL was taken as a local path
@@ -136,7 +137,9 @@ def test_a_run_in_a_bucket_trains_checkpoints_and_resumes_bitwise(bucket, tmp_pa
     assert losses == {r["step"]: r["loss"] for r in read_metrics(reference) if "loss" in r}  # JSON keeps the bits
     assert [r["step"] for r in rows if r.get("event") == "resume"] == [4]
     assert {p.name for p in run_dir.iterdir()} == {"config.yaml", "metrics.jsonl", "goodput.jsonl", "summary.json",
-                                                   "checkpoints"}  # and no .lock: the lease was let go
+                                                   "checkpoints", "profile", "tensorboard"}  # no .lock: let go
+    assert list(run_dir.glob("profile/process_0/plugins/profile/*/*.xplane.pb"))
+    assert list(run_dir.glob("tensorboard/events.out.tfevents.*"))
     text = report(str(run_dir))
     assert f"{run_dir}: 8 steps of 8" in text and "over 2 attempts" in text
 
@@ -153,3 +156,8 @@ def test_a_run_in_a_bucket_trains_checkpoints_and_resumes_bitwise(bucket, tmp_pa
     actual = host_arrays(restored.state)
     for key, array in host_arrays(expected.state).items():
         np.testing.assert_array_equal(actual[key], array, err_msg=key)
+
+    from jaxscale.training.hf_export import export
+
+    export(str(run_dir), tmp_path / "hf")  # `jaxscale export` reads the run from the bucket
+    assert (tmp_path / "hf" / "model.safetensors").stat().st_size > 0
