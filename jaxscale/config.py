@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -27,6 +27,10 @@ from jaxscale.parallel.plan import ONE_F_ONE_B_SCHEDULES, PipelineConfig, one_f_
 from jaxscale.posttrain.config import PosttrainConfig
 from jaxscale.presets import KINDS, find_preset, known_presets
 from jaxscale.remat import parse_remat
+from jaxscale.run_files import run_path
+
+if TYPE_CHECKING:
+    from etils import epath
 
 MESH_AXES = ("data", "pipeline", "fsdp", "expert", "context", "tensor")  # outermost (slowest links) to innermost (fastest)
 BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes that split the batch (by the default rules)
@@ -292,23 +296,12 @@ class Config:
             raise ConfigError(f"plan={self.plan!r}; use plan=auto (the layout `jaxscale plan` ranks first), or "
                               f"leave it out to lay the run out yourself")
 
-    def resolved_run_dir(self) -> Path:
-        return local_directory(self.run_dir or f"runs/{self.name}", "run_dir")
+    def resolved_run_dir(self) -> epath.Path:
+        """The run directory: a local directory or a gs:// URL (jaxscale.run_files)."""
+        return run_path(self.run_dir or f"runs/{self.name}", "run_dir")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def local_directory(value: str, key: str) -> Path:
-    """A run's directory, which jaxscale reads and writes as files (appends, an OS lock): a URL is refused rather
-    than taken as a relative path named `gs:`."""
-    scheme, sep, rest = value.partition("://")
-    if sep:
-        bucket = rest.partition("/")[0] or "BUCKET"
-        raise ConfigError(f"{key}={value}: give a directory, not a {scheme}:// URL. Mount the bucket (gcsfuse "
-                          f"{bucket} /tmp/gcs/{bucket}) and give {key}=/tmp/gcs/{rest}; `jaxscale tpu launch "
-                          f"--run-dir {value}` does that on every worker")
-    return Path(value)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -78,9 +78,10 @@ def test_incomplete_multi_process_flags_are_refused(tmp_path, args, message):
     ("model.n_heads=0", "model.n_heads=0 must be >= 1"),
     ("train.batch_size=0", "train.batch_size=0 must be >= 1"),
     ("sharding.params.embd=fsdp", "did you mean sharding.params.embed?"),
-    ("run_dir=gs://bucket/runs/a", "run_dir=gs://bucket/runs/a: give a directory, not a gs:// URL. Mount the "
-                                   "bucket (gcsfuse bucket /tmp/gcs/bucket) and give run_dir=/tmp/gcs/bucket/runs/a"),
-    ("checkpoint.dir=gs://bucket/ckpt", "checkpoint.dir=gs://bucket/ckpt: give a directory"),
+    ("run_dir=s3://bucket/runs/a", "run_dir=s3://bucket/runs/a: jaxscale keeps run directories on local disk or "
+                                   "in a gs:// bucket, not at s3:// URLs; give gs://BUCKET/PATH, or mount"),
+    ("checkpoint.dir=gs:/bucket/ckpt", "checkpoint.dir=gs:/bucket/ckpt looks like a URL with a slash missing; write "
+                                       "gs://bucket/ckpt"),
 ])
 def test_bad_sizes_and_rule_names_exit_2_with_the_message(tmp_path, override, message):
     result = run_cli(["train", "--set", f"run_dir={tmp_path / 'run'}", "--set", "train.progress=false",

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import tensorstore as ts
 
+from jaxscale.run_files import is_url
+
 
 class DamagedFiles(ValueError):
     """The message names the file and what is wrong with it."""
@@ -44,7 +46,9 @@ def _check_ocdbt(state_dir: Path) -> None:
     every file a node or a value lives in must be there and long enough. Only the small node files are read."""
     if not (state_dir / "manifest.ocdbt").is_file():
         raise DamagedFiles("manifest.ocdbt is missing")
-    base = ts.KvStore.open({"driver": "file", "path": f"{state_dir}/"}).result()
+    # a bucket URL (gs://...) is a kvstore spec of tensorstore's own
+    spec = f"{state_dir}/" if is_url(state_dir) else {"driver": "file", "path": f"{state_dir}/"}
+    base = ts.KvStore.open(spec).result()
     sizes: dict[Path, int | None] = {}
     try:
         manifest = ts.ocdbt.dump(base).result()
@@ -81,7 +85,7 @@ def _check_extent(state_dir: Path, location: str, sizes: dict[Path, int | None])
         return
     path = state_dir / base_path / relative
     if path not in sizes:
-        sizes[path] = path.stat().st_size if path.is_file() else None
+        sizes[path] = path.stat().length if path.is_file() else None
     if sizes[path] is None:
         raise DamagedFiles(f"{path.relative_to(state_dir)} is missing")
     if sizes[path] < needed:

@@ -15,16 +15,17 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxscale.checkpointing.files import DamagedFiles, check_array_files
 from jaxscale.checkpointing.fingerprint import summarize
 from jaxscale.checkpointing.metadata import CheckpointMetadata, RunInfo, array_layout, layout_differences
 from jaxscale.config import CheckpointConfig
 from jaxscale.distributed import any_process, sync_processes
+from jaxscale.run_files import absolute, is_url
 
 log = logging.getLogger("jaxscale")
 
@@ -43,8 +44,8 @@ class DamagedCheckpoint(CheckpointError):
 class Restored:
     state: object  # the TrainState, laid out as the abstract target asked
     metadata: CheckpointMetadata
-    path: Path
-    damaged: list[Path]  # newer checkpoints found damaged and moved aside on the way
+    path: epath.Path
+    damaged: list[epath.Path]  # newer checkpoints found damaged and moved aside on the way
 
 
 def retention_policy(config: CheckpointConfig):
@@ -54,26 +55,34 @@ def retention_policy(config: CheckpointConfig):
     return ocp.checkpoint_managers.AnyPreservationPolicy(policies)
 
 
-def remove_unfinished(directory: Path) -> None:
+def remove_unfinished(directory: epath.Path) -> None:
     """Delete the saves a killed run never finished: Orbax writes step s to '<s>.orbax-checkpoint-tmp...' and
     renames it to '<s>' only when every process is done, so these were never a checkpoint. (Orbax's own
     cleanup runs in a background thread that a quick exit would cut short; this one is done before any
-    save.)"""
+    save.) In a bucket Orbax marks a finished save with a commit_success file instead, and skips those without
+    one."""
     if jax.process_index() == 0 and directory.is_dir():
         for path in directory.glob("*.orbax-checkpoint-tmp*"):
             log.info("removing %s: a save that never finished", path)
-            shutil.rmtree(path)
+            path.rmtree()
     sync_processes("jaxscale: unfinished checkpoints removed")
 
 
-def check_directory(directory: Path) -> None:
+def check_directory(directory: epath.Path) -> None:
     """Refuse now, not at the first save (maybe hours later), a checkpoint directory that is a file or that
-    process 0 (the one that creates the directories) cannot write. Only looks; every process raises if any
+    process 0 (the one that creates the directories) cannot write. Only looks (in a bucket, where there are
+    no permission bits to look at, process 0 writes and deletes a probe object); every process raises if any
     one found a problem (the processes must call this together)."""
+    fix = "set checkpoint.dir (or run_dir) to a directory this user can write"
+    if is_url(directory):
+        problem = write_problem(directory) if jax.process_index() == 0 else None
+        if any_process(problem is not None):
+            raise CheckpointError(f"cannot keep checkpoints in {directory}: "
+                                  + (f"{problem}; {fix}" if problem else f"another process cannot use it; {fix}"))
+        return
     existing = directory  # the directory itself, or its nearest parent that exists (saves create the rest)
     while not os.path.exists(existing) and existing != existing.parent:
         existing = existing.parent
-    fix = "set checkpoint.dir (or run_dir) to a directory this user can write"
     problem = None
     if not os.path.isdir(existing):
         problem = f"{existing} is a file, not a directory; {fix}, or move the file away"
@@ -84,14 +93,30 @@ def check_directory(directory: Path) -> None:
                               + (problem or f"another process of the run cannot use it; {fix}"))
 
 
+def write_problem(directory: epath.Path) -> str | None:
+    """Why this process cannot write in `directory`, found by creating and deleting a probe there (a folder on
+    a disk; an object in a bucket, where folders are only names); None if it can."""
+    probe = directory / f".write-check-{os.getpid()}"
+    try:
+        if is_url(directory):
+            probe.write_text("")
+            probe.unlink()
+        else:
+            probe.mkdir()
+            probe.rmdir()
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 class CheckpointStore:
     """The checkpoints in one directory. Every process of a run opens it and calls save / restore with the
     others."""
 
-    def __init__(self, directory: Path, config: CheckpointConfig, read_only: bool = False):
+    def __init__(self, directory: epath.Path, config: CheckpointConfig, read_only: bool = False):
         """read_only: only read (an export): nothing is created, cleaned up or deleted, not even the unfinished
         save of a run that is training right now."""
-        self.directory = directory.absolute()
+        self.directory = absolute(epath.Path(directory))
         if not read_only:
             check_directory(self.directory)
             remove_unfinished(self.directory)
@@ -115,7 +140,7 @@ class CheckpointStore:
         """Finalized checkpoints, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def path(self, step: int) -> Path:
+    def path(self, step: int) -> epath.Path:
         return self.directory / str(step)
 
     def delete_all(self) -> None:
@@ -159,14 +184,7 @@ class CheckpointStore:
         """Orbax creates a save's directory in a background thread; when that fails, the threads waiting for it
         wait out the coordination timeout (minutes) and hold up the process's exit. So process 0, which
         creates the directories, tries first (the processes must call this together)."""
-        problem = None
-        if jax.process_index() == 0:
-            probe = self.directory / f".write-check-{os.getpid()}"
-            try:
-                probe.mkdir()
-                probe.rmdir()
-            except OSError as e:
-                problem = f"{type(e).__name__}: {e}"
+        problem = write_problem(self.directory) if jax.process_index() == 0 else None
         if any_process(problem is not None):
             raise self._write_failed(step, problem or "process 0 of the run cannot write there")
 
@@ -177,11 +195,11 @@ class CheckpointStore:
         steps = self.steps()
         kept = (f"the newest good checkpoint is still step {steps[-1]}" if steps else
                 "there is no earlier checkpoint")
-        free = shutil.disk_usage(self.directory).free / 1e9
+        space = "" if is_url(self.directory) else \
+            f" (its disk has {shutil.disk_usage(self.directory).free / 1e9:.2f} GB free)"
         return CheckpointError(
             f"writing checkpoint {self.path(step) if step is not None else 'in ' + str(self.directory)} failed: "
-            f"{problem}. Nothing saved before was changed: {kept}. Make {self.directory} writable (its disk "
-            f"has {free:.2f} GB free), or set checkpoint.dir to another directory, and rerun the same command "
+            f"{problem}. Nothing saved before was changed: {kept}. Make {self.directory} writable{space}, or set checkpoint.dir to another directory, and rerun the same command "
             f"to continue")
 
     def read_metadata(self, step: int) -> CheckpointMetadata:
@@ -286,7 +304,7 @@ class CheckpointStore:
                 f"{self.directory / DAMAGED_DIR}. To start the run over, add --set checkpoint.resume=false")
         return None
 
-    def _move_aside(self, step: int) -> Path:
+    def _move_aside(self, step: int) -> epath.Path:
         target = self.directory / DAMAGED_DIR / str(step)
         suffix = 1
         while target.exists():
@@ -295,7 +313,7 @@ class CheckpointStore:
         sync_processes(f"jaxscale: moving checkpoint {step} aside")  # every process has chosen the target
         if jax.process_index() == 0:
             target.parent.mkdir(exist_ok=True)
-            shutil.move(self.path(step), target)
+            self.path(step).rename(target)
         sync_processes(f"jaxscale: moved checkpoint {step} aside")
         self.manager.reload()
         return target

@@ -2,19 +2,19 @@
 parameters a fine-tuning run starts from (`jaxscale.training.run_init` reads them)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
+from etils import epath
 
 from jaxscale.errors import ConfigError
 from jaxscale.model.hf_config import SHAPE_KEYS
+from jaxscale.run_files import run_path
 
 RUN_PREFIX = "run:"
 MODEL_KEYS = SHAPE_KEYS + ("moe",)  # the keys the parameters' shapes and the model's function depend on
 
 
-def run_directory(spec: str) -> Path:
-    directory = Path(spec.removeprefix(RUN_PREFIX)).expanduser()
+def run_directory(spec: str) -> epath.Path:
+    directory = run_path(spec.removeprefix(RUN_PREFIX), "model.init_from").expanduser()
     if not directory.is_dir():
         raise ConfigError(f"model.init_from={spec!r}: {directory} is not a directory; give run:<the run_dir of a "
                           f"jaxscale train run>")
@@ -24,10 +24,9 @@ def run_directory(spec: str) -> Path:
     return directory
 
 
-def run_model_section(directory: Path) -> dict:
+def run_model_section(directory: epath.Path) -> dict:
     """The model section of the run's config.yaml (as it trained: resolved, every key written)."""
-    with open(directory / "config.yaml", encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
+    raw = yaml.safe_load((directory / "config.yaml").read_text(encoding="utf-8"))
     model = raw.get("model") if isinstance(raw, dict) else None
     if not isinstance(model, dict):
         raise ConfigError(f"{directory / 'config.yaml'} has no model section; it is not a jaxscale run's config")

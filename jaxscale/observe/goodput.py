@@ -14,11 +14,15 @@ attempt accounts it:
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
+
+from etils import epath
+
+from jaxscale.run_files import LineFile
 
 GOODPUT_FILE = "goodput.jsonl"
 # Timed directly by the attempt; "productive" is the training loop's time less the loop's other buckets.
@@ -30,10 +34,11 @@ BUCKETS = ("productive", *TIMED, "lost", "restart", "other")
 class GoodputClock:
     """This attempt's time, by bucket, written to goodput.jsonl as it goes (on process 0)."""
 
-    def __init__(self, run_dir: Path, is_main_process: bool, started: float):
+    def __init__(self, run_dir: epath.Path, is_main_process: bool, started: float):
         """started: time.time() when the attempt began (before planning and compiling)."""
         self.path = run_dir / GOODPUT_FILE
         self.write_records = is_main_process
+        self.file: LineFile | None = None  # opened at the first record
         self.attempt = uuid.uuid4().hex[:12]
         self.started = started
         self.seconds = dict.fromkeys(TIMED, 0.0)
@@ -67,11 +72,17 @@ class GoodputClock:
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.write_records:
-            with self.path.open("a") as file:
-                file.write(json.dumps({"attempt": self.attempt, **record}) + "\n")
+            self.file = self.file or LineFile(self.path)
+            # in a bucket the running totals go up with the next upload; the other records at once
+            self.file.write(json.dumps({"attempt": self.attempt, **record}) + "\n", now=record["kind"] != "progress")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
-def read_records(path: Path) -> list[dict]:
+def read_records(path: epath.Path) -> list[dict]:
     """The records, in order; a line a killed attempt left half written is skipped."""
     records = []
     for line in path.read_text().splitlines():
@@ -82,10 +93,10 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
-def account(run_dir: Path) -> dict | None:
+def account(run_dir: str | os.PathLike) -> dict | None:
     """The time account of every attempt recorded in run_dir: seconds and shares per bucket, goodput (the
     productive share), attempts. None if nothing was recorded."""
-    path = Path(run_dir) / GOODPUT_FILE
+    path = epath.Path(run_dir) / GOODPUT_FILE
     if not path.is_file():
         return None
     attempts: dict[str, list[dict]] = {}

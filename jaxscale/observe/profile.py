@@ -1,14 +1,18 @@
 """A jax.profiler trace of chosen training steps (`profile.steps=100:105`), on every process, into the run
 directory in the layout TensorBoard's profile plugin reads (<dir>/plugins/profile/<session>/<host>.xplane.pb,
-beside a Perfetto trace), and a short summary of it from `jaxscale.trace_summary`."""
+beside a Perfetto trace), and a short summary of it from `jaxscale.trace_summary`. In a bucket (run_dir=gs://)
+the trace is written to a local folder and copied there once it stops: the profiler writes gs:// only through
+TensorFlow's file system, which jaxscale does not install."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from etils import epath
+
 from jaxscale.errors import ConfigError
+from jaxscale.run_files import StagedDirectory
 from jaxscale.trace_summary import DeviceTime, format_summary, summarize
 
 log = logging.getLogger("jaxscale")
@@ -36,11 +40,11 @@ class ProfileConfig:
         return first, end
 
 
-def trace_dir(run_dir: Path) -> Path:
+def trace_dir(run_dir: epath.Path) -> epath.Path:
     """Each process's own folder: processes on one machine share a host name, which names the trace files."""
     import jax
 
-    return run_dir / "profile" / f"process_{jax.process_index()}"
+    return epath.Path(run_dir) / "profile" / f"process_{jax.process_index()}"
 
 
 def shares(device: DeviceTime) -> dict[str, float]:
@@ -63,12 +67,13 @@ class StepProfiler:
     """Starts the trace before step START (or the first step of the window this session trains) is dispatched
     and stops it once step STOP - 1 has finished; one trace per session."""
 
-    def __init__(self, config: ProfileConfig, run_dir: Path, total_steps: int):
+    def __init__(self, config: ProfileConfig, run_dir: epath.Path, total_steps: int):
         self.window = config.window()
         if self.window and self.window[1] - 1 > total_steps:
             raise ConfigError(f"profile.steps={config.steps} reaches past train.steps={total_steps}; trace steps "
                               f"inside the run, e.g. --set profile.steps={max(1, total_steps - 4)}:{total_steps + 1}")
         self.directory = trace_dir(run_dir)
+        self.staged: StagedDirectory | None = None  # where the profiler writes: self.directory, or a local copy
         self.active = False
         self.traced = 0  # steps dispatched since the trace started
         self.summary: list[DeviceTime] | None = None
@@ -79,7 +84,8 @@ class StepProfiler:
 
         # inside the window rather than at its start: a run resumed from a checkpoint within it traces the rest
         if self.window and self.window[0] <= step < self.window[1] and not self.active and self.summary is None:
-            jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+            self.staged = StagedDirectory(self.directory)
+            jax.profiler.start_trace(str(self.staged.local), create_perfetto_trace=True)
             self.active = True
 
     def after(self, step: int, state: Any) -> None:
@@ -99,7 +105,13 @@ class StepProfiler:
         jax.profiler.stop_trace()
         self.active = False
         try:
-            self.summary = summarize(self.directory, max(1, self.traced))
+            self._summarize()
+        finally:
+            self.staged.upload(remove=True)
+
+    def _summarize(self) -> None:
+        try:
+            self.summary = summarize(self.staged.local, max(1, self.traced))
         except (OSError, ValueError, KeyError) as e:  # the trace is for reading elsewhere; training goes on
             self.summary = []
             log.warning("profile of steps %s written to %s, but not summarized: %s", self.window, self.directory, e)

@@ -3,23 +3,30 @@
 Only process 0 writes the global metrics; per-process figures (stragglers) arrive as rows whose keys already
 carry a `host/<i>/` tag. metrics.jsonl stays the run's record: resume, `jaxscale plot` and `jaxscale report`
 read it, so `jsonl` is always among the writers.
+
+In a bucket (run_dir=gs://) TensorBoard's event files are written to a local folder and copied to
+<run_dir>/tensorboard every TENSORBOARD_UPLOAD_S and at the end (tensorboardX writes gs:// only through
+google-cloud-storage, which jaxscale does not install); W&B keeps its own local files in ./wandb there.
 """
 from __future__ import annotations
 
 import importlib.util
 import math
+import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
+from etils import epath
 
 from jaxscale.errors import ConfigError
 from jaxscale.extras import require
+from jaxscale.run_files import StagedDirectory, is_url
 
 WRITERS = ("jsonl", "tensorboard", "wandb")
 TENSORBOARD_DIR = "tensorboard"  # under the run directory: `tensorboard --logdir RUN_DIR`
+TENSORBOARD_UPLOAD_S = 60.0  # a run directory in a bucket gets the event files this often (each copied whole)
 
 
 @dataclass
@@ -70,12 +77,14 @@ def flat_config(config: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class TensorBoardWriter:
-    def __init__(self, run_dir: Path, config: dict):
+    def __init__(self, run_dir: epath.Path, config: dict):
         require("tensorboardX", "tensorboard", "TensorBoard tracking")
         from tensorboardX import SummaryWriter
         from tensorboardX.summary import hparams
 
-        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+        self.staged = StagedDirectory(epath.Path(run_dir) / TENSORBOARD_DIR)
+        self.uploaded_at = time.monotonic()
+        self.writer = SummaryWriter(str(self.staged.local))
         self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```")
         # The hparams summaries go into this run's own event file (SummaryWriter.add_hparams would start a run
         # of its own in a subfolder).
@@ -89,21 +98,27 @@ class TensorBoardWriter:
             return
         for tag, value in scalars(row).items():
             self.writer.add_scalar(tag, value, row["step"])
+        if is_url(self.staged.target) and time.monotonic() - self.uploaded_at >= TENSORBOARD_UPLOAD_S:
+            self.writer.flush()
+            self.staged.upload()
+            self.uploaded_at = time.monotonic()
 
     def close(self) -> None:
         self.writer.close()
+        self.staged.upload(remove=True)
 
 
 class WandbWriter:
-    def __init__(self, run_dir: Path, config: dict, project: str, name: str):
+    def __init__(self, run_dir: epath.Path, config: dict, project: str, name: str):
         require("wandb", "wandb", "W&B tracking")
         import wandb
 
         # One W&B run per jaxscale run: a restart continues it under the id kept in the run directory.
-        id_file = run_dir / "wandb_id"
+        id_file = epath.Path(run_dir) / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n")
-        self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(run_dir),
+        self.run = wandb.init(project=project, name=name, id=run_id, resume="allow",
+                              dir=None if is_url(run_dir) else str(run_dir),
                               config=config)
 
     def write(self, row: dict[str, Any]) -> None:
@@ -119,7 +134,7 @@ class Trackers:
     """The writers a run's config names (other than metrics.jsonl, which MetricsLogger keeps); open on process 0
     only. `write(row)` takes every row MetricsLogger writes."""
 
-    def __init__(self, tracking: TrackingConfig, run_dir: Path, config: dict, name: str, is_main_process: bool):
+    def __init__(self, tracking: TrackingConfig, run_dir: epath.Path, config: dict, name: str, is_main_process: bool):
         self.writers: list = []
         if not is_main_process:
             return

@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
+from etils import epath
 
 from jaxscale.errors import ConfigError
 from jaxscale.extras import require
 from jaxscale.figures import figure_path
+from jaxscale.run_files import absolute, run_path
 from jaxscale.training.events import read_metrics
 
 if TYPE_CHECKING:
@@ -38,7 +40,7 @@ class RunCurves:
 def read_run(run_dir: str | Path, name: str | None = None) -> RunCurves:
     """A run's curves, each step once across restarts (`read_metrics`). Tokens per step come from the run's
     config.yaml (global batch x sequence length; an elastic restart keeps the global batch)."""
-    run_dir = Path(run_dir)
+    run_dir = run_path(run_dir, "RUN_DIR")
     if not run_dir.is_dir():
         raise ConfigError(f"no run directory {run_dir}: give the run_dir of a jaxscale train run (e.g. runs/default)")
     try:
@@ -68,7 +70,7 @@ def read_run(run_dir: str | Path, name: str | None = None) -> RunCurves:
     )
 
 
-def _tokens_per_step(config_path: Path) -> int:
+def _tokens_per_step(config_path: epath.Path) -> int:
     """Global batch x sequence length from a run's config.yaml."""
     try:
         config = yaml.safe_load(config_path.read_text())
@@ -85,7 +87,7 @@ def _tokens_per_step(config_path: Path) -> int:
     return sizes[0] * sizes[1]
 
 
-def _column(rows: list[dict], key: str, path: Path) -> np.ndarray:
+def _column(rows: list[dict], key: str, path: epath.Path) -> np.ndarray:
     """The values of `key` as floats, NaN where null or absent (a row without timing)."""
     for row in rows:
         value = row.get(key)
@@ -109,7 +111,7 @@ def smoothed(values: np.ndarray, weight: float) -> np.ndarray:
 def read_runs(run_dirs: list[str | Path]) -> list[RunCurves]:
     """Each run named by the last parts of its path that tell it from the others (runs/a/run, runs/b/run ->
     a/run, b/run)."""
-    paths = [Path(d).resolve() for d in run_dirs]
+    paths = [absolute(run_path(d, "RUN_DIR")) for d in run_dirs]
     twice = sorted({str(d) for d, p in zip(run_dirs, paths) if paths.count(p) > 1})
     if twice:  # names could not tell the copies apart
         raise ConfigError(f"run directory {', '.join(twice)} given more than once; give each run once")

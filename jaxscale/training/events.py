@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from etils import epath
 
 from jaxscale.training.rows import decode_row
 
@@ -33,11 +35,11 @@ def log_event(logger: MetricsLogger, step: int, event: str, message: str, level:
     log.log(level, "step %d: %s", step, message)
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of metrics.jsonl (given the file or its run directory) as the surviving run wrote them: where
     a restart continued from step s, earlier metric rows with a step above s are dropped. Non-finite values,
     written as null and named in the row's "nonfinite" field, are NaN or Inf again."""
-    path = Path(path)
+    path = epath.Path(path)  # a local path or a bucket URL
     if path.is_dir():
         path = path / "metrics.jsonl"
     elif not path.exists():
@@ -94,6 +96,6 @@ def median_of(rows: list[dict], key: str) -> float | None:
     return float(statistics.median(values)) if values else None
 
 
-def measured_mfu(run_dir: str | Path) -> float | None:
+def measured_mfu(run_dir: str | os.PathLike) -> float | None:
     """Median MFU over a run's log steps (null MFU, as on CPU, is ignored); None when no step has one."""
     return median_of(read_metrics(run_dir), "mfu")

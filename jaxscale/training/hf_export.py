@@ -25,6 +25,7 @@ from jaxscale.hf.layout import placements
 from jaxscale.hf.safetensors_io import MAX_SHARD_BYTES, write_checkpoint
 from jaxscale.model.hf_config import PREFIX, config_json, read_config_json, special_token_ids
 from jaxscale.parallel import plan_from_config
+from jaxscale.run_files import run_path
 from jaxscale.training.elastic import fit_mesh
 from jaxscale.training.run_init import read_run_config
 from jaxscale.training.trainer import build_trainer
@@ -79,8 +80,9 @@ def local_config(config: Config, n_devices: int) -> Config:
 def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
            max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write checkpoint `step` (default: the newest) of the run in `run_dir` to `out_dir` as a Hugging Face
-    model directory: config.json, safetensors in the parameters' dtype, and the run's tokenizer files."""
-    run_dir, out = Path(run_dir), Path(out_dir)
+    model directory: config.json, safetensors in the parameters' dtype, and the run's tokenizer files. The run
+    directory may be a gs:// URL; `out_dir` is local."""
+    run_dir, out = run_path(run_dir, "RUN_DIR"), Path(out_dir)
     if jax.process_count() > 1:
         raise ConfigError("jaxscale export runs as one process; it restores the checkpoint onto that process's "
                           "devices")
@@ -91,7 +93,7 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} already exists and is not an empty directory; nothing was written. Give a new "
                           f"output directory, or delete that one first")
-    checkpoints = Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints"
+    checkpoints = run_path(config.checkpoint.dir, "checkpoint.dir") if config.checkpoint.dir else run_dir / "checkpoints"
     store = CheckpointStore(checkpoints, config.checkpoint, read_only=True)
     try:
         steps = store.steps()

@@ -11,11 +11,11 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from jaxscale.checkpointing import CheckpointStore, Restored
@@ -353,7 +353,7 @@ def refuse_finished_run_of_other_config(config: Config, restored: Restored) -> N
             f"(deleting that run's checkpoints); to train that run further, raise train.steps only")
 
 
-def start_run_dir(config: Config, trainer: Trainer, dataset, builtin: bool) -> Path:
+def start_run_dir(config: Config, trainer: Trainer, dataset, builtin: bool) -> epath.Path:
     run_dir = config.resolved_run_dir()
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -512,6 +512,7 @@ def loop(run: Run, watcher: PreemptionWatcher) -> TrainResult:
     observed = {"stragglers": straggler_monitor.reports}
     if clock.loop_started is not None:
         clock.record(step, "end")
+        clock.close()
         observed["goodput"] = goodput.account(run_dir) if is_main else None
         if observed["goodput"]:
             log.info("%s", goodput.describe(observed["goodput"]))
@@ -532,7 +533,7 @@ def observe_stragglers(checked: tuple[dict, list[dict]], step: int, logger: Metr
             batches.set_depth(report["prefetch_depth"])
 
 
-def finish(history: list[dict], trainer: Trainer, state: TrainState, preempted: bool, run_dir: Path,
+def finish(history: list[dict], trainer: Trainer, state: TrainState, preempted: bool, run_dir: epath.Path,
            tokens: int, wall_s: float, observed: dict) -> TrainResult:
     """The session's summary: every step it trained counts, also those after the last log row (a preempted
     run saves at the step it stopped at). A session that found the run complete returns the rows the run
@@ -547,7 +548,7 @@ def finish(history: list[dict], trainer: Trainer, state: TrainState, preempted: 
                        trainer.model)
 
 
-def write_run_summary(rows: list[dict], run_dir: Path, tokens: int, wall_s: float, observed: dict) -> dict:
+def write_run_summary(rows: list[dict], run_dir: epath.Path, tokens: int, wall_s: float, observed: dict) -> dict:
     """Tokens, time, measured energy and the cost at the catalog's price for this session of the run, with what
     `observed` adds (the goodput account of the whole run, stragglers). A session that trained nothing (the run
     was already complete) leaves the previous session's summary.json as it is."""

@@ -4,15 +4,16 @@ where there are any, summed over all processes; elsewhere its fields are null.""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jaxscale.cost.energy import EnergyMeter
+from jaxscale.run_files import LineFile
 from jaxscale.training.rows import encode_row
 
 
@@ -24,7 +25,7 @@ def device_peak_flops() -> float | None:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, log_every: int, tokens_per_step: int,
+    def __init__(self, run_dir: epath.Path, *, total_steps: int, start_step: int, log_every: int, tokens_per_step: int,
                  flops_per_token: float | None, n_devices: int, show_progress: bool, is_main_process: bool,
                  started: float | None = None, tokens_before: int = 0, trackers=None):
         """started (a time.perf_counter() reading) and tokens_before: where the session's clock and token count
@@ -36,7 +37,7 @@ class MetricsLogger:
         self.flops_per_token = flops_per_token
         peak = device_peak_flops()
         self.cluster_peak = peak * n_devices if peak else None
-        self.file = _open_rows(run_dir / "metrics.jsonl") if is_main_process else None
+        self.file = LineFile(run_dir / "metrics.jsonl") if is_main_process else None
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not (show_progress and is_main_process),
                         unit="step", dynamic_ncols=True)
         self.pending: tuple[int, dict, int] | None = None  # (step, metrics, tokens trained through it)
@@ -97,8 +98,7 @@ class MetricsLogger:
     def write(self, row: dict[str, Any]) -> None:
         self.history.append(row)
         if self.file:
-            self.file.write(encode_row(row) + "\n")
-            self.file.flush()
+            self.file.write(encode_row(row) + "\n", now="event" in row)  # an event goes to a bucket at once
         if self.trackers is not None:
             self.trackers.write(row)
 
@@ -109,14 +109,3 @@ class MetricsLogger:
         if self.file:
             self.file.close()
 
-
-def _open_rows(path: Path):
-    """metrics.jsonl, to append to. A run killed while writing a row leaves it without its newline; that row is
-    ended here, so the next row starts a line of its own and `read_metrics` can skip the half-written one."""
-    file = path.open("a")
-    if file.tell() > 0:
-        with path.open("rb") as existing:
-            existing.seek(-1, 2)
-            if existing.read(1) != b"\n":
-                file.write("\n")
-    return file

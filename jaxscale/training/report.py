@@ -3,16 +3,18 @@ goodput.jsonl, summary.json, config.yaml); no JAX is loaded."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
 import yaml
+from etils import epath
 
 from jaxscale.errors import ConfigError
 from jaxscale.observe import goodput, stragglers
+from jaxscale.run_files import run_path
 from jaxscale.training.events import read_metrics
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: epath.Path) -> dict:
     if not path.is_file():
         return {}
     try:
@@ -22,7 +24,7 @@ def read_json(path: Path) -> dict:
             from e
 
 
-def planned_steps(run_dir: Path) -> int | None:
+def planned_steps(run_dir: epath.Path) -> int | None:
     path = run_dir / "config.yaml"
     try:
         return int(yaml.safe_load(path.read_text())["train"]["steps"]) if path.is_file() else None
@@ -30,8 +32,8 @@ def planned_steps(run_dir: Path) -> int | None:
         return None
 
 
-def report(run_dir: str | Path) -> str:
-    run_dir = Path(run_dir)
+def report(run_dir: str | os.PathLike) -> str:
+    run_dir = run_path(run_dir, "RUN_DIR")
     if not (run_dir / "metrics.jsonl").is_file():
         raise ConfigError(f"{run_dir} holds no metrics.jsonl: give the run_dir of a jaxscale train run "
                           f"(runs/<name> by default)")

@@ -3,15 +3,17 @@ checkpoint, with fresh optimizer state at step 0 (the run's model section gave t
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+
+from etils import epath
 
 from jaxscale.checkpointing import CheckpointError, CheckpointStore
 from jaxscale.config import Config, from_dict, read_yaml
 from jaxscale.errors import ConfigError
 from jaxscale.model.run_source import model_differences, run_directory
+from jaxscale.run_files import run_path
 
 
-def read_run_config(run_dir: Path) -> Config:
+def read_run_config(run_dir: epath.Path) -> Config:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: give the directory of a `jaxscale train` run (it holds "
@@ -31,7 +33,7 @@ def run_checkpoint(config: Config) -> tuple[CheckpointStore, int]:
     if differences:
         raise ConfigError(f"model.init_from={spec!r}: this run's model differs from that run's: "
                           f"{'; '.join(differences)}; make them agree (or leave the model keys out)")
-    checkpoints = Path(run.checkpoint.dir) if run.checkpoint.dir else directory / "checkpoints"
+    checkpoints = run_path(run.checkpoint.dir, "checkpoint.dir") if run.checkpoint.dir else directory / "checkpoints"
     store = CheckpointStore(checkpoints, run.checkpoint, read_only=True) if checkpoints.is_dir() else None
     steps = store.steps() if store is not None else []
     if not steps:

@@ -10,21 +10,22 @@ import difflib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
 from jaxscale.checkpointing import CheckpointError, CheckpointStore, Restored, RunInfo
-from jaxscale.config import DEFAULT_ACTIVATION_RULES, DEFAULT_PARAM_RULES, Config, local_directory, validate
+from jaxscale.config import DEFAULT_ACTIVATION_RULES, DEFAULT_PARAM_RULES, Config, validate
 from jaxscale.errors import ConfigError
 from jaxscale.hf import initial_params
 from jaxscale.mesh import build_mesh
 from jaxscale.model import FlaxModel, LossFn, flax_model
 from jaxscale.model.run_source import RUN_PREFIX
 from jaxscale.platforms import devices_platform
+from jaxscale.run_files import run_path
 from jaxscale.sharding import names_used
 from jaxscale.training.elastic import adapt_to_devices, per_device_batch
 from jaxscale.training.guards import guard_updates
@@ -151,9 +152,9 @@ class Trainer:
             self._store = None
 
 
-def checkpoint_dir(config: Config) -> Path:
+def checkpoint_dir(config: Config) -> epath.Path:
     if config.checkpoint.dir:
-        return local_directory(config.checkpoint.dir, "checkpoint.dir")
+        return run_path(config.checkpoint.dir, "checkpoint.dir")
     return config.resolved_run_dir() / "checkpoints"
 
 
