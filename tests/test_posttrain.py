@@ -1,5 +1,6 @@
 """Fine-tuning: the SFT loss mask and packing, the DPO loss against a hand computation, the same numbers on every
 mesh layout, and bad data named by file and line."""
+import dataclasses
 import json
 import math
 
@@ -44,6 +45,22 @@ def files(tmp_path_factory):
                                  {"role": "assistant", "content": str(a + b)}]})
         dpo.append({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)})
     return {"sft": write_jsonl(root / "sft.jsonl", sft), "dpo": write_jsonl(root / "dpo.jsonl", dpo)}
+
+
+def save_dataset(path, records, **splits):
+    """`records` as a Hugging Face dataset written by save_to_disk (with `splits`: a DatasetDict of them and
+    records as its "train" split); the rows get every field of any record, None where one lacks it."""
+    datasets = pytest.importorskip("datasets")
+
+    def table(rows):  # Dataset.from_list would take its columns from the first record only
+        columns = dict.fromkeys(key for row in rows for key in row)
+        return datasets.Dataset.from_dict({key: [row.get(key) for row in rows] for key in columns})
+
+    dataset = table(records)
+    if splits:
+        dataset = datasets.DatasetDict({"train": dataset, **{name: table(rows) for name, rows in splits.items()}})
+    dataset.save_to_disk(str(path))
+    return str(path)
 
 
 def make_config(method: str, source: str, mesh: dict | None = None, style: str = "gpt2", moe: dict | None = None,
@@ -96,6 +113,67 @@ def test_packed_rows_keep_each_conversation_apart(files):
     assert not row["loss_mask"][starts].any()  # a conversation's first token is never a target
     assert not row["loss_mask"][segments == 0].any()  # nor padding
     assert rows.conversations == 64
+
+
+def all_rows(rows):
+    return [rows[i] for i in range(len(rows))]
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_a_saved_hugging_face_dataset_gives_the_rows_of_the_same_jsonl(files, tmp_path, method):
+    """hf:<dir> rows hold the JSONL's fields as columns (None where a record lacks one: the SFT file mixes
+    "messages" with "prompt"/"response"); they make the same rows and the same held-out split."""
+    with open(files[method]) as f:
+        directory = save_dataset(tmp_path / "hf", [json.loads(line) for line in f])
+    template = BuiltinTemplate(ByteTokenizer())
+    built = [build_rows(dataclasses.replace(make_config(method, source).posttrain, validation_fraction=0.25),
+                        template, SEQ_LEN + 1, ByteTokenizer.eos_id) for source in (files[method], f"hf:{directory}")]
+    for jsonl_rows, hf_rows in zip(*built):  # training rows, then held-out rows
+        assert len(hf_rows) == len(jsonl_rows) > 0
+        for want, got in zip(all_rows(jsonl_rows), all_rows(hf_rows)):
+            assert want.keys() == got.keys()
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key])
+
+
+def dataset_dict_overrides(files, tmp_path, method) -> list[str]:
+    """A run's settings with posttrain.source and validation_source the "train" and "test" splits of one saved
+    DatasetDict (48 and 16 of the fixture's examples)."""
+    with open(files[method]) as f:
+        records = [json.loads(line) for line in f]
+    directory = save_dataset(tmp_path / "hf", records[:48], test=records[48:])
+    return [f"posttrain.method={method}", f"posttrain.source=hf:{directory}",
+            f"posttrain.validation_source=hf:{directory}", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+            f"model.seq_len={SEQ_LEN}", "train.steps=2", "train.batch_size=8", "train.eval_every=2",
+            "train.eval_batches=1", "train.progress=false", f"run_dir={tmp_path / 'run'}"]
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_a_dataset_dict_gives_training_and_held_out_examples_from_the_named_splits(files, tmp_path, method):
+    """posttrain.hf_split (train) and posttrain.validation_hf_split (test) pick the splits; a split that is not
+    there is named with its setting."""
+    import jaxscale
+
+    overrides = dataset_dict_overrides(files, tmp_path, method)
+    with pytest.raises(ConfigError, match=r"has splits \['test', 'train'\], not 'validation'; set "
+                                          r"posttrain.validation_hf_split"):
+        open_posttrain_data(jaxscale.load_config("default", [*overrides, "posttrain.validation_hf_split=validation"]))
+    train, held = open_posttrain_data(jaxscale.load_config("default", overrides))
+    counts = (train.conversations, held.conversations) if method == "sft" else (len(train), len(held))
+    assert counts == (48, 16)
+
+
+@pytest.mark.slow  # 20-35 s each on the shared 2-core CPU machine: a train, an eval (and DPO's reference) compiled
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_a_run_trains_on_a_dataset_dicts_split_and_evaluates_on_another(files, tmp_path, method):
+    import jaxscale
+
+    rows = jaxscale.train(jaxscale.load_config("default", dataset_dict_overrides(files, tmp_path, method))).metrics
+    evaluated = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and [r["step"] for r in evaluated] == [2]
+    assert math.isfinite(evaluated[0]["eval_loss"])
+    if method == "dpo":
+        assert {"eval_reward_accuracy", "eval_reward_margin", "eval_kl_to_reference"} <= evaluated[0].keys()
 
 
 def tiny_model(config):
@@ -269,16 +347,23 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("form", ["jsonl", "hf"])
 @pytest.mark.parametrize("method, record, message", BAD)
-def test_bad_examples_are_named_by_file_and_line_with_exit_code_2(tmp_path, capsys, method, record, message):
+def test_bad_examples_are_named_by_file_and_line_with_exit_code_2(tmp_path, capsys, method, record, message, form):
+    """A JSONL example is named by file and line; a Hugging Face dataset's by its directory and row index."""
     good = {"prompt": "1+1=", "response": "2"} if method == "sft" else {"prompt": "1+1=", "chosen": "2",
                                                                         "rejected": "3"}
-    path = write_jsonl(tmp_path / "bad.jsonl", [good, good, record])
-    code = main(["train", "default", "--set", f"posttrain.method={method}", "--set", f"posttrain.source={path}",
+    if form == "jsonl":
+        path = write_jsonl(tmp_path / "bad.jsonl", [good, good, record])
+        source, where = path, f"{path}:3"
+    else:
+        path = save_dataset(tmp_path / "bad", [good, good, record])
+        source, where = f"hf:{path}", f"{path} row 2"
+    code = main(["train", "default", "--set", f"posttrain.method={method}", "--set", f"posttrain.source={source}",
                  "--set", f"model.seq_len={SEQ_LEN}", "--set", f"run_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"{path}:3" in err and message in err
+    assert f"{where}: " in err and message in err
     assert not (tmp_path / "run").exists()  # nothing written before every check has passed
 
 
