@@ -367,6 +367,34 @@ def test_bad_examples_are_named_by_file_and_line_with_exit_code_2(tmp_path, caps
     assert not (tmp_path / "run").exists()  # nothing written before every check has passed
 
 
+def test_a_preference_in_chat_form_gives_the_rows_of_its_string_form(tmp_path):
+    """A prompt as a list of messages and answers as lists of assistant messages: the same rows as strings make
+    (one user turn, one assistant turn each); a system turn goes before the prompt in both responses, and a
+    non-assistant message among the answers is refused."""
+    strings = {"prompt": "2+2=", "chosen": "4", "rejected": "5"}
+    chat = {"prompt": [{"role": "user", "content": "2+2="}], "chosen": [{"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "assistant", "content": "5"}]}
+    system = {**chat, "prompt": [{"role": "system", "content": "add"}, *chat["prompt"]]}
+    template = BuiltinTemplate(ByteTokenizer())
+
+    def rows(record):
+        pairs, _ = build_rows(make_config("dpo", write_jsonl(tmp_path / "p.jsonl", [record])).posttrain, template,
+                              SEQ_LEN + 1, ByteTokenizer.eos_id)
+        return pairs[0]
+
+    def text(row, side):
+        return bytes(row[f"{side}_tokens"][row[f"{side}_tokens"] < 256].tolist()).decode()
+
+    want, got, with_system = rows(strings), rows(chat), rows(system)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    assert text(with_system, "chosen") == "system: add\nuser: 2+2=\nassistant: 4"
+    assert text(with_system, "rejected") == "system: add\nuser: 2+2=\nassistant: 5"
+    assert bytes(with_system["chosen_tokens"][with_system["chosen_mask"] == 1].tolist()[:1]).decode() == "4"
+    with pytest.raises(ConfigError, match=r"p.jsonl:1: 'chosen' may hold assistant messages only"):
+        rows({**chat, "chosen": [{"role": "user", "content": "4"}]})
+
+
 def test_truncation_keeps_the_end_or_the_start(files, tmp_path):
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 80, "response": "42"}])
     template = BuiltinTemplate(ByteTokenizer())
