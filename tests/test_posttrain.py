@@ -314,6 +314,20 @@ def test_one_device_equals_data_fsdp_and_tensor_layouts(files, method):
             np.testing.assert_allclose(got_reference, reference, rtol=1e-5)
 
 
+@pytest.mark.slow  # 50 s on the loaded 2-core CPU machine: two train steps compiled
+def test_sft_microbatches_weigh_in_proportion_to_their_response_tokens(files):
+    """The two microbatches of a batch hold different numbers of response tokens; the step weighs each by its
+    count (LOSS_WEIGHT), so the losses and gradient norms are those of the whole batch at once (within float32
+    rounding of another summation order)."""
+    config = make_config("sft", files["sft"])
+    rows, _ = open_posttrain_data(config)
+    masks = stacked(rows, range(8))["loss_mask"][:, 1:]
+    assert masks[:4].sum() != masks[4:].sum()
+    one, two = (layout_run(dataclasses.replace(config, train=dataclasses.replace(config.train, microbatches=count)),
+                           jax.devices()[:1])[0] for count in (1, 2))
+    np.testing.assert_allclose(two, one, rtol=1e-5)
+
+
 FROZEN_TOLERANCE = dict(rtol=2e-6, atol=1e-6)  # in-step and cached reference: separately compiled float32
 
 
