@@ -287,6 +287,40 @@ def test_a_resumed_run_continues_exactly(files, tmp_path, method, reference):
     np.testing.assert_array_equal(resumed, straight)
 
 
+@pytest.mark.slow  # 3-6 minutes each on the shared 2-core CPU machine: three `jaxscale train` processes
+@pytest.mark.parametrize("method, reference", [("sft", "cached"), ("dpo", "cached"), ("dpo", "frozen")])
+def test_an_elastic_restart_on_fewer_devices_continues_the_loss_curve(files, tmp_path, method, reference):
+    """Checkpointed at step 2 on 8 devices (data 2 x fsdp 2 x tensor 2), continued on 4: the mesh loses its data
+    axis, so each step runs 2 microbatches; the losses of steps 3 and 4 are those of a run on 8 devices
+    throughout (within 1e-5: other summation orders; the cached reference is computed again on the 4)."""
+    from fault_helpers import run_train
+
+    from jaxscale.training.events import read_metrics
+
+    settings = [f"posttrain.method={method}", f"posttrain.source={files[method]}", f"posttrain.reference={reference}",
+                "posttrain.validation_fraction=0", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+                f"model.seq_len={SEQ_LEN}", "mesh=cpu-8", "train.elastic=true", "train.batch_size=8",
+                "train.eval_every=0", "train.log_every=1", "train.progress=false", "optimizer.warmup_steps=0",
+                "optimizer.min_lr_ratio=1", "checkpoint.every_steps=2"]
+
+    def train(run_dir, steps, devices):
+        result = run_train([*settings, f"run_dir={run_dir}", f"train.steps={steps}"], tmp_path, devices=devices)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    def losses(run_dir):
+        return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r and "event" not in r}
+
+    train(tmp_path / "straight", 4, 8)
+    train(tmp_path / "elastic", 2, 8)
+    restarted = train(tmp_path / "elastic", 4, 4)
+    assert "elastic: 4 devices" in restarted.stderr and "train.microbatches 1 -> 2" in restarted.stderr
+    want, got = losses(tmp_path / "straight"), losses(tmp_path / "elastic")
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), f"step {step}"
+
+
 def layout_run(config: Config, devices):
     """(loss, gradient norm) per step and the reference values, on `devices`."""
     trainer = build_trainer(config, devices)
