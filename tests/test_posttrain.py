@@ -163,17 +163,32 @@ def test_a_dataset_dict_gives_training_and_held_out_examples_from_the_named_spli
     assert counts == (48, 16)
 
 
-@pytest.mark.slow  # 20-35 s each on the shared 2-core CPU machine: a train, an eval (and DPO's reference) compiled
-@pytest.mark.parametrize("method", ["sft", "dpo"])
-def test_a_run_trains_on_a_dataset_dicts_split_and_evaluates_on_another(files, tmp_path, method):
+@pytest.mark.slow  # 40-60 s each on the shared 2-core CPU machine: train, eval (DPO: reference) steps compiled
+@pytest.mark.parametrize("method, reference", [("sft", "cached"), ("dpo", "frozen")])
+def test_a_run_trains_on_a_dataset_dicts_split_evaluates_on_another_and_exports(files, tmp_path, method, reference):
+    """Trained on the "train" split, evaluated on "test", then exported as a Hugging Face checkpoint (DPO's frozen
+    reference is in the checkpointed state): imported again, it computes the trained model's logits."""
     import jaxscale
+    from jaxscale.training.hf_export import export
 
-    rows = jaxscale.train(jaxscale.load_config("default", dataset_dict_overrides(files, tmp_path, method))).metrics
+    overrides = [*dataset_dict_overrides(files, tmp_path, method), f"posttrain.reference={reference}"]
+    result = jaxscale.train(jaxscale.load_config("default", overrides))
+    rows = result.metrics
     evaluated = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2] and [r["step"] for r in evaluated] == [2]
     assert math.isfinite(evaluated[0]["eval_loss"])
     if method == "dpo":
         assert {"eval_reward_accuracy", "eval_reward_margin", "eval_kl_to_reference"} <= evaluated[0].keys()
+
+    out = export(tmp_path / "run", tmp_path / "exported")
+    config = jaxscale.load_config("default", [f"model.init_from=hf:{out}", f"model.seq_len={SEQ_LEN}"])
+    imported = build_trainer(config, jax.devices()[:1])
+    tokens = jnp.asarray(stacked(open_posttrain_data(jaxscale.load_config("default", overrides))[0], range(2))[
+        "tokens" if method == "sft" else "chosen_tokens"])[:, :-1]
+    vocab = config.model.vocab_size
+    trained = result.model.bind(jax.device_get(result.state.params))(tokens, None, compute_dtype=jnp.float32)
+    again = imported.model.bind(imported.init_state().params)(tokens, None, compute_dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(again)[..., :vocab], np.asarray(trained)[..., :vocab])
 
 
 def tiny_model(config):
