@@ -302,7 +302,7 @@ def test_a_resumed_run_continues_exactly(files, tmp_path, method, reference):
     np.testing.assert_array_equal(resumed, straight)
 
 
-@pytest.mark.slow  # 3-6 minutes each on the shared 2-core CPU machine: three `jaxscale train` processes
+@pytest.mark.slow  # about 2 minutes each on the shared 2-core CPU machine: three `jaxscale train` processes
 @pytest.mark.parametrize("method, reference", [("sft", "cached"), ("dpo", "cached"), ("dpo", "frozen")])
 def test_an_elastic_restart_on_fewer_devices_continues_the_loss_curve(files, tmp_path, method, reference):
     """Checkpointed at step 2 on 8 devices (data 2 x fsdp 2 x tensor 2), continued on 4: the mesh loses its data
@@ -363,7 +363,7 @@ def test_one_device_equals_data_fsdp_and_tensor_layouts(files, method):
             np.testing.assert_allclose(got_reference, reference, rtol=1e-5)
 
 
-@pytest.mark.slow  # 50 s on the loaded 2-core CPU machine: two train steps compiled
+@pytest.mark.slow  # 25-50 s on the loaded 2-core CPU machine: two train steps compiled
 def test_sft_microbatches_weigh_in_proportion_to_their_response_tokens(files):
     """The two microbatches of a batch hold different numbers of response tokens; the step weighs each by its
     count (LOSS_WEIGHT), so the losses and gradient norms are those of the whole batch at once (within float32
@@ -428,6 +428,18 @@ def test_bad_examples_are_named_by_file_and_line_with_exit_code_2(tmp_path, caps
     assert code == 2
     assert f"{where}: " in err and message in err
     assert not (tmp_path / "run").exists()  # nothing written before every check has passed
+
+
+def test_sources_that_hold_no_examples_are_refused_naming_the_setting(tmp_path):
+    """The built-in corpus, token files, a missing file, and a directory that save_to_disk did not write."""
+    np.save(tmp_path / "ids.npy", np.arange(8))
+    (tmp_path / "plain").mkdir()
+    template = BuiltinTemplate(ByteTokenizer())
+    for source, message in (("builtin", "not the built-in corpus"), (str(tmp_path / "ids.npy"), "not token or Parquet"),
+                            (str(tmp_path / "none.jsonl"), "does not exist; fix posttrain.source"),
+                            (f"hf:{tmp_path / 'plain'}", "not a dataset written by Hugging Face datasets' save_to_disk")):
+        with pytest.raises(ConfigError, match=message):
+            build_rows(make_config("sft", source).posttrain, template, SEQ_LEN + 1, ByteTokenizer.eos_id)
 
 
 def test_a_preference_in_chat_form_gives_the_rows_of_its_string_form(tmp_path):
