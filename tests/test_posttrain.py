@@ -324,7 +324,8 @@ def test_an_elastic_restart_on_fewer_devices_continues_the_loss_curve(files, tmp
         return result
 
     def losses(run_dir):
-        return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r and "event" not in r}
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        return {r["step"]: r["loss"] for r in rows if "loss" in r and "event" not in r}
 
     train(tmp_path / "straight", 4, 8)
     train(tmp_path / "elastic", 2, 8)
@@ -437,7 +438,7 @@ def test_sources_that_hold_no_examples_are_refused_naming_the_setting(tmp_path):
     template = BuiltinTemplate(ByteTokenizer())
     for source, message in (("builtin", "not the built-in corpus"), (str(tmp_path / "ids.npy"), "not token or Parquet"),
                             (str(tmp_path / "none.jsonl"), "does not exist; fix posttrain.source"),
-                            (f"hf:{tmp_path / 'plain'}", "not a dataset written by Hugging Face datasets' save_to_disk")):
+                            (f"hf:{tmp_path / 'plain'}", "not a dataset written by Hugging Face datasets")):
         with pytest.raises(ConfigError, match=message):
             build_rows(make_config("sft", source).posttrain, template, SEQ_LEN + 1, ByteTokenizer.eos_id)
 

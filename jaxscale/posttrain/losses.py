@@ -2,8 +2,9 @@
 
 SFT: next-token cross entropy weighted by the loss mask (the assistant's tokens), over the packed rows with
 their segment ids; with train.microbatches the step weighs each microbatch by its targets (LOSS_WEIGHT), so the
-loss is the whole batch's mean over its response tokens however the batch is split. DPO: each response's log-probability (the sum over its masked tokens) under the policy,
-against the reference's from the batch; h = (policy - reference) log-ratio of chosen over rejected.
+loss is the whole batch's mean over its response tokens however the batch is split.
+DPO: each response's log-probability (the sum over its masked tokens) under the policy, against the
+reference's from the batch; h = (policy - reference) log-ratio of chosen over rejected.
   sigmoid: -(1 - ε) log σ(β h) - ε log σ(-β h)   (DPO; cDPO with label smoothing ε)
   ipo:     (h - 1 / (2β))²
 plus, with posttrain.nll_weight α, α times the chosen responses' mean negative log-likelihood per token (RPO).
