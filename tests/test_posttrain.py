@@ -1,5 +1,6 @@
 """Fine-tuning: the SFT loss mask and packing, the DPO loss against a hand computation, the same numbers on every
 mesh layout, and bad data named by file and line."""
+import dataclasses
 import json
 import math
 
@@ -44,6 +45,22 @@ def files(tmp_path_factory):
                                  {"role": "assistant", "content": str(a + b)}]})
         dpo.append({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)})
     return {"sft": write_jsonl(root / "sft.jsonl", sft), "dpo": write_jsonl(root / "dpo.jsonl", dpo)}
+
+
+def save_dataset(path, records, **splits):
+    """`records` as a Hugging Face dataset written by save_to_disk (with `splits`: a DatasetDict of them and
+    records as its "train" split); the rows get every field of any record, None where one lacks it."""
+    datasets = pytest.importorskip("datasets")
+
+    def table(rows):  # Dataset.from_list would take its columns from the first record only
+        columns = dict.fromkeys(key for row in rows for key in row)
+        return datasets.Dataset.from_dict({key: [row.get(key) for row in rows] for key in columns})
+
+    dataset = table(records)
+    if splits:
+        dataset = datasets.DatasetDict({"train": dataset, **{name: table(rows) for name, rows in splits.items()}})
+    dataset.save_to_disk(str(path))
+    return str(path)
 
 
 def make_config(method: str, source: str, mesh: dict | None = None, style: str = "gpt2", moe: dict | None = None,
@@ -96,6 +113,82 @@ def test_packed_rows_keep_each_conversation_apart(files):
     assert not row["loss_mask"][starts].any()  # a conversation's first token is never a target
     assert not row["loss_mask"][segments == 0].any()  # nor padding
     assert rows.conversations == 64
+
+
+def all_rows(rows):
+    return [rows[i] for i in range(len(rows))]
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_a_saved_hugging_face_dataset_gives_the_rows_of_the_same_jsonl(files, tmp_path, method):
+    """hf:<dir> rows hold the JSONL's fields as columns (None where a record lacks one: the SFT file mixes
+    "messages" with "prompt"/"response"); they make the same rows and the same held-out split."""
+    with open(files[method]) as f:
+        directory = save_dataset(tmp_path / "hf", [json.loads(line) for line in f])
+    template = BuiltinTemplate(ByteTokenizer())
+    built = [build_rows(dataclasses.replace(make_config(method, source).posttrain, validation_fraction=0.25),
+                        template, SEQ_LEN + 1, ByteTokenizer.eos_id) for source in (files[method], f"hf:{directory}")]
+    for jsonl_rows, hf_rows in zip(*built):  # training rows, then held-out rows
+        assert len(hf_rows) == len(jsonl_rows) > 0
+        for want, got in zip(all_rows(jsonl_rows), all_rows(hf_rows)):
+            assert want.keys() == got.keys()
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key])
+
+
+def dataset_dict_overrides(files, tmp_path, method) -> list[str]:
+    """A run's settings with posttrain.source and validation_source the "train" and "test" splits of one saved
+    DatasetDict (48 and 16 of the fixture's examples)."""
+    with open(files[method]) as f:
+        records = [json.loads(line) for line in f]
+    directory = save_dataset(tmp_path / "hf", records[:48], test=records[48:])
+    return [f"posttrain.method={method}", f"posttrain.source=hf:{directory}",
+            f"posttrain.validation_source=hf:{directory}", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+            f"model.seq_len={SEQ_LEN}", "train.steps=2", "train.batch_size=8", "train.eval_every=2",
+            "train.eval_batches=1", "train.progress=false", f"run_dir={tmp_path / 'run'}"]
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_a_dataset_dict_gives_training_and_held_out_examples_from_the_named_splits(files, tmp_path, method):
+    """posttrain.hf_split (train) and posttrain.validation_hf_split (test) pick the splits; a split that is not
+    there is named with its setting."""
+    import jaxscale
+
+    overrides = dataset_dict_overrides(files, tmp_path, method)
+    with pytest.raises(ConfigError, match=r"has splits \['test', 'train'\], not 'validation'; set "
+                                          r"posttrain.validation_hf_split"):
+        open_posttrain_data(jaxscale.load_config("default", [*overrides, "posttrain.validation_hf_split=validation"]))
+    train, held = open_posttrain_data(jaxscale.load_config("default", overrides))
+    counts = (train.conversations, held.conversations) if method == "sft" else (len(train), len(held))
+    assert counts == (48, 16)
+
+
+@pytest.mark.slow  # 40-60 s each on the shared 2-core CPU machine: train, eval (DPO: reference) steps compiled
+@pytest.mark.parametrize("method, reference", [("sft", "cached"), ("dpo", "frozen")])
+def test_a_run_trains_on_a_dataset_dicts_split_evaluates_on_another_and_exports(files, tmp_path, method, reference):
+    """Trained on the "train" split, evaluated on "test", then exported as a Hugging Face checkpoint (DPO's frozen
+    reference is in the checkpointed state): imported again, it computes the trained model's logits."""
+    import jaxscale
+    from jaxscale.training.hf_export import export
+
+    overrides = [*dataset_dict_overrides(files, tmp_path, method), f"posttrain.reference={reference}"]
+    result = jaxscale.train(jaxscale.load_config("default", overrides))
+    rows = result.metrics
+    evaluated = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and [r["step"] for r in evaluated] == [2]
+    assert math.isfinite(evaluated[0]["eval_loss"])
+    if method == "dpo":
+        assert {"eval_reward_accuracy", "eval_reward_margin", "eval_kl_to_reference"} <= evaluated[0].keys()
+
+    out = export(tmp_path / "run", tmp_path / "exported")
+    config = jaxscale.load_config("default", [f"model.init_from=hf:{out}", f"model.seq_len={SEQ_LEN}"])
+    imported = build_trainer(config, jax.devices()[:1])
+    tokens = jnp.asarray(stacked(open_posttrain_data(jaxscale.load_config("default", overrides))[0], range(2))[
+        "tokens" if method == "sft" else "chosen_tokens"])[:, :-1]
+    vocab = config.model.vocab_size
+    trained = result.model.bind(jax.device_get(result.state.params))(tokens, None, compute_dtype=jnp.float32)
+    again = imported.model.bind(imported.init_state().params)(tokens, None, compute_dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(again)[..., :vocab], np.asarray(trained)[..., :vocab])
 
 
 def tiny_model(config):
@@ -209,6 +302,41 @@ def test_a_resumed_run_continues_exactly(files, tmp_path, method, reference):
     np.testing.assert_array_equal(resumed, straight)
 
 
+@pytest.mark.slow  # about 2 minutes each on the shared 2-core CPU machine: three `jaxscale train` processes
+@pytest.mark.parametrize("method, reference", [("sft", "cached"), ("dpo", "cached"), ("dpo", "frozen")])
+def test_an_elastic_restart_on_fewer_devices_continues_the_loss_curve(files, tmp_path, method, reference):
+    """Checkpointed at step 2 on 8 devices (data 2 x fsdp 2 x tensor 2), continued on 4: the mesh loses its data
+    axis, so each step runs 2 microbatches; the losses of steps 3 and 4 are those of a run on 8 devices
+    throughout (within 1e-5: other summation orders; the cached reference is computed again on the 4)."""
+    from fault_helpers import run_train
+
+    from jaxscale.training.events import read_metrics
+
+    settings = [f"posttrain.method={method}", f"posttrain.source={files[method]}", f"posttrain.reference={reference}",
+                "posttrain.validation_fraction=0", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+                f"model.seq_len={SEQ_LEN}", "mesh=cpu-8", "train.elastic=true", "train.batch_size=8",
+                "train.eval_every=0", "train.log_every=1", "train.progress=false", "optimizer.warmup_steps=0",
+                "optimizer.min_lr_ratio=1", "checkpoint.every_steps=2"]
+
+    def train(run_dir, steps, devices):
+        result = run_train([*settings, f"run_dir={run_dir}", f"train.steps={steps}"], tmp_path, devices=devices)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    def losses(run_dir):
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        return {r["step"]: r["loss"] for r in rows if "loss" in r and "event" not in r}
+
+    train(tmp_path / "straight", 4, 8)
+    train(tmp_path / "elastic", 2, 8)
+    restarted = train(tmp_path / "elastic", 4, 4)
+    assert "elastic: 4 devices" in restarted.stderr and "train.microbatches 1 -> 2" in restarted.stderr
+    want, got = losses(tmp_path / "straight"), losses(tmp_path / "elastic")
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), f"step {step}"
+
+
 def layout_run(config: Config, devices):
     """(loss, gradient norm) per step and the reference values, on `devices`."""
     trainer = build_trainer(config, devices)
@@ -234,6 +362,20 @@ def test_one_device_equals_data_fsdp_and_tensor_layouts(files, method):
         np.testing.assert_allclose(got, want, rtol=1e-5)
         if method == "dpo":
             np.testing.assert_allclose(got_reference, reference, rtol=1e-5)
+
+
+@pytest.mark.slow  # 25-50 s on the loaded 2-core CPU machine: two train steps compiled
+def test_sft_microbatches_weigh_in_proportion_to_their_response_tokens(files):
+    """The two microbatches of a batch hold different numbers of response tokens; the step weighs each by its
+    count (LOSS_WEIGHT), so the losses and gradient norms are those of the whole batch at once (within float32
+    rounding of another summation order)."""
+    config = make_config("sft", files["sft"])
+    rows, _ = open_posttrain_data(config)
+    masks = stacked(rows, range(8))["loss_mask"][:, 1:]
+    assert masks[:4].sum() != masks[4:].sum()
+    one, two = (layout_run(dataclasses.replace(config, train=dataclasses.replace(config.train, microbatches=count)),
+                           jax.devices()[:1])[0] for count in (1, 2))
+    np.testing.assert_allclose(two, one, rtol=1e-5)
 
 
 FROZEN_TOLERANCE = dict(rtol=2e-6, atol=1e-6)  # in-step and cached reference: separately compiled float32
@@ -269,17 +411,64 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("form", ["jsonl", "hf"])
 @pytest.mark.parametrize("method, record, message", BAD)
-def test_bad_examples_are_named_by_file_and_line_with_exit_code_2(tmp_path, capsys, method, record, message):
+def test_bad_examples_are_named_by_file_and_line_with_exit_code_2(tmp_path, capsys, method, record, message, form):
+    """A JSONL example is named by file and line; a Hugging Face dataset's by its directory and row index."""
     good = {"prompt": "1+1=", "response": "2"} if method == "sft" else {"prompt": "1+1=", "chosen": "2",
                                                                         "rejected": "3"}
-    path = write_jsonl(tmp_path / "bad.jsonl", [good, good, record])
-    code = main(["train", "default", "--set", f"posttrain.method={method}", "--set", f"posttrain.source={path}",
+    if form == "jsonl":
+        path = write_jsonl(tmp_path / "bad.jsonl", [good, good, record])
+        source, where = path, f"{path}:3"
+    else:
+        path = save_dataset(tmp_path / "bad", [good, good, record])
+        source, where = f"hf:{path}", f"{path} row 2"
+    code = main(["train", "default", "--set", f"posttrain.method={method}", "--set", f"posttrain.source={source}",
                  "--set", f"model.seq_len={SEQ_LEN}", "--set", f"run_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"{path}:3" in err and message in err
+    assert f"{where}: " in err and message in err
     assert not (tmp_path / "run").exists()  # nothing written before every check has passed
+
+
+def test_sources_that_hold_no_examples_are_refused_naming_the_setting(tmp_path):
+    """The built-in corpus, token files, a missing file, and a directory that save_to_disk did not write."""
+    np.save(tmp_path / "ids.npy", np.arange(8))
+    (tmp_path / "plain").mkdir()
+    template = BuiltinTemplate(ByteTokenizer())
+    for source, message in (("builtin", "not the built-in corpus"), (str(tmp_path / "ids.npy"), "not token or Parquet"),
+                            (str(tmp_path / "none.jsonl"), "does not exist; fix posttrain.source"),
+                            (f"hf:{tmp_path / 'plain'}", "not a dataset written by Hugging Face datasets")):
+        with pytest.raises(ConfigError, match=message):
+            build_rows(make_config("sft", source).posttrain, template, SEQ_LEN + 1, ByteTokenizer.eos_id)
+
+
+def test_a_preference_in_chat_form_gives_the_rows_of_its_string_form(tmp_path):
+    """A prompt as a list of messages and answers as lists of assistant messages: the same rows as strings make
+    (one user turn, one assistant turn each); a system turn goes before the prompt in both responses, and a
+    non-assistant message among the answers is refused."""
+    strings = {"prompt": "2+2=", "chosen": "4", "rejected": "5"}
+    chat = {"prompt": [{"role": "user", "content": "2+2="}], "chosen": [{"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "assistant", "content": "5"}]}
+    system = {**chat, "prompt": [{"role": "system", "content": "add"}, *chat["prompt"]]}
+    template = BuiltinTemplate(ByteTokenizer())
+
+    def rows(record):
+        pairs, _ = build_rows(make_config("dpo", write_jsonl(tmp_path / "p.jsonl", [record])).posttrain, template,
+                              SEQ_LEN + 1, ByteTokenizer.eos_id)
+        return pairs[0]
+
+    def text(row, side):
+        return bytes(row[f"{side}_tokens"][row[f"{side}_tokens"] < 256].tolist()).decode()
+
+    want, got, with_system = rows(strings), rows(chat), rows(system)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    assert text(with_system, "chosen") == "system: add\nuser: 2+2=\nassistant: 4"
+    assert text(with_system, "rejected") == "system: add\nuser: 2+2=\nassistant: 5"
+    assert bytes(with_system["chosen_tokens"][with_system["chosen_mask"] == 1].tolist()[:1]).decode() == "4"
+    with pytest.raises(ConfigError, match=r"p.jsonl:1: 'chosen' may hold assistant messages only"):
+        rows({**chat, "chosen": [{"role": "user", "content": "4"}]})
 
 
 def test_truncation_keeps_the_end_or_the_start(files, tmp_path):

@@ -205,8 +205,18 @@ def _read_parquet(path: str, cfg: DataConfig) -> Iterator[str]:
 
 
 def _load_hf(source: Source, cfg: DataConfig):
-    datasets = require("datasets", "hf", f"data source {source.spec!r}")
-    location = source.files[0][1]
+    loaded, _ = load_hf_dataset(source.files[0][1], cfg.hf_split, f"data source {source.spec!r}")
+    if cfg.text_field not in loaded.column_names:
+        raise DataError(f"Hugging Face dataset {source.files[0][1]} has no column {cfg.text_field!r} "
+                        f"(its columns: {loaded.column_names}); set data.text_field")
+    return loaded
+
+
+def load_hf_dataset(location: str, split: str, purpose: str, split_setting: str = "data.hf_split"):
+    """(dataset, its name for messages) of a directory written by `save_to_disk` or a hub name, taking `split`
+    of a DatasetDict (a hub name is always read by split); `purpose` says what it is for, should `datasets` be
+    missing, and `split_setting` is the setting to fix when the split is not there."""
+    datasets = require("datasets", "hf", purpose)
     if os.path.isdir(location):
         try:
             loaded = datasets.load_from_disk(location)
@@ -216,19 +226,16 @@ def _load_hf(source: Source, cfg: DataConfig):
                             f"write it again with save_to_disk") from e
     else:  # a hub name: read from the local datasets cache (set HF_HUB_OFFLINE=1 to forbid downloads)
         try:
-            loaded = datasets.load_dataset(location, split=cfg.hf_split)
+            return datasets.load_dataset(location, split=split), f"{location} split {split!r}"
         except Exception as e:  # network, missing cache and bad names raise many exception types
-            raise DataError(f"cannot load Hugging Face dataset {location!r} split {cfg.hf_split!r}: {e}"
+            raise DataError(f"cannot load Hugging Face dataset {location!r} split {split!r}: {e}"
                             ) from e
     if isinstance(loaded, datasets.DatasetDict):
-        if cfg.hf_split not in loaded:
-            raise DataError(f"{location} has splits {sorted(loaded)}, not {cfg.hf_split!r}; "
-                            "set data.hf_split")
-        loaded = loaded[cfg.hf_split]
-    if cfg.text_field not in loaded.column_names:
-        raise DataError(f"Hugging Face dataset {location} has no column {cfg.text_field!r} "
-                        f"(its columns: {loaded.column_names}); set data.text_field")
-    return loaded
+        if split not in loaded:
+            raise DataError(f"{location} has splits {sorted(loaded)}, not {split!r}; "
+                            f"set {split_setting}")
+        return loaded[split], f"{location} split {split!r}"
+    return loaded, location
 
 
 def _read_hf(source: Source, cfg: DataConfig) -> Iterator[str]:

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxscale.model.config import PRESETS, ModelConfig
-from jaxscale.model.flax_model import FlaxModel, LossFn, flax_model, linen_model, nnx_model
+from jaxscale.model.flax_model import LOSS_WEIGHT, FlaxModel, LossFn, flax_model, linen_model, nnx_model
 from jaxscale.model.transformer import Transformer
 
-__all__ = ["PRESETS", "FlaxModel", "LossFn", "Model", "ModelConfig", "Transformer", "flax_model", "linen_model",
-           "nnx_model"]
+__all__ = ["LOSS_WEIGHT", "PRESETS", "FlaxModel", "LossFn", "Model", "ModelConfig", "Transformer", "flax_model",
+           "linen_model", "nnx_model"]
 
 
 def transformer_factory(cfg: ModelConfig, param_dtype=jnp.float32, decay_embeddings: bool = False):

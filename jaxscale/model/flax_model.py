@@ -24,6 +24,10 @@ from flax import nnx
 from jaxscale.errors import ConfigError
 
 LossFn = Callable[[Any, dict, nnx.Rngs], Any]  # (model, batch, rngs) -> loss | (loss, {name: scalar})
+# A metric a loss that is a weighted mean may return: the sum of its weights (e.g. the number of targets a masked
+# mean divides by). Microbatches (train.microbatches) and evaluation batches are then combined in proportion to
+# it, so the loss and gradient are the whole batch's weighted mean however the batch is split; not reported.
+LOSS_WEIGHT = "loss_weight"
 Axes = tuple  # the logical name of each dimension of one parameter (None: no name)
 
 

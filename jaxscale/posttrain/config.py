@@ -15,9 +15,13 @@ REFERENCES = ("cached", "frozen")
 class PosttrainConfig:
     # none: pretraining on data.*; sft: chat / prompt-response JSONL; dpo: prompt / chosen / rejected JSONL
     method: str = "none"
-    source: str = ""  # JSONL file or glob
-    validation_source: str = ""  # held-out JSONL; empty: hold out validation_fraction of the examples
+    # JSONL file or glob, or hf:<dir> (a Hugging Face dataset written by save_to_disk, or a name in the local
+    # datasets cache) whose rows hold the same fields as columns
+    source: str = ""
+    validation_source: str = ""  # held-out examples, the same kinds; empty: hold out validation_fraction of them
     validation_fraction: float = 0.05  # examples held out, chosen by a hash of their content
+    hf_split: str = "train"  # the split of an hf: source that holds several (a DatasetDict)
+    validation_hf_split: str = "test"  # the split of an hf: validation_source that holds several
     # "builtin" ("<role>: content\n", EOS closing each assistant turn), a tokenizer_config.json with a Jinja
     # `chat_template`, or hf:<dir> (that directory's tokenizer_config.json)
     chat_template: str = "builtin"
@@ -42,7 +46,8 @@ class PosttrainConfig:
             if value not in allowed:
                 raise ConfigError(f"posttrain.{key}={value!r} must be one of {', '.join(allowed)}")
         if self.method != "none" and not self.source:
-            raise ConfigError(f"posttrain.method={self.method} needs data: set posttrain.source to a JSONL file")
+            raise ConfigError(f"posttrain.method={self.method} needs data: set posttrain.source to a JSONL file "
+                              f"or hf:<dataset dir>")
         check_range("posttrain.validation_fraction", self.validation_fraction, 0, 1, high_open=True)
         check_range("posttrain.beta", self.beta, 0, low_open=True)
         check_range("posttrain.label_smoothing", self.label_smoothing, 0, 0.5, high_open=True)

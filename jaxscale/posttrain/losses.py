@@ -1,8 +1,10 @@
 """The SFT and DPO losses for the built-in decoder, as `loss_fn(model, batch, rngs)` like pretraining's.
 
 SFT: next-token cross entropy weighted by the loss mask (the assistant's tokens), over the packed rows with
-their segment ids. DPO: each response's log-probability (the sum over its masked tokens) under the policy,
-against the reference's from the batch; h = (policy - reference) log-ratio of chosen over rejected.
+their segment ids; with train.microbatches the step weighs each microbatch by its targets (LOSS_WEIGHT), so the
+loss is the whole batch's mean over its response tokens however the batch is split.
+DPO: each response's log-probability (the sum over its masked tokens) under the policy, against the
+reference's from the batch; h = (policy - reference) log-ratio of chosen over rejected.
   sigmoid: -(1 - ε) log σ(β h) - ε log σ(-β h)   (DPO; cDPO with label smoothing ε)
   ipo:     (h - 1 / (2β))²
 plus, with posttrain.nll_weight α, α times the chosen responses' mean negative log-likelihood per token (RPO).
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxscale.kernels.cross_entropy import cross_entropy, token_cross_entropy
-from jaxscale.model import LossFn
+from jaxscale.model import LOSS_WEIGHT, LossFn
 from jaxscale.model.moe import moe_objective
 from jaxscale.parallel.moe_config import MoEConfig
 from jaxscale.posttrain.config import PosttrainConfig
@@ -37,7 +39,9 @@ def sft_loss(options: dict, moe: MoEConfig | None = None) -> LossFn:
         tokens, mask = batch["tokens"], batch["loss_mask"][:, 1:]
         logits, moe_stats = model.forward(tokens[:, :-1], batch["segment_ids"][:, :-1], **options)
         loss = cross_entropy(logits, tokens[:, 1:], mask)
-        metrics = {"trained_fraction": jnp.mean(mask.astype(jnp.float32))}
+        # the targets trained on: microbatches and evaluation batches count in proportion to them
+        metrics = {"trained_fraction": jnp.mean(mask.astype(jnp.float32)),
+                   LOSS_WEIGHT: jnp.sum(mask.astype(jnp.float32))}
         return plus_balance(loss, metrics, moe_stats, moe, "cross_entropy")
 
     return loss_fn

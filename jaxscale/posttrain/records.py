@@ -1,5 +1,6 @@
-"""Fine-tuning examples from JSON Lines files, each checked where it is read; a bad one is a ConfigError that
-names its file and line.
+"""Fine-tuning examples from JSON Lines files or the rows of a Hugging Face dataset (hf:<dir>, read as
+pretraining's hf: sources are), each checked where it is read; a bad one is a ConfigError that names its file and
+line, or its dataset and row.
 
 SFT: {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]} or {"prompt", "response"}.
 DPO: {"prompt", "chosen", "rejected"}; the prompt is a string (one user turn) or a list of messages, and each
@@ -7,12 +8,13 @@ answer a string (one assistant turn) or a list of assistant messages.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 
+from jaxscale.data.config import DataConfig
+from jaxscale.data.errors import DataError
+from jaxscale.data.sources import load_hf_dataset, resolve_source
 from jaxscale.errors import ConfigError
 
 ROLES = ("system", "user", "assistant")
@@ -20,7 +22,7 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass(frozen=True)
 class Conversation:
-    where: str  # "file:line", for errors
+    where: str  # "file:line" or "<dataset> row <index>", for errors
     messages: tuple[dict, ...]
     key: str  # a hash of the content: which examples are held out
 
@@ -34,12 +36,27 @@ class Preference:
     key: str
 
 
-def jsonl_lines(spec: str, setting: str):
-    """(file:line, parsed object) for every non-blank line of the files `spec` names (a path or a glob)."""
-    paths = sorted(glob.glob(os.path.expanduser(spec)))
-    if not paths:
-        raise ConfigError(f"{setting}={spec!r}: no such file; give a JSONL file or a glob that matches some")
-    for path in paths:
+def example_records(spec: str, setting: str, split: str, split_setting: str):
+    """(where, record) for every example of `spec`: each non-blank line of the JSONL files it names (a path or
+    a glob; where = "file:line"), or each row of the Hugging Face dataset of an hf:<dir> spec (where = "<dir>
+    row <index>", a row's empty (None) columns left out, as a JSON line leaves out a field). `split` is the
+    split read from a dataset that holds several, `split_setting` the setting that names it."""
+    try:
+        source = resolve_source(spec, DataConfig(), setting)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    if source.kind == "hf":
+        try:
+            dataset, name = load_hf_dataset(source.files[0][1], split, f"{setting}={spec}", split_setting)
+        except DataError as e:
+            raise ConfigError(f"{setting}={spec!r}: {e}") from None
+        for index, row in enumerate(dataset):
+            yield f"{name} row {index}", {key: value for key, value in row.items() if value is not None}
+        return
+    if source.kind != "text" or any(fmt not in ("text", "jsonl") for fmt, _ in source.files):
+        raise ConfigError(f"{setting}={spec!r}: fine-tuning examples are JSON Lines files or hf:<dataset dir>, "
+                          f"not {'the built-in corpus' if source.kind == 'builtin' else 'token or Parquet files'}")
+    for _, path in source.files:
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
@@ -55,7 +72,7 @@ def jsonl_lines(spec: str, setting: str):
 
 
 def _content_key(record: dict) -> str:
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _messages(value, where: str, field: str) -> tuple[dict, ...]:
@@ -66,7 +83,7 @@ def _messages(value, where: str, field: str) -> tuple[dict, ...]:
         if not isinstance(message, dict):
             raise ConfigError(f"{where}: {field}[{i}] is not an object with \"role\" and \"content\"")
         for name in ("role", "content"):
-            if name not in message:
+            if message.get(name) is None:  # a dataset's row gives the fields some messages lack as None
                 raise ConfigError(f"{where}: {field}[{i}] has no {name!r}; each message needs \"role\" and "
                                   f"\"content\"")
         if message["role"] not in ROLES:
@@ -88,9 +105,10 @@ def _text_field(record: dict, name: str, where: str) -> str:
     return value
 
 
-def read_conversations(spec: str, setting: str) -> list[Conversation]:
+def read_conversations(spec: str, setting: str, split: str = "train",
+                       split_setting: str = "posttrain.hf_split") -> list[Conversation]:
     out = []
-    for where, record in jsonl_lines(spec, setting):
+    for where, record in example_records(spec, setting, split, split_setting):
         if "messages" in record:
             messages = _messages(record["messages"], where, "messages")
         elif "prompt" in record or "response" in record:
@@ -117,9 +135,10 @@ def _answer(record: dict, name: str, where: str) -> tuple[dict, ...]:
     return ({"role": "assistant", "content": _text_field(record, name, where)},)
 
 
-def read_preferences(spec: str, setting: str) -> list[Preference]:
+def read_preferences(spec: str, setting: str, split: str = "train",
+                      split_setting: str = "posttrain.hf_split") -> list[Preference]:
     out = []
-    for where, record in jsonl_lines(spec, setting):
+    for where, record in example_records(spec, setting, split, split_setting):
         if "prompt" not in record:
             raise ConfigError(f"{where}: no 'prompt' field; a preference example has \"prompt\", \"chosen\" and "
                               f"\"rejected\"")

@@ -124,8 +124,10 @@ def build_rows(cfg: PosttrainConfig, template, row_tokens: int, pad_id: int):
     from jaxscale.posttrain.records import read_conversations, read_preferences
 
     read = read_conversations if cfg.method == "sft" else read_preferences
-    validation = read(cfg.validation_source, "posttrain.validation_source") if cfg.validation_source else None
-    train, held = split(read(cfg.source, "posttrain.source"), cfg.validation_fraction, validation)
+    validation = (read(cfg.validation_source, "posttrain.validation_source", cfg.validation_hf_split,
+                       "posttrain.validation_hf_split") if cfg.validation_source else None)
+    train, held = split(read(cfg.source, "posttrain.source", cfg.hf_split, "posttrain.hf_split"),
+                        cfg.validation_fraction, validation)
     if not train:
         raise ConfigError(f"posttrain.source={cfg.source!r}: no training examples (all {len(held)} held out); "
                           f"lower posttrain.validation_fraction")

@@ -28,7 +28,7 @@ from jaxscale.data.records import RecordData
 from jaxscale.distributed import PeerWatchdog
 from jaxscale.errors import ConfigError
 from jaxscale.mesh import describe
-from jaxscale.model import FlaxModel, LossFn
+from jaxscale.model import LOSS_WEIGHT, FlaxModel, LossFn
 from jaxscale.model.run_source import RUN_PREFIX
 from jaxscale.observe import goodput, stragglers
 from jaxscale.observe.goodput import GoodputClock
@@ -149,12 +149,17 @@ class Rollbacks:
 
 
 def evaluate(trainer: Trainer, dataset, state: TrainState, shard: dict) -> dict[str, float]:
-    """Held-out loss and the loss function's metrics, averaged over train.eval_batches batches."""
+    """Held-out loss and the loss function's metrics, averaged over train.eval_batches batches (the loss in
+    proportion to the batches' LOSS_WEIGHT, where the loss function returns one)."""
     t = trainer.config.train
     results = jax.device_get([trainer.eval_step(state.params, to_global(
         dataset.batch(i, t.batch_size, split="validation", **shard), trainer.data_sharding, t.batch_size))
         for i in range(t.eval_batches)])
-    return {f"eval_{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
+    out = {f"eval_{k}": float(np.mean([r[k] for r in results])) for k in results[0] if k != LOSS_WEIGHT}
+    weights = [float(r[LOSS_WEIGHT]) for r in results if LOSS_WEIGHT in r]
+    if weights and sum(weights) > 0:
+        out["eval_loss"] = float(np.dot([float(r["loss"]) for r in results], weights) / sum(weights))
+    return out
 
 
 def data_row_offset(restored: Restored | None, batch_size: int) -> int:

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.config import Config
 from jaxscale.errors import ConfigError
-from jaxscale.model import FlaxModel
+from jaxscale.model import LOSS_WEIGHT, FlaxModel
 from jaxscale.parallel import outer_rules, split_microbatches
 from jaxscale.sharding import activation_rules, activation_sharding, constrain, param_shardings
 from jaxscale.trace_notes import recording
@@ -191,13 +191,19 @@ def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule
     update_where = train.offload_update if train.offload_optimizer or train.offload_params else None
 
     def accumulated_grads(params, batch, key):
+        """The loss, metrics and gradients of the batch, over train.microbatches; with a LOSS_WEIGHT metric the
+        microbatches' losses and gradients in proportion to it, else equally."""
         if count == 1:
-            return grad_fn(params, batch, key)
+            (loss, metrics), grads = grad_fn(params, batch, key)
+            return (loss, {k: v for k, v in metrics.items() if k != LOSS_WEIGHT}), grads
 
         def one(carry, inputs):
             index, microbatch = inputs
             (loss_sum, metric_sums), grad_sum = carry
             (loss, metrics), grads = grad_fn(params, microbatch, jax.random.fold_in(key, index))
+            if weighted:
+                weight = metrics[LOSS_WEIGHT].astype(jnp.float32)
+                loss, grads = loss * weight, jax.tree.map(lambda g: g * weight.astype(g.dtype), grads)
             sums = (loss_sum + loss, jax.tree.map(jnp.add, metric_sums, metrics))
             return (sums, jax.tree.map(jnp.add, grad_sum, grads)), None
 
@@ -205,10 +211,15 @@ def make_train_step(model: FlaxModel, tx: optax.GradientTransformation, schedule
             lambda x: constrain(split_microbatches(x, count), (None, "batch") + (None,) * (x.ndim - 1)), batch)
         first = jax.tree.map(lambda x: x[0], microbatches)
         metric_shapes = jax.eval_shape(lambda: model.loss(params, first, key)[1])
+        weighted = LOSS_WEIGHT in metric_shapes
         zeros = ((jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)),
                  jax.tree.map(lambda p, dtype: jnp.zeros_like(p, dtype=dtype), params, master_dtypes))
-        ((loss, metrics), grads), _ = jax.lax.scan(one, zeros, (jnp.arange(count), microbatches))
-        return jax.tree.map(lambda x: x / count, ((loss, metrics), grads))
+        ((loss, sums), grads), _ = jax.lax.scan(one, zeros, (jnp.arange(count), microbatches))
+        metrics = {k: v / count for k, v in sums.items() if k != LOSS_WEIGHT}
+        if not weighted:
+            return (loss / count, metrics), jax.tree.map(lambda g: g / count, grads)
+        total = jnp.maximum(sums[LOSS_WEIGHT].astype(jnp.float32), 1e-9)  # all weights 0: the sums are 0 too
+        return (loss / total, metrics), jax.tree.map(lambda g: g / total.astype(g.dtype), grads)
 
     def train_step(state: TrainState, batch: dict):
         params = compute_copy(state.params, shardings.params, compute_dtype) if train.offload_params else state.params
