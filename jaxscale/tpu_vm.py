@@ -2,9 +2,9 @@
 
 One queued resource holds the slice (or `--slices N` slices joined by the data-center network; the queued
 resource's multislice runtime gives every worker the MEGASCALE_* settings JAX's multislice runtime reads).
-Every worker gets jaxscale and mounts the run's bucket (gcsfuse: checkpoints, metrics and config outlive the
-slice), then runs `jaxscale train EXPERIMENT --distributed` with its run directory there; worker 0's log
-streams here. Exit code 75 (a preemption notice: the checkpoint is saved) or a slice taken back (spot) starts
+Every worker gets jaxscale (with its `tpu` extra, which brings gcsfs) and runs `jaxscale train EXPERIMENT
+--distributed` with the run directory in the bucket, given as its gs:// URL (checkpoints, metrics and config
+outlive the slice; no mount); worker 0's log streams here. Exit code 75 (a preemption notice: the checkpoint is saved) or a slice taken back (spot) starts
 the run again, on a new slice when needed, and it continues from the newest checkpoint in the bucket.
 `--dry-run` prints every command instead of running it.
 """
@@ -28,7 +28,6 @@ SSH_LOST = 255  # ssh's own exit code: the connection, or the worker, went away
 LOG = "~/jaxscale-train.log"
 EXIT_FILE = "~/jaxscale-train.exit"
 VENV = "~/jaxscale-venv"
-MOUNTS = "/tmp/gcs"  # each bucket at /tmp/gcs/BUCKET on every worker
 POLL_S = 30
 
 
@@ -45,15 +44,6 @@ class Launch:
     spot: bool = False
     project: str | None = None
     overrides: tuple[str, ...] = field(default=())
-
-    @property
-    def bucket(self) -> str:
-        return self.run_dir.removeprefix("gs://").partition("/")[0]
-
-    @property
-    def worker_run_dir(self) -> str:
-        """The run directory as the workers see it: inside the bucket's mount."""
-        return f"{MOUNTS}/{self.run_dir.removeprefix('gs://')}"
 
     @property
     def nodes(self) -> list[str]:
@@ -103,30 +93,20 @@ def remote_experiment(launch: Launch) -> str:
 
 def install_script(launch: Launch) -> str:
     """jaxscale into a virtual environment (TPU VM images bring Python 3.10; jaxscale needs 3.11+, which uv
-    installs), and the run's bucket mounted with gcsfuse (Google's apt repository), idempotently."""
+    installs), idempotently."""
     requirement = launch.install
     fetch = ""
     if requirement.startswith("gs://"):  # a wheel built here and copied to the bucket
         wheel = f"/tmp/{requirement.rsplit('/', 1)[-1]}"
         fetch = f"gcloud storage cp {shlex.quote(requirement)} {wheel} && "
         requirement = f"jaxscale[tpu] @ file://{wheel}"
-    keyring = "/usr/share/keyrings/cloud.google.asc"
-    gcsfuse = (f"{{ command -v gcsfuse > /dev/null || {{ curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg"
-               f" | sudo tee {keyring} > /dev/null && echo \"deb [signed-by={keyring}] "
-               f"https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main\" | sudo tee "
-               f"/etc/apt/sources.list.d/gcsfuse.list > /dev/null && sudo apt-get update -qq && "
-               f"sudo apt-get install -y -qq gcsfuse; }}; }}")
-    mount = f"{MOUNTS}/{launch.bucket}"
-    # directory renames: Orbax finalizes a checkpoint by renaming its temporary directory
-    mount_bucket = (f"mkdir -p {mount} && {{ mountpoint -q {mount} || gcsfuse --implicit-dirs "
-                    f"--rename-dir-limit=1000000 {launch.bucket} {mount}; }}")
     return (f"{fetch}python3 -m pip install --user --quiet uv && python3 -m uv venv --quiet --allow-existing "
             f"--python 3.11 {VENV} && python3 -m uv pip install --quiet --python {VENV}/bin/python "
-            f"{shlex.quote(requirement)} && {gcsfuse} && {mount_bucket}")
+            f"{shlex.quote(requirement)}")
 
 
 def train_command(launch: Launch) -> str:
-    overrides = [f"--set={o}" for o in (f"run_dir={launch.worker_run_dir}", *launch.overrides)]
+    overrides = [f"--set={o}" for o in (f"run_dir={launch.run_dir}", *launch.overrides)]
     return f"{VENV}/bin/jaxscale " + shlex.join(["train", remote_experiment(launch), "--distributed", *overrides])
 
 

@@ -42,10 +42,10 @@ def test_dry_run_for_one_v5e_256_slice(capsys):
     assert state[3:6] == ["queued-resources", "describe", "run1"]
     assert install[3:7] == ["tpu-vm", "ssh", "run1", "--worker=all"]
     assert f"gcloud storage cp {INSTALL}" in remote(install)
-    assert "gcsfuse --implicit-dirs --rename-dir-limit=1000000 my-bucket /tmp/gcs/my-bucket" in remote(install)
+    assert "gcsfuse" not in remote(install)  # the run directory is the bucket URL itself
     assert start[3:7] == ["tpu-vm", "ssh", "run1", "--worker=all"]
     assert ("~/jaxscale-venv/bin/jaxscale train gpt2-124m --distributed "
-            "--set=run_dir=/tmp/gcs/my-bucket/runs/gpt2 --set=train.steps=5000") in remote(start)
+            "--set=run_dir=gs://my-bucket/runs/gpt2 --set=train.steps=5000") in remote(start)
     assert follow[3:7] == ["tpu-vm", "ssh", "run1", "--worker=0"]
     assert "exit $(cat ~/jaxscale-train.exit)" in remote(follow)
     check_scripts_parse(commands)

@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     launch.add_argument("--slices", type=int, default=1, help="slices joined by the data-center network")
     launch.add_argument("--spot", action="store_true", help="spot capacity: cheaper, can be taken back")
     launch.add_argument("--run-dir", required=True, help="gs://BUCKET/PATH for checkpoints, metrics, config "
-                                                          "(mounted on the workers at /tmp/gcs/BUCKET/PATH)")
+                                                          "(the workers' run_dir)")
     launch.add_argument("--install", required=True,
                         help="what each worker installs: a pip requirement (\"jaxscale[tpu] @ git+https://...\") "
                              "or the gs:// URL of a jaxscale wheel")
