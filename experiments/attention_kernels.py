@@ -11,7 +11,9 @@ mask; its number of segments per row is static, here each layout's maximum), and
 segment ids (no grouped-query support: K and V repeated). Layouts: rows of the built-in corpus (as
 `jaxscale bench` reads them), one document per row, documents of 256 tokens. Prints one table, last.
 `--sweep` times the forward kernel's tilings, then the backward kernels' (with the default forward), on the
-corpus layout, and prints the fastest of each as a `Tiles(...)` for `flash_gpu.tiles_for`.
+corpus layout, and prints the fastest combination as an entry of `flash_gpu.TILES_BY_HEAD_DIM`; with `--write`
+it also appends that line to jaxscale/kernels/flash_gpu.py when it beats the current tiles (in a device call's
+copy of the checkout, so that a bench later in the same call runs them; the line is then committed as printed).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import pathlib
 import statistics
 import time
 
@@ -28,8 +31,9 @@ import numpy as np
 
 from jaxscale.data import build_dataset
 from jaxscale.data.config import DataConfig
+from jaxscale.kernels import flash_gpu
 from jaxscale.kernels.attention import reference
-from jaxscale.kernels.flash_gpu import Tiles, flash_attention
+from jaxscale.kernels.flash_gpu import Tiles, flash_attention, tiles_for
 
 SHAPES = {  # batch, length, heads, kv heads, head size
     "1b-2k": (8, 2048, 32, 8, 64),
@@ -46,11 +50,11 @@ TILINGS = {
 
 
 FORWARD_SWEEP = [Tiles(forward=block, warps=warps, stages=stages)
-                 for block in ((128, 64), (128, 128), (64, 64), (128, 32), (64, 128))
+                 for block in ((128, 64), (128, 128), (64, 64), (128, 32))
                  for warps in (4, 8) for stages in (2, 3)]
 BACKWARD_SWEEP = [Tiles(dkv=dkv, dq=dq, backward_warps=warps, backward_stages=stages)
                   for dkv, dq in (((64, 128), (128, 64)), ((32, 128), (128, 32)), ((64, 64), (64, 64)),
-                                  ((32, 64), (64, 32)), ((128, 128), (128, 128)), ((64, 128), (128, 32)))
+                                  ((32, 64), (64, 32)))
                   for warps in (4, 8) for stages in (2, 3)]
 
 
@@ -126,13 +130,10 @@ def inputs(shape_name: str):
     return q, k, v, jax.random.normal(keys[3], q.shape, jnp.bfloat16)
 
 
-def sweep(shape_name: str) -> None:
+def sweep(shape_name: str, write: bool) -> None:
     """Forward tilings timed alone, backward tilings as forward + backward less the default forward."""
     q, k, v, d_out = inputs(shape_name)
     segment_ids = jnp.asarray(layout("corpus", q.shape[0], q.shape[1]))
-    cudnn_forward, cudnn_both = measure(
-        lambda q, k, v, _: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
-        q, k, v, d_out, None)
     timings = {}
     for part, candidates in (("forward", FORWARD_SWEEP), ("backward", BACKWARD_SWEEP)):
         for tiles in candidates:
@@ -143,20 +144,27 @@ def sweep(shape_name: str) -> None:
                 continue
             timings.setdefault(part, []).append((forward if part == "forward" else both, tiles))
             print(part, tiles, f"{forward * 1e3:.3f} / {both * 1e3:.3f} ms", flush=True)
-    forward_time, fastest_forward = min(timings["forward"], key=lambda t: t[0])
-    both_time, fastest_backward = min(timings["backward"], key=lambda t: t[0])
+    fastest_forward = min(timings["forward"], key=lambda t: t[0])[1]
+    fastest_backward = min(timings["backward"], key=lambda t: t[0])[1]
     best = dataclasses.replace(fastest_backward, forward=fastest_forward.forward, warps=fastest_forward.warps,
                                stages=fastest_forward.stages)
-    default = Tiles()
-    rows = [("cudnn causal, no segments", cudnn_forward, cudnn_both)]
-    for name, tiles in (("pallas default tiles", default), ("pallas fastest tiles", best)):
-        rows.append((name, *measure(functools.partial(flash_attention, tiles=tiles), q, k, v, d_out, segment_ids)))
+    rows = {"cudnn causal, no segments": measure(
+        lambda q, k, v, _: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
+        q, k, v, d_out, None)}
+    for name, tiles in (("pallas, tiles_for(head size)", tiles_for(q.shape[-1])), ("pallas, fastest tiles", best)):
+        rows[name] = measure(functools.partial(flash_attention, tiles=tiles), q, k, v, d_out, segment_ids)
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {shape_name}, corpus layout")
-    print("fastest:", best)
+    line = f"TILES_BY_HEAD_DIM[{q.shape[-1]}] = {best!r}"
+    print("fastest:", line)
     print("| kernel | forward ms | forward + backward ms | / cuDNN causal |")
     print("| --- | --- | --- | --- |")
-    for name, forward, both in rows:
+    cudnn_both = rows["cudnn causal, no segments"][1]
+    for name, (forward, both) in rows.items():
         print(f"| {name} | {forward * 1e3:.3f} | {both * 1e3:.3f} | {both / cudnn_both:.2f} |")
+    if write and rows["pallas, fastest tiles"][1] < rows["pallas, tiles_for(head size)"][1]:
+        source = pathlib.Path(flash_gpu.__file__)
+        source.write_text(source.read_text() + f"{line}  # written by attention_kernels.py --sweep --write\n")
+        print("appended to", source)
 
 
 def main() -> None:
@@ -166,9 +174,10 @@ def main() -> None:
     parser.add_argument("--tilings", default=",".join(TILINGS))
     parser.add_argument("--no-others", action="store_true", help="jaxscale's kernels only (no cuDNN packed, mha)")
     parser.add_argument("--sweep", metavar="SHAPE", help="time tilings of the Triton kernels at this shape")
+    parser.add_argument("--write", action="store_true", help="with --sweep: put the fastest tiles in flash_gpu.py")
     args = parser.parse_args()
     if args.sweep:
-        return sweep(args.sweep)
+        return sweep(args.sweep, args.write)
     rows = []
     for shape_name in args.shapes.split(","):
         q, k, v, d_out = inputs(shape_name)

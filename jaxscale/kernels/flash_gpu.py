@@ -46,6 +46,14 @@ class Tiles:
         return dataclasses.replace(self, forward=fit(self.forward), dkv=fit(self.dkv), dq=fit(self.dq))
 
 
+# Tiles measured fastest per head size (`experiments/attention_kernels.py --sweep`); others take Tiles().
+TILES_BY_HEAD_DIM: dict[int, Tiles] = {}
+
+
+def tiles_for(head_dim: int) -> Tiles:
+    return TILES_BY_HEAD_DIM.get(head_dim, Tiles())
+
+
 def _fit(block: int, length: int) -> int:
     while length % block:
         block //= 2
@@ -55,11 +63,11 @@ def _fit(block: int, length: int) -> int:
 MIN_BLOCK = 16  # Triton's matmuls need at least 16 rows and columns
 
 
-def supports(length: int, head_dim: int, tiles: Tiles = Tiles()) -> str | None:
+def supports(length: int, head_dim: int, tiles: Tiles | None = None) -> str | None:
     """Why these kernels cannot take a sequence length and head size, or None when they can."""
     if head_dim < MIN_BLOCK or head_dim & (head_dim - 1) or head_dim > 256:
         return f"head size {head_dim} is not a power of two between {MIN_BLOCK} and 256"
-    fitted = tiles.fitted(length)
+    fitted = (tiles or tiles_for(head_dim)).fitted(length)
     if min(*fitted.forward, *fitted.dkv, *fitted.dq) < MIN_BLOCK:
         return f"length {length} is not a multiple of {MIN_BLOCK}"
     return None
@@ -264,11 +272,12 @@ _flash.defvjp(_flash_forward, _flash_backward)
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, *,
                     causal: bool = True, sliding_window: int | None = None, scale: float | None = None,
-                    tiles: Tiles = Tiles(), interpret: bool = False) -> jax.Array:
+                    tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:
     """q (batch, length, heads, head_dim), k and v (batch, length, kv_heads, head_dim), segment_ids (batch,
     length) int or None (one document per row) -> (batch, length, heads, head_dim). `supports` says which
-    lengths and head sizes it takes."""
+    lengths and head sizes it takes; tiles: `tiles_for(head_dim)` unless given."""
     batch, length, _, head_dim = q.shape
+    tiles = tiles or tiles_for(head_dim)
     reason = supports(length, head_dim, tiles)
     if reason is not None:
         raise ValueError(f"flash_attention: {reason}")
