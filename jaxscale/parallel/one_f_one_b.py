@@ -201,8 +201,6 @@ def value_and_grad(apply_layer: LayerFn, loss_fn: LossFn, stack, head, x: jax.Ar
             if input_grad:
                 carry["loss"] = carry["loss"] + loss.astype(jnp.float32)
                 carry["d_head"] = jax.tree.map(jnp.add, carry["d_head"], grads[1])
-                carry["d_x"] = carry["d_x"].at[jnp.where((stage == 0) & (r == 0), mb, m)].set(grads[2],
-                                                                                              mode="drop")
                 carry["send_back"] = grads[2]
             return carry
 
@@ -223,7 +221,10 @@ def value_and_grad(apply_layer: LayerFn, loss_fn: LossFn, stack, head, x: jax.Ar
             if table.split_backward:
                 branches.append(partial(backward, weights_grad=True, input_grad=False))
             assert len(branches) - 1 == (WEIGHTS if table.split_backward else BACKWARD) and FORWARD == 1
-            return jax.lax.switch(kind, branches, carry, r, mb, slot, grad_slot), None
+            d_x = carry.pop("d_x")  # kept out of the switch, where XLA may copy it (on zb1p it did)
+            carry = jax.lax.switch(kind, branches, carry, r, mb, slot, grad_slot)
+            first = (kind == BACKWARD) & (stage == 0) & (r == 0)  # the model's input: its gradient is kept
+            return {**carry, "d_x": d_x.at[jnp.where(first, mb, m)].set(carry["send_back"], mode="drop")}, None
 
         carry = {"stash": jnp.zeros((table.stash_slots, *activation.shape), xs.dtype),
                  "grads": jnp.zeros((table.grad_slots, *activation.shape), xs.dtype),
