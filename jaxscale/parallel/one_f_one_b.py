@@ -14,18 +14,18 @@ so what a stage holds is its stash of chunk inputs: `plan.one_f_one_b_peak_stash
 
 zb1p (ZB-H1 of "Zero Bubble Pipeline Parallelism", Qi et al. 2023) splits the backward: BACKWARD takes the
 gradient of the chunk's input, which goes upstream at once, and WEIGHTS, later, the gradient of its weights,
-in ticks where 1F1B idles; the bubble falls from (p-1)/(m+p-1) to (p-1)/(3m+p-1) ticks. WEIGHTS recomputes
-the chunk's forward from the stashed input too, so a pending one holds the input and its incoming gradient,
-two activations, and the stash peaks at p, 1F1B's largest. The other way, BACKWARD keeping the chunk's vjp
-residuals for WEIGHTS, would save that recompute but hold every residual of the chunk's layers (attention
-included) per pending WEIGHTS: 129 activations against 2 for the tiny Llama chunk of
-experiments/pipeline_schedule_memory.py. Either way the weights' half is no cheap
-remainder: the chunk's layers run as a scan, and its transpose carries the gradient back through every layer
-to reach each layer's weights, so WEIGHTS costs about what the whole backward does and the split adds work.
-As every tick lasts as long as the costliest op any stage runs in it, zb1p's step costs more than 1F1B's
-here except at m close to p (BENCHMARKS.md, pipeline schedules). Its table, bubble and memory are the
-paper's; a faster step needs what this design lacks: ticks that cost each stage only its own op, and a
-weights' half without the recompute and the gradient chain.
+in ticks where 1F1B idles; the bubble falls from (p-1)/(m+p-1) to (p-1)/(3m+p-1) of the ticks. WEIGHTS
+recomputes the chunk's forward from the stashed input too, so a pending one holds the input and its incoming
+gradient, two activations, and the stash peaks at p, 1F1B's largest. The other way, BACKWARD keeping the
+chunk's vjp residuals for WEIGHTS, would save that recompute but hold every residual of the chunk's layers
+(attention included) per pending WEIGHTS: 129 activations against 2 for the tiny Llama chunk of
+experiments/pipeline_schedule_memory.py. Either way the weights' half is no cheap remainder: the chunk's
+layers run as a scan, and its transpose carries the gradient back through every layer to reach each layer's
+weights, so WEIGHTS costs about what the whole backward does and the split adds work. As every tick lasts as
+long as the costliest op any stage runs in it, zb1p's step costs more than 1F1B's here at every microbatch
+count measured, its smaller bubble outweighed by the added work (BENCHMARKS.md, pipeline schedules). Its
+table, bubble and memory are the paper's; a faster step needs what this design lacks: ticks that cost each
+stage only its own op, and a weights' half without the recompute and the gradient chain.
 
 Without a mesh the stages run as a `vmap` on one device (every branch computed, the table's choice kept),
 which is how the arithmetic is tested.
