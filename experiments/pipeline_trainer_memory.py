@@ -4,12 +4,14 @@ microbatch size: the whole step (embedding, output head, loss, AdamW update) as 
 
 The model is a tiny Llama (8 layers, d_model 64) at 256 tokens per row, microbatches of 2 rows, float32, so
 per-microbatch activations dominate what a stage holds. GPipe runs with train.remat=none (keeps every matmul
-output) and full; circular with full; 1F1B and interleaved 1F1B recompute each chunk in its backward whatever
-train.remat says.
+output) and full; circular with full; 1F1B, interleaved 1F1B and zb1p recompute each chunk in its backward
+whatever train.remat says.
 
-Usage: PYTHONPATH=$PWD python experiments/pipeline_trainer_memory.py   (prints a table; ~10 minutes on 2 cores)
+Usage: PYTHONPATH=$PWD python experiments/pipeline_trainer_memory.py [SCHEDULE ...]   (prints a table; ~12
+minutes on 2 cores; SCHEDULE: a pipeline.schedule, default all)
 """
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -20,10 +22,11 @@ from pipeline_schedule_memory import LAYERS, LENGTH, ROWS, STAGES, print_table  
 from jaxscale.config import Config, MeshConfig, TrainConfig  # noqa: E402
 from jaxscale.model import ModelConfig  # noqa: E402
 from jaxscale.parallel import PipelineConfig  # noqa: E402
+from jaxscale.parallel.plan import ONE_F_ONE_B_SCHEDULES  # noqa: E402
 from jaxscale.training import build_trainer  # noqa: E402
 
 CASES = (("gpipe", "none"), ("gpipe", "full"), ("circular", "full"), ("1f1b", "none"),
-         ("interleaved_1f1b", "none"))
+         ("interleaved_1f1b", "none"), ("zb1p", "none"))
 
 
 def temp_bytes(schedule: str, microbatches: int, remat: str) -> int:
@@ -41,8 +44,10 @@ def temp_bytes(schedule: str, microbatches: int, remat: str) -> int:
 
 
 def main():
-    print_table([(schedule, remat, 2 if schedule in ("circular", "interleaved_1f1b") else 1, "1f1b" in schedule)
-                 for schedule, remat in CASES], temp_bytes)
+    chosen = [case for case in CASES if case[0] in sys.argv[1:]] or CASES
+    print_table([(schedule, remat, 2 if schedule in ("circular", "interleaved_1f1b") else 1,
+                  schedule if schedule in ONE_F_ONE_B_SCHEDULES else None) for schedule, remat in chosen],
+                temp_bytes)
 
 
 if __name__ == "__main__":

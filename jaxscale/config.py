@@ -23,7 +23,7 @@ from jaxscale.model.run_source import RUN_PREFIX, resolve_run_init_from
 from jaxscale.observe.profile import ProfileConfig
 from jaxscale.observe.stragglers import StragglerConfig
 from jaxscale.observe.trackers import TrackingConfig
-from jaxscale.parallel.plan import ONE_F_ONE_B_SCHEDULES, PipelineConfig, one_f_one_b_table, plan_from_config
+from jaxscale.parallel.plan import ONE_F_ONE_B_SCHEDULES, PipelineConfig, plan_from_config, schedule_table
 from jaxscale.posttrain.config import PosttrainConfig
 from jaxscale.presets import KINDS, find_preset, known_presets
 from jaxscale.remat import parse_remat
@@ -517,7 +517,7 @@ def validate(config: Config, n_devices: int, builtin_model: bool = True) -> dict
         stages = sizes["pipeline"]
         plan = plan_from_config(config.pipeline, m.n_layers, stages)  # microbatches, layers against stages
         if config.pipeline.schedule in ONE_F_ONE_B_SCHEDULES:  # interleaved: microbatches against stages
-            one_f_one_b_table(stages, plan.microbatches, plan.repeats)
+            schedule_table(config.pipeline.schedule, stages, plan.microbatches, plan.repeats)
         rule = config.sharding.params.get("layers")
         if m.n_layers % stages and "pipeline" in (rule if isinstance(rule, list) else [rule]):
             raise ConfigError(f"model.n_layers={m.n_layers} does not split evenly over mesh.pipeline="

@@ -79,6 +79,7 @@ def test_describe_plan_shows_each_stages_layers_and_padding():
     table = describe_plan(plan_pipeline(8, stages=2, microbatches=4, repeats=2))
     assert table.splitlines()[2].split() == ["0", "4", "0", "0-1,", "4-5"]
     assert "2 stages (interleaved_1f1b, 2 repeats)" in describe_plan(plan_pipeline(8, 2, 4, 2), "interleaved_1f1b")
+    assert "bubble 7.7%" in describe_plan(plan_pipeline(8, 2, 4), "zb1p")  # (p - 1) / (3 m + p - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,6 +216,9 @@ SLOW_CASES = {
     "1f1b-uneven-6-layers-on-4-stages": ("llama", 6, dict(pipeline=4),
                                          PipelineConfig(schedule="1f1b", microbatches=4),
                                          dict(replicate_layers=True)),
+    "zb1p-p4": ("llama", 8, dict(pipeline=4), PipelineConfig(schedule="zb1p", microbatches=4), {}),
+    "zb1p-data2-p2-accumulation": ("gpt2", 8, dict(data=2, pipeline=2), PipelineConfig(schedule="zb1p", microbatches=4),
+                                   dict(microbatches=2)),
     "interleaved-1f1b-fsdp2-p2-3-repeats": ("llama", 6, dict(fsdp=2, pipeline=2),
                                             PipelineConfig(schedule="interleaved_1f1b", microbatches=4,
                                                            repeats=3), {}),

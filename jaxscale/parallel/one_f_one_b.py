@@ -1,26 +1,43 @@
-"""1F1B and interleaved 1F1B: each pipeline stage alternates one microbatch's forward with another's backward,
-so it holds the inputs of about `stages` microbatches at a time instead of all of them (GPipe, circular).
+"""1F1B, interleaved 1F1B and zb1p: each pipeline stage alternates one microbatch's forward with another's
+backward, so it holds the inputs of about `stages` microbatches at a time instead of all of them (GPipe,
+circular).
 
 The backward of a microbatch has to start before later microbatches have run forwards, so the loss must be
 taken per microbatch inside the schedule: `value_and_grad` takes the head (`loss_fn`, run on the model's last
 chunk) with the layer stack and returns the loss with the gradients of the stack, the head and the input, in
-one pass. It runs one SPMD program: a scan over the ticks of `plan.one_f_one_b_table`, in which every stage
-first receives what its neighbours sent in the previous tick (two collective-permutes, activations forward,
-gradients backward) and then runs its own op from the table, a forward, a backward or nothing, under
-`lax.switch` (on a mesh, inside `shard_map`, so a rank runs only its own branch). A backward recomputes its
-chunk's forward from the stashed input (`jax.vjp` of the chunk), as `train.remat=full` does, so what a stage
-holds is its stash of chunk inputs: `plan.one_f_one_b_peak_stash`.
+one pass. It runs one SPMD program: a scan over the ticks of a `plan.StepTable`, in which every stage first
+receives what its neighbours sent in the previous tick (two collective-permutes, activations forward,
+gradients backward) and then runs its own op from the table, a forward, a backward, a weights' gradient or
+nothing, under `lax.switch` (on a mesh, inside `shard_map`, so a rank runs only its own branch). A backward
+recomputes its chunk's forward from the stashed input (`jax.vjp` of the chunk), as `train.remat=full` does,
+so what a stage holds is its stash of chunk inputs: `plan.one_f_one_b_peak_stash`.
+
+zb1p (ZB-H1 of "Zero Bubble Pipeline Parallelism", Qi et al. 2023) splits the backward: BACKWARD takes the
+gradient of the chunk's input, which goes upstream at once, and WEIGHTS, later, the gradient of its weights,
+in ticks where 1F1B idles; the bubble falls from (p-1)/(m+p-1) to (p-1)/(3m+p-1) of the ticks. WEIGHTS
+recomputes the chunk's forward from the stashed input too, so a pending one holds the input and its incoming
+gradient, two activations, and the stash peaks at p, 1F1B's largest. The other way, BACKWARD keeping the
+chunk's vjp residuals for WEIGHTS, would save that recompute but hold every residual of the chunk's layers
+(attention included) per pending WEIGHTS: 129 activations against 2 for the tiny Llama chunk of
+experiments/pipeline_schedule_memory.py. Either way the weights' half is no cheap remainder: the chunk's
+layers run as a scan, and its transpose carries the gradient back through every layer to reach each layer's
+weights, so WEIGHTS costs about what the whole backward does and the split adds work. As every tick lasts as
+long as the costliest op any stage runs in it, zb1p's step costs more than 1F1B's here at every microbatch
+count measured, its smaller bubble outweighed by the added work (BENCHMARKS.md, pipeline schedules). Its
+table, bubble and memory are the paper's; a faster step needs what this design lacks: ticks that cost each
+stage only its own op, and a weights' half without the recompute and the gradient chain.
 
 Without a mesh the stages run as a `vmap` on one device (every branch computed, the table's choice kept),
 which is how the arithmetic is tested.
 
-The trainer reaches it through `run_layers_and_loss` (`pipeline.schedule=1f1b` or `interleaved_1f1b`): a
-`custom_vjp` whose forward runs the schedule and keeps the gradients, so the work before the layers (the
+The trainer reaches it through `run_layers_and_loss` (`pipeline.schedule=1f1b`, `interleaved_1f1b` or `zb1p`):
+a `custom_vjp` whose forward runs the schedule and keeps the gradients, so the work before the layers (the
 embedding) is differentiated as usual from the input's gradient.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +57,11 @@ from jaxscale.parallel.plan import (
     BACKWARD,
     FORWARD,
     ONE_F_ONE_B_SCHEDULES,
+    WEIGHTS,
     PipelineConfig,
     PipelinePlan,
     StepTable,
-    one_f_one_b_table,
+    schedule_table,
 )
 from jaxscale.sharding import activation_rules, current_activation_rules
 
@@ -62,7 +80,7 @@ def run_layers_and_loss(apply_layer: LayerFn, stack, x: jax.Array, segment_ids: 
                         head_loss: HeadLossFn, head, targets, *, remat: str = "none", unroll: int = 1,
                         settings: PipelineConfig | None = None) -> jax.Array:
     """head_loss(head, layers(x), targets): x through every layer of `stack` as `run_layers` runs it, then the
-    loss. Under a 1F1B schedule (`pipeline.schedule=1f1b` or `interleaved_1f1b` on a pipeline mesh) each
+    loss. Under a 1F1B schedule (`pipeline.schedule=1f1b`, `interleaved_1f1b` or `zb1p` on a pipeline mesh) each
     microbatch's loss is taken inside the schedule, on the last stage, so that its backward can start before
     the later microbatches' forwards; the value is then the mean of the microbatches' losses, equal to the
     whole batch's when `head_loss` is a mean over rows (microbatches have equal rows). `train.remat` and
@@ -75,17 +93,18 @@ def run_layers_and_loss(apply_layer: LayerFn, stack, x: jax.Array, segment_ids: 
         return head_loss(head, y, targets)
     mesh, rules = current_activation_rules()
     with activation_rules(mesh, stage_rules(rules)):
-        return pipelined_loss(apply_layer, head_loss, stack, head, x, segment_ids, targets, plan, mesh)
+        table = schedule_table(settings.schedule, plan.stages, plan.microbatches, plan.repeats)
+        return pipelined_loss(apply_layer, head_loss, stack, head, x, segment_ids, targets, plan, table, mesh)
 
 
 def pipelined_loss(apply_layer: LayerFn, head_loss: HeadLossFn, stack, head, x: jax.Array,
-                   segment_ids: jax.Array | None, targets, plan: PipelinePlan, mesh: Mesh | None) -> jax.Array:
+                   segment_ids: jax.Array | None, targets, plan: PipelinePlan, table: StepTable,
+                   mesh: Mesh | None) -> jax.Array:
     """The mean over microbatches of head_loss(head, layers(x_m), targets_m), differentiable in `stack`, `head`
     and `x`: differentiated, the 1F1B schedule (`value_and_grad`) runs forwards and backwards together and
     the gradients are kept for the backward pass, which only scales them by the incoming cotangent. Evaluated
     without a gradient, the layers run forward only, as GPipe (or circular, interleaved) runs them."""
     m = plan.microbatches
-    table = one_f_one_b_table(plan.stages, m, plan.repeats)
 
     def microbatch_loss(targets):
         split = jax.tree.map(lambda t: split_microbatches(t, m), targets)
@@ -151,28 +170,38 @@ def value_and_grad(apply_layer: LayerFn, loss_fn: LossFn, stack, head, x: jax.Ar
             carry["send"] = run_chunk(pick(weights, r), mask[r], x_in, seg)
             return carry
 
-        def backward(carry, r, mb, slot, grad_slot):
+        def backward(carry, r, mb, slot, grad_slot, *, weights_grad: bool, input_grad: bool):
+            """Chunk r's backward for microbatch mb, its forward recomputed from the stashed input: the
+            gradient of its weights (`weights_grad`), and of its input, the head and the loss (`input_grad`).
+            BACKWARD takes both, zb1p's BACKWARD the input's alone and its WEIGHTS the weights'."""
             x_in, w = carry["stash"][slot], pick(weights, r)
             seg = None if segments is None else segments[mb]
+            incoming = carry["grads"][jnp.maximum(grad_slot, 0)]
+            wrt = ((0,) if weights_grad else ()) + ((1, 2) if input_grad else ())  # of (weights, head, input)
 
-            def last_chunk(w, x_in, _):  # the model's last chunk: the loss is taken here
-                loss, (dw, dh, dx) = jax.value_and_grad(
-                    lambda w, h, x: loss_fn(h, run_chunk(w, mask[r], x, seg), mb), argnums=(0, 1, 2))(w, head, x_in)
-                return loss, dw, dh, dx
+            def pulled(f, cotangent):  # f(w, head, x_in) and its vjp in the arguments `wrt` names
+                def of(*chosen):
+                    return f(*(chosen[wrt.index(i)] if i in wrt else a for i, a in enumerate((w, head, x_in))))
 
-            def inner_chunk(w, x_in, incoming):
-                _, pull = jax.vjp(lambda w, x: run_chunk(w, mask[r], x, seg), w, x_in)
-                dw, dx = pull(incoming)
-                return jnp.zeros((), jnp.float32), dw, jax.tree.map(jnp.zeros_like, head), dx
+                out, pull = jax.vjp(of, *((w, head, x_in)[i] for i in wrt))
+                return out, dict(zip(wrt, pull(jnp.ones_like(out) if cotangent is None else cotangent)))
 
-            is_last = (stage == p - 1) & (r == v - 1)
-            loss, dw, dh, dx = jax.lax.cond(is_last, last_chunk, inner_chunk, w, x_in,
-                                            carry["grads"][jnp.maximum(grad_slot, 0)])
-            carry["loss"] = carry["loss"] + loss
-            carry["d_weights"] = jax.tree.map(lambda a, g: a.at[r].add(g), carry["d_weights"], dw)
-            carry["d_head"] = jax.tree.map(jnp.add, carry["d_head"], dh)
-            carry["d_x"] = carry["d_x"].at[jnp.where((stage == 0) & (r == 0), mb, m)].set(dx, mode="drop")
-            carry["send_back"] = dx
+            def last_chunk():  # the model's last chunk: the loss is taken here
+                return pulled(lambda w, h, x: loss_fn(h, run_chunk(w, mask[r], x, seg), mb), None)
+
+            def inner_chunk():  # the head is not used: zeros for its gradient
+                _, grads = pulled(lambda w, h, x: run_chunk(w, mask[r], x, seg), incoming)
+                if input_grad:
+                    grads[1] = jax.tree.map(jnp.zeros_like, head)
+                return jnp.zeros((), jnp.float32), grads
+
+            loss, grads = jax.lax.cond((stage == p - 1) & (r == v - 1), last_chunk, inner_chunk)
+            if weights_grad:
+                carry["d_weights"] = jax.tree.map(lambda a, g: a.at[r].add(g), carry["d_weights"], grads[0])
+            if input_grad:
+                carry["loss"] = carry["loss"] + loss.astype(jnp.float32)
+                carry["d_head"] = jax.tree.map(jnp.add, carry["d_head"], grads[1])
+                carry["send_back"] = grads[2]
             return carry
 
         def idle(carry, *_):
@@ -188,9 +217,14 @@ def value_and_grad(apply_layer: LayerFn, loss_fn: LossFn, stack, head, x: jax.Ar
                          received, mode="drop"),
                      "grads": carry["grads"].at[jnp.where(arriving_grad >= 0, arriving_grad, grad_slots)].set(
                          received_back, mode="drop")}
-            branches = [idle, forward, backward]
-            assert (branches.index(forward), branches.index(backward)) == (FORWARD, BACKWARD)
-            return jax.lax.switch(kind, branches, carry, r, mb, slot, grad_slot), None
+            branches = [idle, forward, partial(backward, weights_grad=not table.split_backward, input_grad=True)]
+            if table.split_backward:
+                branches.append(partial(backward, weights_grad=True, input_grad=False))
+            assert len(branches) - 1 == (WEIGHTS if table.split_backward else BACKWARD) and FORWARD == 1
+            d_x = carry.pop("d_x")  # kept out of the switch, where XLA may copy it (on zb1p it did)
+            carry = jax.lax.switch(kind, branches, carry, r, mb, slot, grad_slot)
+            first = (kind == BACKWARD) & (stage == 0) & (r == 0)  # the model's input: its gradient is kept
+            return {**carry, "d_x": d_x.at[jnp.where(first, mb, m)].set(carry["send_back"], mode="drop")}, None
 
         carry = {"stash": jnp.zeros((table.stash_slots, *activation.shape), xs.dtype),
                  "grads": jnp.zeros((table.grad_slots, *activation.shape), xs.dtype),

@@ -18,8 +18,8 @@ import numpy as np
 
 from jaxscale.errors import ConfigError
 
-SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved_1f1b")
-ONE_F_ONE_B_SCHEDULES = ("1f1b", "interleaved_1f1b")  # the loss runs inside them: `run_layers_and_loss`
+SCHEDULES = ("gpipe", "circular", "1f1b", "interleaved_1f1b", "zb1p")
+ONE_F_ONE_B_SCHEDULES = ("1f1b", "interleaved_1f1b", "zb1p")  # the loss runs inside them: `run_layers_and_loss`
 REPEATED_SCHEDULES = ("circular", "interleaved_1f1b")  # `repeats` layer chunks per stage
 
 
@@ -28,7 +28,8 @@ class PipelineConfig:
     """How the layer stack runs when mesh.pipeline > 1; ignored otherwise."""
 
     # gpipe: one block of layers per stage | circular: `repeats` blocks per stage | 1f1b: one block, each stage
-    # alternating forwards and backwards | interleaved_1f1b: 1f1b with `repeats` blocks per stage
+    # alternating forwards and backwards | interleaved_1f1b: 1f1b with `repeats` blocks per stage | zb1p: 1f1b
+    # with each backward split in two, the weights' gradient deferred into the ticks that would idle (ZB-H1)
     schedule: str = "gpipe"
     # Pieces each batch (each gradient-accumulation microbatch) is cut into; None: one per stage.
     microbatches: int | None = None
@@ -121,8 +122,9 @@ def describe_plan(plan: PipelinePlan, schedule: str | None = None) -> str:
     schedule = schedule or ("gpipe" if plan.repeats == 1 else "circular")
     if plan.repeats > 1:
         schedule += f", {plan.repeats} repeats"
+    bubble = zb1p_bubble(plan.stages, plan.microbatches) if schedule == "zb1p" else plan.bubble
     lines = [(f"pipeline: {plan.stages} stages ({schedule}), {plan.microbatches} microbatches, "
-              f"{plan.iterations} iterations{' (unrolled)' if plan.unrolled else ''}, bubble {plan.bubble:.1%}"),
+              f"{plan.iterations} iterations{' (unrolled)' if plan.unrolled else ''}, bubble {bubble:.1%}"),
              f"{'stage':>5}  {'layers':>6}  {'padding':>7}  layers it runs (model depth), a range per repeat"]
     for stage in range(plan.stages):
         chunks = [slots[r, stage][slots[r, stage] >= 0] for r in range(plan.repeats)]
@@ -135,31 +137,36 @@ def describe_plan(plan: PipelinePlan, schedule: str | None = None) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # 1F1B schedules: each stage alternates forwards and backwards, so it holds few activations at a time
 
-IDLE, FORWARD, BACKWARD = 0, 1, 2
+IDLE, FORWARD, BACKWARD, WEIGHTS = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
 class StepTable:
     """What each stage does in each tick of a 1F1B schedule, every array (ticks, stages). A tick runs one
-    chunk's forward or backward for one microbatch; what a tick produces reaches the neighbouring stage at the
-    start of the next. Chunk `repeat x stages + stage` is the one `plan.slot_layers()` places there.
+    chunk's forward, backward or weights' gradient for one microbatch; what a tick produces reaches the
+    neighbouring stage at the start of the next. Chunk `repeat x stages + stage` is the one
+    `plan.slot_layers()` places there.
 
-    A stage keeps each chunk input it receives in a stash slot until that chunk's backward has run (the
-    backward recomputes the chunk's forward from it), and each incoming gradient in a gradient slot until it
-    is used; slots are reused once free, so `stash_slots` is the stage's peak of inputs held."""
+    With `split_backward` (zb1p) a BACKWARD op yields only the gradient of the chunk's input, which goes
+    upstream at once, and a later WEIGHTS op the gradient of the chunk's weights; otherwise BACKWARD yields
+    both and there are no WEIGHTS ops. A stage keeps each chunk input it receives in a stash slot, and each
+    incoming gradient in a gradient slot, until the chunk's last op that needs it (BACKWARD, or WEIGHTS when
+    split: both recompute the chunk's forward from the input); slots are reused once free, so `stash_slots` is
+    the stage's peak of inputs held."""
 
     stages: int
     microbatches: int
     repeats: int
-    kind: np.ndarray  # IDLE, FORWARD or BACKWARD
+    kind: np.ndarray  # IDLE, FORWARD, BACKWARD or WEIGHTS
     repeat: np.ndarray  # which of the stage's chunks the op runs
     microbatch: np.ndarray
     slot: np.ndarray  # stash slot of the op's chunk input
-    grad_slot: np.ndarray  # BACKWARD: gradient slot of the incoming gradient; -1 on the model's last chunk
+    grad_slot: np.ndarray  # BACKWARD, WEIGHTS: gradient slot of the incoming gradient; -1 on the last chunk
     arriving_slot: np.ndarray  # stash slot for the activation arriving this tick, -1 if none
     arriving_grad_slot: np.ndarray  # gradient slot for the gradient arriving this tick, -1 if none
     stash_slots: int
     grad_slots: int
+    split_backward: bool = False
 
     @property
     def ticks(self) -> int:
@@ -167,7 +174,7 @@ class StepTable:
 
     @property
     def bubble(self) -> float:
-        """Share of stage-ticks spent idle (a forward and a backward taken to cost one tick each)."""
+        """Share of stage-ticks spent idle (every op taken to cost one tick)."""
         return float(np.mean(self.kind == IDLE))
 
     def peak_stash(self) -> np.ndarray:
@@ -175,11 +182,12 @@ class StepTable:
         held = np.zeros(self.stages, int)
         peak = np.zeros(self.stages, int)
         arrived = self.arriving_slot >= 0
+        last_use = WEIGHTS if self.split_backward else BACKWARD
         for t in range(self.ticks):
             first = (self.kind[t] == FORWARD) & (self.repeat[t] == 0)  # stage 0 takes chunk 0's input itself
             held += arrived[t] | (first & (np.arange(self.stages) == 0))
             peak = np.maximum(peak, held)
-            held -= self.kind[t] == BACKWARD
+            held -= self.kind[t] == last_use
         return peak
 
 
@@ -197,6 +205,21 @@ def one_f_one_b_peak_stash(stages: int, microbatches: int, repeats: int = 1) -> 
     held = [stages - s if repeats == 1 else 2 * (stages - s - 1) + (repeats - 1) * stages + 1
             for s in range(stages)]
     return [min(h + (s > 0), repeats * microbatches) for s, h in enumerate(held)]
+
+
+def zb1p_bubble(stages: int, microbatches: int) -> float:
+    """Idle share of zb1p, forward, input gradient and weights' gradient one tick each: (p-1)/(3m + p - 1).
+    Each stage idles p - 1 ticks, as in 1F1B, but of 3m + p - 1 instead of 2 (m + p - 1): the deferred
+    weights' gradients fill the drain, so the bubble is about a third of 1F1B's."""
+    return (stages - 1) / (3 * microbatches + stages - 1)
+
+
+def zb1p_peak_stash(stages: int, microbatches: int) -> list[int]:
+    """Chunk inputs each stage of zb1p holds at its peak: p on every stage, 1F1B's largest. Stage s runs its
+    weights' gradients s microbatches late, so it holds s inputs more than 1F1B's p - s (and no extra one for
+    the arriving input: it arrives after the oldest is freed). Each deferred weights' gradient also holds its
+    incoming gradient: p - 1 gradient slots against 1F1B's one."""
+    return [min(stages, microbatches)] * stages
 
 
 def _stage_order(stages: int, microbatches: int, repeats: int, stage: int) -> list[tuple[int, int, int]]:
@@ -220,6 +243,18 @@ def _stage_order(stages: int, microbatches: int, repeats: int, stage: int) -> li
     return order
 
 
+def _zb1p_stage_order(stages: int, microbatches: int, stage: int) -> list[tuple[int, int, int]]:
+    """1F1B's order with each backward followed by the weights' gradient of the microbatch `stage` backwards
+    earlier (ZB-H1): stage 0 runs each at once, the last stage p - 1 late, and the ones left over run at the
+    end, in the ticks where 1F1B waits for the last gradients to come back."""
+    order = []
+    for op in _stage_order(stages, microbatches, 1, stage):
+        order.append(op)
+        if op[0] == BACKWARD and op[2] >= stage:
+            order.append((WEIGHTS, 0, op[2] - stage))
+    return order + [(WEIGHTS, 0, mb) for mb in range(max(microbatches - stage, 0), microbatches)]
+
+
 def _allocate(intervals: list[tuple[int, int, tuple]]) -> tuple[dict, int]:
     """Slots for [start, end] tick intervals, a slot free again the tick after its end: key -> slot, count."""
     free_at: list[int] = []  # per slot, the first tick it is free
@@ -233,18 +268,42 @@ def _allocate(intervals: list[tuple[int, int, tuple]]) -> tuple[dict, int]:
     return slots, len(free_at)
 
 
+def _check_microbatches(stages: int, microbatches: int) -> None:
+    if microbatches < stages:
+        raise ConfigError(f"pipeline.microbatches={microbatches} is fewer than the {stages} pipeline stages "
+                          f"(mesh.pipeline); use pipeline.microbatches >= {stages}")
+
+
 def one_f_one_b_table(stages: int, microbatches: int, repeats: int = 1) -> StepTable:
     """The tick-by-tick table of 1F1B (repeats = 1) or interleaved 1F1B (repeats = v chunks per stage): each
     stage runs its ops in `_stage_order`'s order, each as soon as its inputs have arrived."""
     p, m, v = stages, microbatches, repeats
-    if m < p:
-        raise ConfigError(f"pipeline.microbatches={m} is fewer than the {p} pipeline stages (mesh.pipeline); "
-                          f"use pipeline.microbatches >= {p}")
+    _check_microbatches(p, m)
     if v > 1 and m % p:
         raise ConfigError(f"pipeline.microbatches={m} with the interleaved 1F1B schedule must be a multiple of "
                           f"the {p} pipeline stages (microbatches go round in groups of one per stage); use "
                           f"pipeline.microbatches={p * -(-m // p)}")
-    orders = [_stage_order(p, m, v, s) for s in range(p)]
+    return _table(p, m, v, [_stage_order(p, m, v, s) for s in range(p)])
+
+
+def zb1p_table(stages: int, microbatches: int) -> StepTable:
+    """The tick-by-tick table of zb1p: each stage runs its ops in `_zb1p_stage_order`'s order, each as soon as
+    its inputs have arrived."""
+    _check_microbatches(stages, microbatches)
+    return _table(stages, microbatches, 1, [_zb1p_stage_order(stages, microbatches, s)
+                                             for s in range(stages)])
+
+
+def schedule_table(schedule: str, stages: int, microbatches: int, repeats: int = 1) -> StepTable:
+    """The table of a schedule in ONE_F_ONE_B_SCHEDULES (repeats: interleaved_1f1b's chunks per stage)."""
+    if schedule == "zb1p":
+        return zb1p_table(stages, microbatches)
+    return one_f_one_b_table(stages, microbatches, repeats)
+
+
+def _table(p: int, m: int, v: int, orders: list[list[tuple[int, int, int]]]) -> StepTable:
+    """Runs each stage's `orders` (kind, repeat, microbatch) tick by tick, each op as soon as its inputs have
+    arrived, and gives the ops their stash and gradient slots."""
     done: dict[tuple[int, int, int, int], int] = {}  # (kind, stage, repeat, microbatch) -> tick it ran
 
     def ready(kind: int, s: int, r: int, mb: int, t: int) -> bool:
@@ -253,6 +312,8 @@ def one_f_one_b_table(stages: int, microbatches: int, repeats: int = 1) -> StepT
 
         if kind == FORWARD:  # the previous chunk's output: stage s - 1, or the last stage one repeat earlier
             return (s == 0 and r == 0) or before((FORWARD, s - 1, r, mb) if s else (FORWARD, p - 1, r - 1, mb))
+        if kind == WEIGHTS:
+            return before((BACKWARD, s, r, mb))
         if not before((FORWARD, s, r, mb)):
             return False  # the next chunk's gradient, unless this is the model's last chunk
         return (s == p - 1 and r == v - 1) or before((BACKWARD, s + 1, r, mb) if s < p - 1
@@ -272,14 +333,16 @@ def one_f_one_b_table(stages: int, microbatches: int, repeats: int = 1) -> StepT
                 position[s] += 1
         rows.append(row)
         t += 1
-        if t > 4 * (v * m + p) * 2:
-            raise AssertionError("1F1B schedule does not make progress")  # an error in _stage_order
+        if t > 4 * (v * m + p) * 3:
+            raise AssertionError("pipeline schedule does not make progress")  # an error in the stage order
     table = np.array(rows)  # (ticks, stages, 3)
     return _with_slots(p, m, v, table, done)
 
 
 def _with_slots(p: int, m: int, v: int, table: np.ndarray, done: dict) -> StepTable:
     ticks = table.shape[0]
+    split = any(key[0] == WEIGHTS for key in done)
+    last_use = WEIGHTS if split else BACKWARD  # the input and the gradient are held until then
     stash, grads = [], []
     for s in range(p):
         for r in range(v):
@@ -288,10 +351,10 @@ def _with_slots(p: int, m: int, v: int, table: np.ndarray, done: dict) -> StepTa
                     arrive = done[(FORWARD, 0, 0, mb)]  # the input is read at the forward itself
                 else:
                     arrive = done[(FORWARD, s - 1, r, mb) if s else (FORWARD, p - 1, r - 1, mb)] + 1
-                stash.append((arrive, done[(BACKWARD, s, r, mb)], (s, r, mb)))
+                stash.append((arrive, done[(last_use, s, r, mb)], (s, r, mb)))
                 if not (s == p - 1 and r == v - 1):
                     source = (BACKWARD, s + 1, r, mb) if s < p - 1 else (BACKWARD, 0, r + 1, mb)
-                    grads.append((done[source] + 1, done[(BACKWARD, s, r, mb)], (s, r, mb)))
+                    grads.append((done[source] + 1, done[(last_use, s, r, mb)], (s, r, mb)))
     slots, grad_slots = {}, {}
     stash_count = grad_count = 0
     for s in range(p):  # slots are per stage
@@ -315,6 +378,6 @@ def _with_slots(p: int, m: int, v: int, table: np.ndarray, done: dict) -> StepTa
             kind, r, mb = table[t, s]
             if kind != IDLE:
                 slot[t, s] = slots[(s, r, mb)]
-                grad_slot[t, s] = grad_slots.get((s, r, mb), -1) if kind == BACKWARD else -1
+                grad_slot[t, s] = grad_slots.get((s, r, mb), -1) if kind in (BACKWARD, WEIGHTS) else -1
     return StepTable(p, m, v, table[..., 0], table[..., 1], table[..., 2], slot, grad_slot, arriving,
-                     arriving_grad, stash_count, max(grad_count, 1))
+                     arriving_grad, stash_count, max(grad_count, 1), split)
