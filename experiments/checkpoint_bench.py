@@ -32,8 +32,9 @@ from jaxscale.training.trainer import run_info
 TINY = ["model.seq_len=32", "model.n_layers=1", "model.d_model=32", "train.batch_size=8", "mesh.data=-1"]
 
 
-def directory_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def directory_bytes(path) -> int:
+    """Bytes under a local directory (the store's paths are epath paths, whose glob refuses `**`)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def bench_model(experiment: str, overrides: list[str], *, save_every: int, windows: int,
