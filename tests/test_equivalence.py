@@ -53,6 +53,7 @@ def test_tolerance_is_small_against_what_training_moves():
     assert min(jax.tree.leaves(moved)) > 10 * PARAM_ATOL
 
 
+@pytest.mark.slow
 def test_gradients_summed_in_the_compute_dtype():
     """train.grad_reduce_dtype=compute differentiates a compute-dtype copy of the parameters. With float32
     compute that changes nothing; with bf16 compute the result stays within bf16 rounding of the float32

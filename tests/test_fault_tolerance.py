@@ -116,7 +116,7 @@ def test_a_run_killed_at_a_random_step_continues_to_the_same_bits(tmp_path, kill
     assert [row["step"] for row in events(run_dir, "resume")] == [newest]
 
 
-@pytest.mark.parametrize("devices", [4, 1])
+@pytest.mark.parametrize("devices", [pytest.param(4, marks=pytest.mark.slow), 1])
 def test_a_run_killed_on_8_devices_continues_on_fewer_with_the_same_loss_curve(tmp_path, devices, killed_run,
                                                                                reference):
     run_dir = copy_run(killed_run, tmp_path)

@@ -15,7 +15,7 @@ def losses(run_dir) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row}
 
 
-@pytest.mark.parametrize("mesh", [{"tensor": 2}, {"pipeline": 2}])
+@pytest.mark.parametrize("mesh", [pytest.param({"tensor": 2}, marks=pytest.mark.slow), {"pipeline": 2}])
 def test_a_model_parallel_axis_across_two_processes_trains_as_one_process(tmp_path, mesh):
     sets = [f"train.steps={STEPS}", "mesh.data=1", *(f"mesh.{axis}={size}" for axis, size in mesh.items()),
             "model.n_layers=2", "pipeline.microbatches=2"]
