@@ -47,7 +47,10 @@ class Tiles:
 
 
 # Tiles measured fastest per head size (`experiments/attention_kernels.py --sweep`); others take Tiles().
-TILES_BY_HEAD_DIM: dict[int, Tiles] = {}
+TILES_BY_HEAD_DIM: dict[int, Tiles] = {
+    128: Tiles(forward=(64, 64), dkv=(64, 128), dq=(128, 64), warps=4, stages=3, backward_warps=8,
+               backward_stages=3),  # H200, Llama 3.2 3B attention shape (BENCHMARKS.md)
+}
 
 
 def tiles_for(head_dim: int) -> Tiles:
