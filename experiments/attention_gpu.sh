@@ -8,7 +8,8 @@
 # Every step has a timeout taken from one deadline (BUDGET_S, default 560 s), so the summary always prints. The
 # faster masked kernel at 1B is written to $BEST_FILE (default /tmp/best_attention) for a later call to use.
 # SHAPES (default "1b 8k 3b") picks the benches; KERNELS (default "pallas cudnn") the masked kernels at 1B and 8k;
-# TESTS=0 skips the GPU tests; SWEEP=0 the kernel microbenchmark.
+# KERNELS_3B (default: the faster at 1B) the masked kernels at 3B; REMAT_3B (default: none on cards of 100 GB or
+# more, else dots) its remat policy; TESTS=0 skips the GPU tests; SWEEP=0 the kernel microbenchmark.
 set -u
 OUT=${OUT:-/tmp/attention_gpu}
 BUDGET=${BUDGET_S:-560}
@@ -48,12 +49,12 @@ if has "$SHAPES" 8k; then
   bench 8k-off 100 false auto "${EIGHT_K[@]}"
   for kernel in $KERNELS; do bench "8k-$kernel" 100 true "$kernel" "${EIGHT_K[@]}"; done
 fi
-if [ "$GPU_MIB" -ge 100000 ]; then REMAT=none; else REMAT=dots; fi
+if [ "$GPU_MIB" -ge 100000 ]; then REMAT=${REMAT_3B:-none}; else REMAT=${REMAT_3B:-dots}; fi
 THREE_B=(--set model.d_model=3072 --set model.n_layers=28 --set model.n_heads=24 --set train.batch_size=4
          --set train.scan_unroll=28 --set train.remat=$REMAT)
 if has "$SHAPES" 3b; then
   bench 3b-off 110 false auto "${THREE_B[@]}"
-  bench "3b-$BEST" 110 true "$BEST" "${THREE_B[@]}"
+  for kernel in ${KERNELS_3B:-$BEST}; do bench "3b-$kernel" 110 true "$kernel" "${THREE_B[@]}"; done
 fi
 if [ "${SWEEP:-1}" = 1 ]; then
   step kernels 120 python experiments/attention_kernels.py --layouts corpus --tilings t128x64 --shapes 1b-2k,1b-8k
