@@ -19,7 +19,8 @@
 #
 # Knobs (environment): OUT, MT_BUDGET_S, PY (python), MT_SITE (install dir), JS3B_REMAT (jaxscale 3B remat:
 # default none on >= 100 GB cards, dots on 80 GB cards), MT_STEPS_1B / MT_STEPS_3B (MaxText steps, 40 / 30),
-# JS_WINDOWS (jaxscale timed windows of 10 steps, 3), MT_CPU_TEST=1 (tiny shapes on the CPU, to test the script).
+# JS_WINDOWS (jaxscale timed windows of 10 steps, 3), MT_CPU_TEST=1 (tiny shapes on the CPU, to test the script),
+# MT_LONG=1 (instead: the 1B shape at 8k, 16k and 32k tokens a row; LONG_SEQS, LONG_TOKENS, JS_LONG_REMAT, MT_REMAT).
 set -u
 ROOT=$(pwd)
 MT=$(cd "$(dirname "$0")" && pwd)
@@ -146,7 +147,7 @@ maxtext() {  # NAME CAP MODEL CONFIG(minimal|gpurecipe) STEPS SHAPE...
   if [ "$config" = gpurecipe ]; then
     flags=$RECIPE_XLA_FLAGS; remat=minimal_with_context; extra="use_iota_embed=true"
   else
-    flags=$DEFAULT_XLA_FLAGS; remat=minimal; extra=""
+    flags=$DEFAULT_XLA_FLAGS; remat=${MT_REMAT:-minimal}; extra=""
   fi
   [ "$HW" = cpu ] && flags=$DEFAULT_XLA_FLAGS
   run "$name" "$cap" "prog=maxtext config=$config remat=$remat $(shape_header "$model" "$@")" -- \
@@ -159,6 +160,28 @@ maxtext() {  # NAME CAP MODEL CONFIG(minimal|gpurecipe) STEPS SHAPE...
       base_num_decoder_layers="$L" vocab_size="$V" max_target_length="$T" per_device_batch_size="$B" \
       scan_layers=false remat_policy="$remat" $extra
 }
+
+if [ "${MT_LONG:-0}" = 1 ]; then
+  # Long context (issue 36, item 5): Llama 3.2 1B at 8k, 16k and 32k tokens a row, LONG_TOKENS a step (32,768:
+  # batch 4, 2, 1); jaxscale with remat JS_LONG_REMAT (default dots), MaxText with MT_REMAT (default minimal;
+  # `full` where minimal does not fit). Each pair shares a third of the budget.
+  read -r L d hq hkv hd ff V _ _ <<< "$SHAPE_1B"
+  TOKENS=${LONG_TOKENS:-32768}
+  LONG_SEQS=${LONG_SEQS:-8192 16384 32768}
+  [ "$HW" = cpu ] && { TOKENS=256; LONG_SEQS="64 128"; }
+  n=$(echo $LONG_SEQS | wc -w)
+  for T in $LONG_SEQS; do
+    B=$((TOKENS / T)); k=$([ "$T" -ge 1024 ] && echo $((T / 1024))k || echo "$T"); share=$(( (BUDGET - SECONDS - RESERVE) / n / 2 ))
+    jaxscale "js-1b-$k" "$share" "1b-$k" "${JS_LONG_REMAT:-dots}" $L $d $hq $hkv $hd $ff $V $T $B
+    share=$(( (BUDGET - SECONDS - RESERVE) / n ))
+    maxtext "mt-1b-$k" "$share" "1b-$k" minimal "$MT_STEPS_1B" $L $d $hq $hkv $hd $ff $V $T $B
+    n=$((n - 1))
+  done
+  say ""
+  say "== results, long context ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), total ${SECONDS} s)"
+  "$PY" "$MT/summarize.py" "$OUTDIR"/js-1b-[0-9]*.log "$OUTDIR"/mt-1b-[0-9]*.log 2>&1 | tee -a "$SUM"
+  exit 0
+fi
 
 if [ -z "${MT_ONLY_3B:-}" ]; then
 jaxscale js-1b              150 1b none                     $SHAPE_1B
