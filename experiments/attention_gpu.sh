@@ -64,7 +64,7 @@ if [ "${SWEEP:-1}" = 1 ]; then
   grep "^|" "$OUT/kernels.log"
 fi
 
-[ "${PROFILE:-0}" = 1 ] && grep -h -A8 "ms per step from the first kernel" "$OUT"/*.log | cut -c1-160
+[ "${PROFILE:-0}" = 1 ] && grep -A8 "ms per step from the first kernel" "$OUT"/*.log | sed "s|^$OUT/||" | cut -c1-170
 python - "$OUT" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
