@@ -9,8 +9,8 @@
 # faster masked kernel at 1B is written to $BEST_FILE (default /tmp/best_attention) for a later call to use.
 # SHAPES (default "1b 8k 3b") picks the benches; KERNELS (default "pallas cudnn") the masked kernels at 1B and 8k;
 # KERNELS_3B (default: the faster at 1B) the masked kernels at 3B; REMAT_3B (default: none on cards of 100 GB or
-# more, else dots) its remat policy; TESTS=0 skips the GPU tests; SWEEP=0 the kernel microbenchmark; PROFILE=1
-# traces 3 steps of each bench and prints where their device time went.
+# more, else dots) its remat policy; TESTS=0 skips the GPU tests; SWEEP=0 the kernel microbenchmark; PROFILE (run names,
+# e.g. "1b-off 1b-pallas") traces 3 steps of those benches and prints where their device time went.
 set -u
 OUT=${OUT:-/tmp/attention_gpu}
 BUDGET=${BUDGET_S:-560}
@@ -28,7 +28,7 @@ LLAMA=(--set model.preset=llama-1b --set model.vocab_size=128256 --set model.tie
 bench() {  # NAME CAP MASKING ATTENTION EXTRA...
   local name=$1 cap=$2 masking=$3 kernel=$4; shift 4
   local profile=()
-  [ "${PROFILE:-0}" = 1 ] && profile=(--profile "/tmp/profile-$name" --profile-steps 3)
+  has "${PROFILE:-}" "$name" && profile=(--profile "/tmp/profile-$name" --profile-steps 3)
   step "$name" "$cap" python -m jaxscale.cli bench "${LLAMA[@]}" --set data.document_masking="$masking" \
     --set model.attention="$kernel" "$@" "${profile[@]}" --out "$OUT/$name.json"
 }
@@ -64,7 +64,7 @@ if [ "${SWEEP:-1}" = 1 ]; then
   grep "^|" "$OUT/kernels.log"
 fi
 
-[ "${PROFILE:-0}" = 1 ] && grep -A8 "ms per step from the first kernel" "$OUT"/*.log | sed "s|^$OUT/||" | cut -c1-170
+[ -n "${PROFILE:-}" ] && grep -A8 "ms per step from the first kernel" "$OUT"/*.log | sed "s|^$OUT/||" | cut -c1-170
 python - "$OUT" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
