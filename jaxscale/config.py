@@ -23,7 +23,13 @@ from jaxscale.model.run_source import RUN_PREFIX, resolve_run_init_from
 from jaxscale.observe.profile import ProfileConfig
 from jaxscale.observe.stragglers import StragglerConfig
 from jaxscale.observe.trackers import TrackingConfig
-from jaxscale.parallel.plan import ONE_F_ONE_B_SCHEDULES, PipelineConfig, plan_from_config, schedule_table
+from jaxscale.parallel.plan import (
+    ONE_F_ONE_B_SCHEDULES,
+    REPEATED_SCHEDULES,
+    PipelineConfig,
+    plan_from_config,
+    schedule_table,
+)
 from jaxscale.posttrain.config import PosttrainConfig
 from jaxscale.presets import KINDS, find_preset, known_presets
 from jaxscale.remat import parse_remat
@@ -501,7 +507,7 @@ def validate(config: Config, n_devices: int, builtin_model: bool = True) -> dict
                 raise ConfigError(f"{name}={count} is not divisible by mesh.tensor={sizes['tensor']}; "
                                   f"choose a tensor size that divides it")
         if m.moe is not None:
-            m.moe.check_mesh(sizes)
+            m.moe.check_mesh(sizes, config.pipeline.schedule)
         if sizes["context"] > 1 and m.seq_len % (2 * sizes["context"]):
             raise ConfigError(f"model.seq_len={m.seq_len} must be a multiple of 2 x mesh.context = "
                               f"{2 * sizes['context']}: each context rank holds two of 2 x context equal chunks")
@@ -515,14 +521,23 @@ def validate(config: Config, n_devices: int, builtin_model: bool = True) -> dict
                           f"try train.batch_size={shards * t.microbatches * max(1, t.batch_size // (shards * t.microbatches))}")
     if sizes["pipeline"] > 1 and builtin_model:
         stages = sizes["pipeline"]
-        plan = plan_from_config(config.pipeline, m.n_layers, stages)  # microbatches, layers against stages
+        staged, layers = m.staged_layers, f"model.n_layers={m.n_layers}"
+        if staged != m.n_layers:  # a mixture of experts is staged in groups of moe.every layers
+            layers = f"{layers} in groups of model.moe.every={m.moe.every} ({staged} groups)"
+            chunks = stages * (config.pipeline.repeats if config.pipeline.schedule in REPEATED_SCHEDULES else 1)
+            if staged < chunks:
+                raise ConfigError(f"{layers} are fewer than the {chunks} layer chunks of mesh.pipeline="
+                                  f"{stages} and pipeline.schedule={config.pipeline.schedule}; use more layers, "
+                                  f"a smaller model.moe.every or fewer stages")
+        plan = plan_from_config(config.pipeline, staged, stages)  # microbatches, layers against stages
         if config.pipeline.schedule in ONE_F_ONE_B_SCHEDULES:  # interleaved: microbatches against stages
             schedule_table(config.pipeline.schedule, stages, plan.microbatches, plan.repeats)
         rule = config.sharding.params.get("layers")
-        if m.n_layers % stages and "pipeline" in (rule if isinstance(rule, list) else [rule]):
-            raise ConfigError(f"model.n_layers={m.n_layers} does not split evenly over mesh.pipeline="
+        if staged % stages and "pipeline" in (rule if isinstance(rule, list) else [rule]):
+            raise ConfigError(f"{layers} does not split evenly over mesh.pipeline="
                               f"{stages}, so sharding.params.layers={rule!r} cannot shard the stacked layer "
-                              f"weights; choose n_layers divisible by {stages}, or set "
+                              f"weights; choose {'n_layers' if staged == m.n_layers else 'n_layers / moe.every'} "
+                              f"divisible by {stages}, or set "
                               f"sharding.params.layers=null (every pipeline rank then keeps all layers; the "
                               f"stages still split the work)")
         rows = t.batch_size // (shards * t.microbatches)  # per batch shard and accumulation step

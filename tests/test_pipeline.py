@@ -135,6 +135,39 @@ def test_schedule_matches_a_plain_scan(n_layers, stages, microbatches, repeats, 
         np.testing.assert_allclose(grads[name], expected[name], atol=1e-5 * scale, err_msg=name)
 
 
+@pytest.mark.parametrize("stages,microbatches,repeats", [(2, 4, 1), (2, 2, 2)])  # 5 layers: padding slots
+def test_schedule_carries_totals_beside_the_activations(stages, microbatches, repeats):
+    """x as a pair (activations, totals): every microbatch starts from the given totals, each layer adds a
+    mean over the microbatch's rows, and the schedule returns the microbatches' totals averaged, the whole
+    batch's. The objective is nonlinear in the totals, so a sum or a single microbatch's would not match the
+    plain scan's value and gradients."""
+    keys = jax.random.split(jax.random.key(2), 2)
+    stack = {"w": 0.5 * jax.random.normal(keys[0], (5, 8, 8))}
+    x = jax.random.normal(keys[1], (8, 4, 8))
+    start = (x, {"square": jnp.ones(()), "per_feature": jnp.zeros((8,))})
+
+    def apply_layer(carry, p, _):
+        x, totals = carry
+        y = jnp.tanh(x @ p["w"])
+        return y, {"square": totals["square"] + jnp.mean(y ** 2),
+                   "per_feature": totals["per_feature"] + jnp.mean(y, axis=(0, 1))}
+
+    def objective(layers):
+        def f(stack):
+            y, totals = layers(stack)
+            return jnp.sum(jnp.sin(y)) + totals["square"] ** 2 + jnp.sum(totals["per_feature"] ** 2), totals
+
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(stack)
+
+    plan = plan_pipeline(5, stages, microbatches, repeats)
+    (value, totals), grads = objective(lambda s: pipelined_layers(apply_layer, s, start, None, plan))
+    (want, want_totals), want_grads = objective(
+        lambda s: jax.lax.scan(lambda carry, p: (apply_layer(carry, p, None), None), start, s)[0])
+    np.testing.assert_allclose(value, want, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), totals, want_totals)
+    np.testing.assert_allclose(grads["w"], want_grads["w"], atol=1e-5 * float(jnp.max(jnp.abs(want_grads["w"]))))
+
+
 def test_unrolled_schedule_compiles_without_loops():
     """pipeline.unroll writes the iterations out (with the chunk's layers unrolled too, no loop is left), so
     nothing is stacked per iteration; the looped schedule keeps its loop."""

@@ -114,6 +114,12 @@ class ModelConfig:
     def moe_layers(self) -> int:
         return self.n_layers // self.moe.every if self.moe else 0
 
+    @property
+    def staged_layers(self) -> int:
+        """The units a pipeline deals out to its stages: layers, or with a mixture of experts the groups of
+        moe.every layers that end in one with experts (the layer stack is scanned over those)."""
+        return self.moe_layers if self.moe else self.n_layers
+
     def _mlp(self, width: int) -> int:
         return (3 if self.style == "llama" else 2) * self.d_model * width
 

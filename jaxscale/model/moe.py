@@ -31,7 +31,8 @@ def moe_weights(style: str) -> tuple[str, ...]:
 
 @jax.custom_vjp
 def steer_bias(y: jax.Array, bias: jax.Array, load: jax.Array) -> jax.Array:
-    """y unchanged; the bias's gradient becomes BIAS_SCALE x sign(load - even load)."""
+    """y unchanged; the bias's gradient becomes BIAS_SCALE x sign(load - even load). bias and load: (experts,),
+    or (layers, experts) for every layer's at once."""
     return y
 
 
@@ -41,7 +42,7 @@ def _steer_forward(y, bias, load):
 
 def _steer_backward(residuals, gradient):
     bias, load = residuals
-    direction = BIAS_SCALE * jnp.sign(load - jnp.mean(load))
+    direction = BIAS_SCALE * jnp.sign(load - jnp.mean(load, axis=-1, keepdims=True))
     return gradient, direction.astype(bias.dtype), jnp.zeros_like(load)
 
 
@@ -61,21 +62,49 @@ def shared_mlp(style: str, w: dict[str, jax.Array], h: jax.Array) -> jax.Array:
 
 def moe_mlp(cfg: ModelConfig, w: dict[str, jax.Array], h: jax.Array, dtype) -> tuple[jax.Array, dict]:
     """The mixture-of-experts output for the feed-forward input h (batch, length, embed), and the layer's
-    routing statistics. `w` holds this layer's slice of each of `moe_weights`; the router works in float32."""
+    routing statistics. `w` holds this layer's slice of each of `moe_weights`; the router works in float32.
+    The bias update is attached for all layers at once, from their totals (`steer_biases`)."""
     m = cfg.moe
     experts = {name: w[name].astype(dtype) for name in EXPERT_WEIGHTS[cfg.style]}
     y, stats = routed_experts(m, cfg.style, h, w["router"], w["router_bias"], experts)
-    if m.bias_update_rate:
-        y = steer_bias(y, w["router_bias"], stats["load"])
     if m.shared_experts:
         y = y + shared_mlp(cfg.style, {k: w[k].astype(dtype) for k in SHARED_WEIGHTS[cfg.style]}, h)
     return constrain(y, ("batch", "length", "embed")), stats
 
 
-def no_stats(moe: MoEConfig) -> dict:
-    """Zero routing statistics, to sum the layers' into."""
-    return {"load": jnp.zeros((moe.experts,), jnp.float32), "aux_loss": jnp.zeros((), jnp.float32),
-            "z_loss": jnp.zeros((), jnp.float32), "dropped": jnp.zeros((), jnp.float32)}
+def no_stats(moe: MoEConfig, layers: int) -> dict:
+    """Zero routing totals of `layers` mixture-of-experts layers, to add each layer's into (`add_layer_stats`).
+
+    Every entry is a mean over the batch's tokens, so that a pipeline can take each microbatch's and average
+    them (`jaxscale.parallel.run_layers`). The balance loss is not: it multiplies two such means, each
+    expert's token share and mean router probability, so both are kept per layer, (layers, experts), and the
+    product is taken from the whole batch's (`layer_means`)."""
+    per_layer = jnp.zeros((layers, moe.experts), jnp.float32)
+    return {"load": per_layer, "probs": per_layer, "z_loss": jnp.zeros((), jnp.float32),
+            "dropped": jnp.zeros((), jnp.float32)}
+
+
+def add_layer_stats(totals: dict, layer_stats: dict, slot: jax.Array) -> dict:
+    """totals plus one layer's routing statistics; `slot` (layers,) is one-hot at that layer's place."""
+    return {"load": totals["load"] + slot[:, None] * layer_stats["load"],
+            "probs": totals["probs"] + slot[:, None] * layer_stats["probs"],
+            "z_loss": totals["z_loss"] + layer_stats["z_loss"],
+            "dropped": totals["dropped"] + layer_stats["dropped"]}
+
+
+def layer_means(totals: dict, moe: MoEConfig) -> dict:
+    """The totals of every layer as means over the layers: each expert's share of the routed tokens (load), the
+    balance loss (aux_loss), the router z-loss and the dropped share."""
+    layers = totals["load"].shape[0]
+    return {"load": jnp.mean(totals["load"], axis=0),
+            "aux_loss": moe.experts * jnp.sum(totals["load"] * totals["probs"]) / layers,
+            "z_loss": totals["z_loss"] / layers, "dropped": totals["dropped"] / layers}
+
+
+def steer_biases(moe: MoEConfig, x: jax.Array, biases: jax.Array, totals: dict) -> jax.Array:
+    """x unchanged; with the bias update on, every layer's router bias (layers, experts) gets its direction from
+    that layer's load over the whole batch (`steer_bias`)."""
+    return steer_bias(x, biases, totals["load"]) if moe.bias_update_rate else x
 
 
 def moe_objective(loss: jax.Array, stats: dict, moe: MoEConfig, name: str = "cross_entropy"

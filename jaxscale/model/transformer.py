@@ -21,7 +21,15 @@ from jaxscale.kernels.gelu import bias_gelu
 from jaxscale.kernels.norm import norm
 from jaxscale.model.config import ModelConfig
 from jaxscale.model.embedding import embedding_lookup
-from jaxscale.model.moe import SHARED_WEIGHTS, moe_mlp, moe_weights, no_stats
+from jaxscale.model.moe import (
+    SHARED_WEIGHTS,
+    add_layer_stats,
+    layer_means,
+    moe_mlp,
+    moe_weights,
+    no_stats,
+    steer_biases,
+)
 from jaxscale.parallel import PipelineConfig, run_layers, run_layers_and_loss
 from jaxscale.parallel.context import balanced_order, context_attention, context_ranks
 from jaxscale.parallel.experts import EXPERT_WEIGHTS
@@ -43,6 +51,7 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], 
 
 DENSE_MLP_WEIGHTS = ("w_in", "b_in", "w_out", "b_out", "w_gate", "w_up", "w_down")
 OUTPUT_WEIGHTS = ("expert_out", "expert_down")  # scaled down with depth, as the dense w_out / w_down
+GROUP_SLOT = "group_slot"  # not a weight: travels with a mixture of experts' layer groups (Transformer.forward)
 
 
 class Blocks(nnx.Module):
@@ -183,12 +192,11 @@ def layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, se
     return constrain(x, ("batch", "length", "embed"))
 
 
-def layer_group(cfg: ModelConfig, p: dict[str, jax.Array], carry, positions, segment_ids, dtype,
-                matmul_dtype: str = "compute"):
-    """cfg.moe.every layers, the last of them with experts, on carry (x, summed routing statistics). `p` holds
-    the group's slice of every stack: per-layer weights (every, ...), dense MLPs (every - 1, ...) and the
-    experts' (1, ...)."""
-    x, stats = carry
+def layer_group(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, positions, segment_ids, dtype,
+                matmul_dtype: str = "compute") -> tuple[jax.Array, dict]:
+    """cfg.moe.every layers, the last of them with experts: (x after them, the routing statistics of their
+    mixture-of-experts layer). `p` holds the group's slice of every stack: per-layer weights (every, ...),
+    dense MLPs (every - 1, ...) and the experts' (1, ...)."""
     every, own = cfg.moe.every, moe_weights(cfg.style)
     per_layer = {k: v for k, v in p.items() if k not in own and k not in DENSE_MLP_WEIGHTS}
     for j in range(every):
@@ -199,9 +207,8 @@ def layer_group(cfg: ModelConfig, p: dict[str, jax.Array], carry, positions, seg
             w = cast({k: v[j] for k, v in p.items() if k in DENSE_MLP_WEIGHTS}, dtype)
             x = x + dense_mlp(cfg, w, h, matmul_dtype) + w.get("b_out", 0)
         else:
-            y, layer_stats = moe_mlp(cfg, {k: v[0] for k, v in p.items() if k in own}, h, dtype)
+            y, stats = moe_mlp(cfg, {k: v[0] for k, v in p.items() if k in own}, h, dtype)
             x = x + y
-            stats = jax.tree.map(jnp.add, stats, layer_stats)
         x = constrain(x, ("batch", "length", "embed"))
     return x, stats
 
@@ -247,17 +254,12 @@ class Transformer(nnx.Module):
         if cfg.moe is None:
             x = run_layers(layer_fn(cfg, positions, compute_dtype, matmul_dtype), stack, x, segment_ids,
                            remat=remat, unroll=scan_unroll, settings=pipeline)
-        else:  # the scan runs over groups of moe.every layers; every stack splits evenly into them
-            groups = cfg.moe_layers
-            grouped = {k: v.reshape(groups, v.shape[0] // groups, *v.shape[1:]) for k, v in stack.items()}
-
-            def apply_group(carry, group_params, segment_ids):
-                rows = jnp.broadcast_to(positions, carry[0].shape[:2])
-                return layer_group(cfg, group_params, carry, rows, segment_ids, compute_dtype, matmul_dtype)
-
-            x, sums = run_layers(apply_group, grouped, (x, no_stats(cfg.moe)), segment_ids, remat=remat,
-                                 unroll=scan_unroll, settings=pipeline)
-            stats = jax.tree.map(lambda s: s / groups, sums)
+        else:  # the scan (or pipeline) runs over groups of moe.every layers, carrying the routing totals
+            x, totals = run_layers(group_fn(cfg, positions, compute_dtype, matmul_dtype), grouped_stack(cfg, stack),
+                                   (x, no_stats(cfg.moe, cfg.moe_layers)), segment_ids, remat=remat,
+                                   unroll=scan_unroll, settings=pipeline)
+            x = steer_biases(cfg.moe, x, stack["router_bias"], totals)
+            stats = layer_means(totals, cfg.moe)
         return output_logits(cfg, self.head_weights(), x, order, compute_dtype), stats
 
     def next_token_loss(self, tokens: jax.Array, targets: jax.Array, segment_ids: jax.Array | None = None, *,
@@ -319,6 +321,28 @@ def layer_fn(cfg: ModelConfig, positions: jax.Array, dtype, matmul_dtype: str = 
                      matmul_dtype)
 
     return apply_layer
+
+
+def grouped_stack(cfg: ModelConfig, stack: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """A mixture of experts' stacked weights as groups of moe.every layers (every stack splits evenly into
+    them), with each group's place among them (GROUP_SLOT, one-hot): where its statistics go in the totals."""
+    groups = cfg.moe_layers
+    grouped = {k: v.reshape(groups, v.shape[0] // groups, *v.shape[1:]) for k, v in stack.items()}
+    return {**grouped, GROUP_SLOT: jnp.eye(groups, dtype=jnp.float32)}
+
+
+def group_fn(cfg: ModelConfig, positions: jax.Array, dtype, matmul_dtype: str = "compute"):
+    """The layer function `run_layers` takes for a mixture of experts: one group of `grouped_stack` on the
+    carry (x, routing totals (`jaxscale.model.moe.no_stats`)), whose totals get the group's statistics."""
+
+    def apply_group(carry, group_params, segment_ids):
+        x, totals = carry
+        weights = {k: v for k, v in group_params.items() if k != GROUP_SLOT}
+        rows = jnp.broadcast_to(positions, x.shape[:2])
+        x, layer_stats = layer_group(cfg, weights, x, rows, segment_ids, dtype, matmul_dtype)
+        return x, add_layer_stats(totals, layer_stats, group_params[GROUP_SLOT])
+
+    return apply_group
 
 
 def output_logits(cfg: ModelConfig, head: dict[str, jax.Array], x: jax.Array, order, compute_dtype) -> jax.Array:

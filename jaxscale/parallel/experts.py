@@ -10,8 +10,9 @@ gates. It runs inside `jax.shard_map` over the whole mesh: tokens split as the a
 batch and length, each expert's hidden width split as they split `mlp` (partial outputs summed there), the
 rest of the experts' weights gathered at the boundary as FSDP gathers any weight.
 
-The statistics (each expert's share of the routed tokens, the mean router probabilities, the router z-loss,
-the dropped share) are means over all tokens of the step, the same whatever the layout.
+The statistics (each expert's share of the routed tokens, the mean router probabilities, the balance loss made
+of those two, the router z-loss, the dropped share) are means over all tokens of the call, the same whatever
+the layout.
 """
 from __future__ import annotations
 
@@ -145,6 +146,7 @@ def _statistics(axes: ExpertAxes, logits, choice, probs, kept, experts: int) -> 
     share, mean_probs = _mean(share, axes.tokens), _mean(jnp.mean(probs, axis=0), axes.tokens)
     return {
         "load": share,
+        "probs": mean_probs,
         "aux_loss": experts * jnp.sum(share * mean_probs),
         "z_loss": _mean(jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2), axes.tokens),
         "dropped": 1 - _mean(jnp.mean(kept.astype(jnp.float32)), axes.tokens),
@@ -174,8 +176,7 @@ def routed_experts(moe: MoEConfig, style: str, x: jax.Array, router: jax.Array, 
     def on_device(x, router, bias, weights):
         return routed_on_device(moe, style, axes, x, router, bias, weights)
 
-    stats_spec = {"load": PartitionSpec(), "aux_loss": PartitionSpec(), "z_loss": PartitionSpec(),
-                  "dropped": PartitionSpec()}
+    stats_spec = dict.fromkeys(("load", "probs", "aux_loss", "z_loss", "dropped"), PartitionSpec())
     return jax.shard_map(on_device, mesh=mesh,
                          in_specs=(token_spec, PartitionSpec(), PartitionSpec(), {k: weight_spec for k in weights}),
                          out_specs=(token_spec, stats_spec))(x, router, bias, weights)

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 from jaxscale.errors import ConfigError, check_range
+from jaxscale.parallel.plan import ONE_F_ONE_B_SCHEDULES
 
 
 @dataclass
@@ -20,9 +21,10 @@ class MoEConfig:
     shared_experts: int = 0
     every: int = 1
     d_ff: int | None = None  # each expert's hidden width; None: model.d_ff
-    # Slots per expert for each device's tokens, as a multiple of an even share (tokens x top_k / experts);
-    # tokens past them are dropped (the residual carries them on). 0: dropless, every expert has room for
-    # all of a device's tokens (the buffers are then experts / top_k times an even share).
+    # Slots per expert for each device's tokens (of one pipeline microbatch on a pipeline mesh), as a multiple
+    # of an even share (tokens x top_k / experts); tokens past them are dropped (the residual carries them
+    # on). 0: dropless, every expert has room for all of a device's tokens (the buffers are then
+    # experts / top_k times an even share).
     capacity_factor: float = 0.0
     # Dropless only: sort the (token, choice) rows by expert and run the experts as grouped matmuls
     # (jax.lax.ragged_dot) over exactly those rows, instead of buffers with room for every token per expert.
@@ -58,8 +60,8 @@ class MoEConfig:
                               f"every {self.every}-th layer is a mixture of experts; choose an every that "
                               f"divides {n_layers}")
 
-    def check_mesh(self, sizes: dict[str, int]) -> None:
-        """The experts against the mesh axis sizes."""
+    def check_mesh(self, sizes: dict[str, int], schedule: str = "gpipe") -> None:
+        """The experts against the mesh axis sizes and, on a pipeline mesh, its `schedule` (pipeline.schedule)."""
         if self.experts % sizes["expert"]:
             raise ConfigError(f"model.moe.experts={self.experts} does not split evenly over mesh.expert="
                               f"{sizes['expert']}; choose an expert axis size that divides {self.experts}")
@@ -70,10 +72,12 @@ class MoEConfig:
             raise ConfigError(f"model.moe.grouped_matmul=true with mesh.expert={sizes['expert']}: the grouped "
                               f"matmuls run with every expert on one rank; use mesh.expert=1 or "
                               f"grouped_matmul=false")
-        if sizes["pipeline"] > 1:
-            raise ConfigError("model.moe with mesh.pipeline > 1 is not supported yet: the experts' all-to-all "
-                              "runs outside pipeline stages; use mesh.pipeline=1 (split over mesh.expert, "
-                              "fsdp and tensor instead)")
+        if sizes["pipeline"] > 1 and schedule in ONE_F_ONE_B_SCHEDULES:
+            raise ConfigError(f"model.moe with pipeline.schedule={schedule} is not supported: the balance loss, "
+                              f"the router bias update and the routing metrics need each expert's load over the "
+                              f"whole batch, and {schedule} starts the first microbatches' backwards before the "
+                              f"last ones have been routed; use pipeline.schedule=gpipe or circular (with "
+                              f"train.remat to save activation memory)")
 
     def capacity(self, tokens: int) -> int:
         """Slots per expert for `tokens` tokens (those of one device)."""

@@ -20,6 +20,10 @@ stage s in iteration q + s. A microbatch leaves the last stage in iteration q + 
 stage 0 for its next repeat in iteration q + microbatches, which needs microbatches >= stages. The schedule
 runs repeats x microbatches + stages - 1 iterations; stages with nothing to do compute on stale data whose
 result is never used (SPMD: every rank runs the same program).
+
+The layers may also carry totals beside the activations (`run_layers`), e.g. a mixture of experts' routing
+statistics: they travel in buffers of their own alongside `state` and `stream`, each microbatch with its own,
+and come out averaged over the microbatches.
 """
 from __future__ import annotations
 
@@ -39,8 +43,9 @@ from jaxscale.trace_notes import note
 STATE_AXES = ("stage", "batch", "length", "embed")  # cut to the activation's rank, (batch, length) or (batch,)
 STREAM_AXES = ("stage", None, "batch", "length", "embed")
 
-# apply_layer(x, layer_params, segment_ids) -> x: one layer on one microbatch.
-LayerFn = Callable[[jax.Array, dict, "jax.Array | None"], jax.Array]
+# apply_layer(x, layer_params, segment_ids) -> x: one layer on one microbatch. x is the activations, or a pair
+# (activations, totals) (`run_layers`).
+LayerFn = Callable[[object, dict, "jax.Array | None"], object]
 
 
 def active_plan(n_layers: int, settings: PipelineConfig | None) -> PipelinePlan | None:
@@ -59,13 +64,18 @@ def active_plan(n_layers: int, settings: PipelineConfig | None) -> PipelinePlan 
     return plan_from_config(settings, n_layers, stages)
 
 
-def run_layers(apply_layer: LayerFn, stack, x: jax.Array, segment_ids: jax.Array | None = None, *,
-               remat: str = "none", unroll: int = 1, settings: PipelineConfig | None = None) -> jax.Array:
+def run_layers(apply_layer: LayerFn, stack, x, segment_ids: jax.Array | None = None, *,
+               remat: str = "none", unroll: int = 1, settings: PipelineConfig | None = None):
     """x through every layer of `stack` (a pytree of weights stacked over a leading `layers` dimension, e.g.
     the state of an `nnx.vmap`-made module): a scan over the layers, or, on a mesh whose pipeline axis is > 1,
     pipeline stages scheduled as `settings` (the run's `config.pipeline`, needed there) say. `apply_layer(x,
     layer, segment_ids)` runs one layer; `remat` is a train.remat policy name. This is how a model of one's own
-    is staged."""
+    is staged.
+
+    x is the activations (batch, ...), or a pair (activations, totals) that each layer returns updated:
+    `totals` a pytree of statistics the layers add to, each a mean over the batch's rows (e.g. routing
+    statistics). Pipelined, every microbatch starts from the given totals and the result is the mean of the
+    microbatches' own, which is the whole batch's (the microbatches have equal rows)."""
     n_layers = jax.tree.leaves(stack)[0].shape[0]
     plan = active_plan(n_layers, settings)
     schedule = settings.schedule if settings is not None else None
@@ -165,10 +175,10 @@ def stage_remat_policy(remat: str, unrolled: bool):
     return dots_and_attention_saveable
 
 
-def pipelined_layers(apply_layer: LayerFn, stack, x: jax.Array,
-                     segment_ids: jax.Array | None, plan: PipelinePlan, remat: str = "none",
-                     unroll: int = 1) -> jax.Array:
-    """x (batch, ...) through every layer of `stack`, pipelined: the same result as scanning them.
+def pipelined_layers(apply_layer: LayerFn, stack, x, segment_ids: jax.Array | None, plan: PipelinePlan,
+                     remat: str = "none", unroll: int = 1):
+    """x (batch, ...), or (activations, totals) as `run_layers` takes them, through every layer of `stack`,
+    pipelined: the same result as scanning them.
     `remat` (train.remat) applies to each iteration of all stages, see `stage_remat_policy`; `unroll`
     (train.scan_unroll) is how many of a chunk's layers each step of its loop runs.
 
@@ -181,33 +191,46 @@ def pipelined_layers(apply_layer: LayerFn, stack, x: jax.Array,
     mesh, rules = context
     with activation_rules(mesh, stage_rules(rules)):
         y = run_schedule(apply_layer, stack, x, segment_ids, plan, remat, unroll, mesh)
-    return constrain(y, STATE_AXES[1:x.ndim + 1])
+    if isinstance(y, tuple):
+        return constrain(y[0], STATE_AXES[1:y[0].ndim + 1]), y[1]
+    return constrain(y, STATE_AXES[1:y.ndim + 1])
 
 
-def run_schedule(apply_layer: LayerFn, stack, x: jax.Array,
-                 segment_ids: jax.Array | None, plan: PipelinePlan, remat: str, unroll: int,
-                 mesh: Mesh | None) -> jax.Array:
+def run_schedule(apply_layer: LayerFn, stack, x, segment_ids: jax.Array | None, plan: PipelinePlan,
+                 remat: str, unroll: int, mesh: Mesh | None):
+    pair = isinstance(x, tuple)  # (activations, totals), see run_layers
+    activations, totals = x if pair else (x, None)
     stages, repeats, count = plan.stages, plan.repeats, plan.microbatches
-    if x.shape[0] % count:
-        raise ValueError(f"a batch of {x.shape[0]} rows does not split into {count} pipeline microbatches")
-    stage = jnp.arange(stages)
-    on_stage0 = (stage == 0).reshape(stages, *[1] * x.ndim)  # broadcasts against the (stages, ...) buffer
+    if activations.shape[0] % count:
+        raise ValueError(f"a batch of {activations.shape[0]} rows does not split into {count} pipeline "
+                         f"microbatches")
+    step = apply_layer if pair else (lambda flow, p, seg: (apply_layer(flow[0], p, seg), None))
+
+    def on_stage0(leaf):  # broadcasts against a (stages, ...) leaf
+        return (jnp.arange(stages) == 0).reshape(stages, *[1] * (leaf.ndim - 1))
+
+    def where_stage0(cond, new, old):  # leaf by leaf: stage 0's rows from `new` where `cond`, else `old`
+        return jax.tree.map(lambda a, b: jnp.where(on_stage0(b) & cond, a, b), new, old)
+
     weights = jax.tree.map(lambda w: by_stage(w, plan, mesh), stack)
     real = jnp.asarray(plan.slot_layers().swapaxes(0, 1) >= 0)  # (stages, repeats, layers per chunk)
     segments = None if segment_ids is None else split_microbatches(segment_ids, count)
 
-    inputs = split_microbatches(x, count)
-    state_axes, stream_axes = STATE_AXES[:x.ndim + 1], STREAM_AXES[:x.ndim + 2]
-    stream = constrain(jnp.where(on_stage0[:, None], inputs[None], jnp.zeros_like(inputs)[None]), stream_axes)
-    state = constrain(jnp.zeros((stages, *inputs.shape[1:]), x.dtype), state_axes)
+    # Each microbatch's activations and its own totals, which start where the given ones are.
+    inputs = (split_microbatches(activations, count),
+              jax.tree.map(lambda t: jnp.broadcast_to(t, (count, *jnp.shape(t))), totals))
+    stream = constrain_flow(where_stage0(True, jax.tree.map(lambda a: a[None], inputs),
+                                         jax.tree.map(lambda a: jnp.zeros((stages, *a.shape), a.dtype), inputs)),
+                            STREAM_AXES)
+    state = constrain_flow(jax.tree.map(lambda a: jnp.zeros((stages, *a.shape[1:]), a.dtype), inputs), STATE_AXES)
 
-    def run_chunk(w, real, x, seg):  # one stage: its chunk's layers in order; padding slots leave x as it was
-        def body(x, slot):
+    def run_chunk(w, real, flow, seg):  # one stage: its chunk's layers in order; padding slots leave it as it was
+        def body(flow, slot):
             p, is_real = slot
-            y = apply_layer(x, p, seg)
-            return (jnp.where(is_real, y, x) if plan.padded else y), None
+            out = step(flow, p, seg)
+            return (jax.tree.map(lambda y, x: jnp.where(is_real, y, x), out, flow) if plan.padded else out), None
 
-        return jax.lax.scan(body, x, (w, real), unroll=unroll)[0]
+        return jax.lax.scan(body, flow, (w, real), unroll=unroll)[0]
 
     def run_stages(state, repeat, seg):
         if repeats == 1:
@@ -223,17 +246,18 @@ def run_schedule(apply_layer: LayerFn, stack, x: jax.Array,
 
     def iteration(carry, i):  # i: a traced loop counter, or a Python int when unrolled
         state, stream = carry
-        starting = jax.lax.dynamic_index_in_dim(stream, i % count, 1, keepdims=False)
-        state = jnp.where(on_stage0 & (i < repeats * count), starting, state)
-        position = i - stage  # each stage's place in the stream of (repeat, microbatch)
+        starting = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i % count, 1, keepdims=False), stream)
+        state = where_stage0(i < repeats * count, starting, state)
+        position = i - jnp.arange(stages)  # each stage's place in the stream of (repeat, microbatch)
         seg = None if segments is None else segments[position % count]
-        out = run_stages(constrain(state, state_axes), jnp.clip(position // count, 0, repeats - 1), seg)
-        state = constrain(next_stage(out), state_axes)  # stage s -> s + 1; the last stage -> stage 0
+        out = run_stages(constrain_flow(state, STATE_AXES), jnp.clip(position // count, 0, repeats - 1), seg)
+        state = constrain_flow(jax.tree.map(next_stage, out), STATE_AXES)  # stage s -> s + 1; the last -> 0
         arrived = i + 1 - stages  # stream position of what the last stage just handed to stage 0
         slot = arrived % count
-        kept = jax.lax.dynamic_index_in_dim(stream, slot, 1, keepdims=False)
-        kept = jnp.where(on_stage0 & (arrived >= 0), state, kept)
-        return (state, jax.lax.dynamic_update_index_in_dim(stream, kept, slot, 1)), None
+        kept = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, slot, 1, keepdims=False), stream)
+        kept = where_stage0(arrived >= 0, state, kept)
+        return (state, jax.tree.map(lambda a, k: jax.lax.dynamic_update_index_in_dim(a, k, slot, 1),
+                                    stream, kept)), None
 
     carry = (state, stream)
     if plan.unrolled:  # straight-line code: no loop buffers, and the index arithmetic is static
@@ -241,7 +265,17 @@ def run_schedule(apply_layer: LayerFn, stack, x: jax.Array,
             carry, _ = iteration(carry, i)
     else:
         carry, _ = jax.lax.scan(iteration, carry, jnp.arange(plan.iterations))
-    stream = carry[1]
     # Stage 0's results, taken as a sum over stages of which all but stage 0's are zeroed: a reduce-scatter
     # that can leave each rank its own rows, where indexing stage 0 would gather the whole buffer first.
-    return merge_microbatches(jnp.sum(jnp.where(on_stage0[:, None], stream, 0), axis=0, dtype=stream.dtype))
+    results = jax.tree.map(lambda a: jnp.sum(jnp.where(on_stage0(a), a, 0), axis=0, dtype=a.dtype), carry[1])
+    outputs = merge_microbatches(results[0])
+    # Each microbatch's totals are means over its rows; the microbatches have equal rows.
+    return (outputs, jax.tree.map(lambda t: jnp.mean(t, axis=0), results[1])) if pair else outputs
+
+
+def constrain_flow(flow, axes: tuple[str | None, ...]):
+    """(activations, totals) in a stage buffer: the activations as `axes` (STATE_AXES or STREAM_AXES) cut to
+    their rank say, the totals with only the stage dimension over the pipeline ranks."""
+    activations, totals = flow
+    return (constrain(activations, axes[:activations.ndim]),
+            jax.tree.map(lambda t: constrain(t, ("stage",) + (None,) * (t.ndim - 1)), totals))

@@ -369,8 +369,10 @@ def start_run_dir(config: Config, trainer: Trainer, dataset, builtin: bool) -> e
     if trainer.plan.elastic_note:
         log.info(trainer.plan.elastic_note)
     if trainer.mesh.shape["pipeline"] > 1:
-        log.info("%s", describe_plan(plan_from_config(config.pipeline, config.model.n_layers,
-                                                      trainer.mesh.shape["pipeline"]), config.pipeline.schedule))
+        plan = plan_from_config(config.pipeline, config.model.staged_layers, trainer.mesh.shape["pipeline"])
+        log.info("%s", describe_plan(plan, config.pipeline.schedule))
+        if config.model.staged_layers != config.model.n_layers:
+            log.info("pipeline: the table counts groups of model.moe.every=%d layers", config.model.moe.every)
     return run_dir
 
 
