@@ -9,7 +9,7 @@
 # faster masked kernel at 1B is written to $BEST_FILE (default /tmp/best_attention) for a later call to use.
 # SHAPES (default "1b 8k 3b") picks the benches; KERNELS (default "pallas cudnn") the masked kernels at 1B and 8k;
 # KERNELS_3B (default: the faster at 1B) the masked kernels at 3B; REMAT_3B (default: none on cards of 100 GB or
-# more, else dots) its remat policy; TESTS=0 skips the GPU tests; SWEEP=0 the kernel microbenchmark; PROFILE (run names,
+# more, else dots) its remat policy; TESTS=0 skips the GPU tests (TEST_FILTER: their -k, default gpu); SWEEP=0 the kernel microbenchmark; PROFILE (run names,
 # e.g. "1b-off 1b-pallas") traces 3 steps of those benches and prints where their device time went.
 set -u
 OUT=${OUT:-/tmp/attention_gpu}
@@ -20,7 +20,7 @@ source "$(dirname "$0")/gpu_steps.sh"
 SHAPES=${SHAPES:-1b 8k 3b}
 KERNELS=${KERNELS:-pallas cudnn}
 has() { [[ " $1 " == *" $2 "* ]]; }
-[ "${TESTS:-1}" = 1 ] && step gpu_tests 100 python -m pytest -q tests/test_attention.py -k gpu -p no:cacheprovider
+[ "${TESTS:-1}" = 1 ] && step gpu_tests 100 python -m pytest -q tests/test_attention.py -k "${TEST_FILTER:-gpu}" -p no:cacheprovider
 [ "${TESTS:-1}" = 1 ] && tail -4 "$OUT/gpu_tests.log"
 
 LLAMA=(--set model.preset=llama-1b --set model.vocab_size=128256 --set model.tie_embeddings=true
