@@ -3,7 +3,8 @@
 # parameters, on the current GPU (for BENCHMARKS.md; not yet run: written while no GPU was lent).
 # Each expert is half the dense MLP's width (model.moe.d_ff=2048), so a token's two experts hold exactly the dense
 # model's MLP parameters and MFU counts the same FLOPs per token (active parameters) for all three runs.
-# Usage: bash experiments/moe_vs_dense_gpu.sh [OUT_DIR]   (one GPU; prints a table last)
+# Usage: bash experiments/moe_vs_dense_gpu.sh [OUT_DIR]   (one GPU; prints a table last; BENCH_ARGS: more flags
+# for jaxscale bench, e.g. "--windows 3")
 set -u
 out=${1:-${OUT:-/tmp/moe_vs_dense}}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -12,7 +13,7 @@ python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__versi
 moe="--set model.moe.experts=8 --set model.moe.top_k=2 --set model.moe.d_ff=2048"
 run() {  # name, extra arguments of jaxscale bench
   local name=$1; shift
-  python3 -m jaxscale.cli bench gpt2-350m --set train.batch_size=16 "$@" > "$out/$name.log" 2>&1
+  python3 -m jaxscale.cli bench gpt2-350m --set train.batch_size=16 ${BENCH_ARGS:-} "$@" > "$out/$name.log" 2>&1
   grep '^{' "$out/$name.log" | tail -1 > "$out/$name.json" || echo "{\"failed\": \"$name\"}" > "$out/$name.json"
 }
 run dense
