@@ -3,12 +3,14 @@ import json
 import subprocess
 import sys
 
+import pytest
 from fault_helpers import REPO, environment
 
 KEYS = {"params_m", "state_gb", "checkpoint_gb", "step_s", "step_s_in_save_windows", "stall_s_per_save",
         "stall_s_per_step", "stall_fraction", "save_blocking_s", "save_s", "restore_s"}
 
 
+@pytest.mark.slow
 def test_the_checkpoint_benchmark_prints_one_json_line_with_stall_and_restore_times(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "experiments" / "checkpoint_bench.py"), "--tiny",
                              "--windows", "2", "--save-every", "3", "--dir", str(tmp_path / "checkpoints")],

@@ -17,6 +17,7 @@ def run_cli(args, tmp_path, devices=8):
     return subprocess.run(CLI + args, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_train_on_a_mixed_mesh_writes_metrics_and_the_loss_falls(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(["train", "--set", "mesh=cpu-8", "--set", "train.steps=30", "--set", "train.log_every=5",

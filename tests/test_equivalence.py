@@ -24,7 +24,11 @@ LAYOUTS = {
 }
 
 
-CASES = [(style, layout) for style in ("gpt2", "llama") for layout in LAYOUTS
+# The default suite keeps the mixed layout of each style and one tensor-parallel llama; the single-axis layouts
+# run with -m slow.
+DEFAULT_CASES = {("gpt2", "data2-fsdp2-tensor2"), ("llama", "data2-fsdp2-tensor2"), ("llama", "tensor2")}
+CASES = [pytest.param(style, layout, marks=() if (style, layout) in DEFAULT_CASES else pytest.mark.slow)
+         for style in ("gpt2", "llama") for layout in LAYOUTS
          if not (style == "llama" and layout == "tensor4")]  # tiny-llama has 2 KV heads: tensor=4 is refused
 
 
@@ -35,7 +39,7 @@ def test_layout_matches_single_device(style, layout):
     assert_same(run(make_config(style, mesh), jax.devices()[:n]), reference(style))
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
+@pytest.mark.parametrize("style", [pytest.param("gpt2", marks=pytest.mark.slow), "llama"])
 def test_gradient_accumulation_matches_full_batch(style):
     assert_same(run(make_config(style, {}, microbatches=4), jax.devices()[:1]), reference(style))
 

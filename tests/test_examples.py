@@ -16,7 +16,7 @@ def example(name: str):
     return module
 
 
-@pytest.mark.parametrize("linen", [False, True])
+@pytest.mark.parametrize("linen", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_digits_classifier_learns_on_a_mixed_mesh(tmp_path, linen):
     out = example("digits").main(["--steps", "60", "--run-dir", str(tmp_path)] + (["--linen"] if linen else []))
     assert out["accuracy"] > 0.6  # 10 classes; ~0.9 by 100 steps, 97% at the default 300

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jaxscale.config import GuardsConfig, load_config
 from jaxscale.data import build_dataset
@@ -66,6 +67,7 @@ def test_an_early_high_loss_is_not_a_spike_before_the_window_is_full():
         assert int(state.skip_reason) == 0
 
 
+@pytest.mark.slow
 def test_a_run_whose_updates_keep_being_skipped_stops_with_exit_code_3_and_keeps_its_checkpoint(tmp_path, capsys):
     """learning_rate=1e6: the loss turns NaN within a few steps and every later update is skipped. The run stops
     at guards.max_consecutive_skips with exit code 3 and a `diverged` event; the newest checkpoint is a good one."""

@@ -177,6 +177,7 @@ NAN_SETTINGS = ["mesh=cpu-8", "train.steps=30", "checkpoint.every_steps=10", "ch
                 f"guards.inject_nan_at_step={NAN_AT}"]
 
 
+@pytest.mark.slow
 def test_an_injected_nan_is_skipped_or_rolled_back_and_never_saved(tmp_path):
     runs = {}
     for policy in ("skip", "rollback"):

@@ -131,6 +131,7 @@ def test_a_preempted_runs_summary_counts_every_step_it_trained(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["tokens"] == saved * 16 * 32
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_run_directory_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, capsys):
     import signal
 
@@ -156,6 +157,7 @@ def test_a_second_run_on_a_busy_run_directory_is_refused_and_a_killed_holder_lea
     assert main(["train", *cli_args([*settings[:-2], "train.steps=8", "checkpoint.every_steps=5"])]) == 0
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_batch_size_continues_at_the_example_it_had_reached(tmp_path):
     """6 steps of 16 rows, then 2 of 32: the resumed run reads rows 96-159, none skipped or repeated, and says
     so with a warning and an event row."""
@@ -184,6 +186,7 @@ def test_a_resume_with_another_batch_size_continues_at_the_example_it_had_reache
         np.testing.assert_array_equal(resumed[key], np.concatenate([ds.batch(6, 16)[key], ds.batch(7, 16)[key]]))
 
 
+@pytest.mark.slow
 def test_training_a_finished_run_again_returns_its_recorded_metrics(tmp_path):
     """Rerunning a notebook cell: the run is complete, nothing trains, and the result holds the recorded rows."""
     from fault_helpers import TINY

@@ -404,6 +404,7 @@ def test_any_block_of_a_fused_parameter_reads_as_the_whole(name):
     assert len({str(s.index) for s in again["blocks"]["wqkv"].addressable_shards}) == 8
 
 
+@pytest.mark.slow
 def test_jaxscale_train_fine_tunes_from_the_imported_weights(tmp_path):
     """The training loop starts from model.init_from: its first loss is the imported model's on that batch, not
     a randomly initialized model's."""

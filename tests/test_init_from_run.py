@@ -38,6 +38,7 @@ def fine_tune_overrides(spec: str, chat: str, run_dir) -> list[str]:
             "train.progress=false", f"run_dir={run_dir}"]
 
 
+@pytest.mark.slow
 def test_the_run_starts_from_the_newest_checkpoints_parameters_with_fresh_optimizer_state(pretrained, chat,
                                                                                           tmp_path):
     run_dir, params = pretrained

@@ -47,6 +47,7 @@ def test_training_with_the_kernels_matches_one_device_without(style, layout, mon
     assert set(traced) == expected_kernels
 
 
+@pytest.mark.slow
 def test_kernels_under_full_remat_and_gradient_accumulation(monkeypatch):
     expected = reference("gpt2")
     traced = kernels_forced_on(monkeypatch)

@@ -18,6 +18,7 @@ def strict_json(line: str):
     return json.loads(line, parse_constant=refuse)
 
 
+@pytest.mark.slow
 def test_a_run_with_a_nan_step_writes_only_strict_json_and_reads_back_its_nan(tmp_path):
     run_dir = tmp_path / "run"
     config = load_config(None, [f"run_dir={run_dir}", "model.preset=tiny", "train.steps=4", "train.batch_size=8",

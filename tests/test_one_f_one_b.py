@@ -166,7 +166,7 @@ def check_against_a_plain_scan(n_layers, stages, microbatches, repeats, mesh=Non
 
 
 @pytest.mark.parametrize("n_layers,stages,microbatches,repeats", [
-    (6, 3, 4, 1),  # 1F1B
+    pytest.param(6, 3, 4, 1, marks=pytest.mark.slow),  # 1F1B (on a pipeline mesh below)
     (6, 2, 4, 2),  # interleaved, with a padding slot
     pytest.param(6, 4, 8, 1, marks=pytest.mark.slow),  # padding: stages of 2, 2, 1, 1 layers
     pytest.param(6, 2, 4, 3, marks=pytest.mark.slow),  # interleaved, 3 chunks per stage

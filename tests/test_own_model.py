@@ -189,7 +189,8 @@ STACKED_RULES = ["sharding.params.hidden_in=null", "sharding.params.layers=pipel
 @pytest.mark.parametrize("schedule", [["pipeline.schedule=gpipe"],
                                       ["pipeline.schedule=circular", "pipeline.repeats=2"],
                                       ["pipeline.schedule=1f1b"],
-                                      ["pipeline.schedule=interleaved_1f1b", "pipeline.repeats=2"],
+                                      pytest.param(["pipeline.schedule=interleaved_1f1b", "pipeline.repeats=2"],
+                                                   marks=pytest.mark.slow),
                                       pytest.param(["pipeline.schedule=zb1p"], marks=pytest.mark.slow)])
 def test_a_user_model_with_stacked_blocks_is_staged_by_the_pipeline(schedule):
     """GPipe and circular with the model's own loss on its output; 1F1B and zb1p with its loss in

@@ -215,18 +215,18 @@ def circular(microbatches: int, repeats: int = 2) -> PipelineConfig:
 
 
 # name: style, layers, mesh, pipeline settings, extra settings
-CASES = {
+CASES = {  # the default suite's; SLOW_CASES run with -m slow
+    "data2-tensor2-p2-circular-uneven": ("llama", 6, dict(data=2, tensor=2, pipeline=2), circular(4), {}),
+    "1f1b-p2": ("gpt2", 8, dict(pipeline=2), PipelineConfig(schedule="1f1b", microbatches=4), {}),
+}
+SLOW_CASES = {
     "gpipe-p8": ("gpt2", 8, dict(pipeline=8), None, {}),  # default settings: gpipe, one microbatch per stage
     "circular-p2-remat-dots-accumulation": ("gpt2", 8, dict(pipeline=2), circular(4),
                                             dict(remat="dots", microbatches=2)),
-    "data2-tensor2-p2-circular-uneven": ("llama", 6, dict(data=2, tensor=2, pipeline=2), circular(4), {}),
     "fsdp2-p4-remat-full": ("gpt2", 8, dict(fsdp=2, pipeline=4), PipelineConfig(microbatches=4),
                             dict(remat="full")),
     "circular-p2-unrolled": ("gpt2", 8, dict(pipeline=2),
                              PipelineConfig(schedule="circular", microbatches=4, unroll=True), {}),
-    "1f1b-p2": ("gpt2", 8, dict(pipeline=2), PipelineConfig(schedule="1f1b", microbatches=4), {}),
-}
-SLOW_CASES = {
     "uneven-6-layers-on-4-stages": ("llama", 6, dict(pipeline=4), PipelineConfig(microbatches=4),
                                     dict(replicate_layers=True)),
     "gpipe-p2": ("gpt2", 8, dict(pipeline=2), PipelineConfig(microbatches=4), {}),

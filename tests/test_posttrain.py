@@ -381,7 +381,7 @@ def test_sft_microbatches_weigh_in_proportion_to_their_response_tokens(files):
 FROZEN_TOLERANCE = dict(rtol=2e-6, atol=1e-6)  # in-step and cached reference: separately compiled float32
 
 
-@pytest.mark.parametrize("mesh", [pytest.param(None, id="one-device"),
+@pytest.mark.parametrize("mesh", [pytest.param(None, id="one-device", marks=pytest.mark.slow),
                                   pytest.param({"data": 2, "fsdp": 2, "tensor": 2}, id="data2-fsdp2-tensor2",
                                                marks=pytest.mark.slow)])  # ~1 minute: 8 devices, 2 compilations
 def test_a_frozen_reference_gives_the_cached_references_losses(files, mesh):
@@ -500,7 +500,7 @@ def bound(trainer, loss_fn, batch):
     return lambda params: loss_fn(trainer.model.bind(params), batch, None)
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo"])
+@pytest.mark.parametrize("method", ["sft", pytest.param("dpo", marks=pytest.mark.slow)])
 def test_with_experts_the_balance_losses_are_added_and_trained(files, method):
     """With model.moe the fine-tuning loss adds the experts' balance and z-losses with their weights, reports
     the loss without them, and their gradient reaches the router."""

@@ -77,7 +77,7 @@ def test_unknown_policies_are_refused_with_the_choices(value):
         load_config("default", [f"train.remat={value}"])
 
 
-@pytest.mark.parametrize("style", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("style", [pytest.param("tiny", marks=pytest.mark.slow), "tiny-llama"])
 def test_every_policy_gives_a_layers_gradients_of_none(style):
     cfg = ModelConfig.from_preset(style)
     weights = jax.tree.map(lambda a: a[0], Model.build(cfg).init(jax.random.key(0))["blocks"])

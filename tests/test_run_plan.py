@@ -1,10 +1,12 @@
 """The run plan is worked out once per run: a run checks its config against the devices (`validate`) once."""
+import pytest
 from fault_helpers import TINY
 
 import jaxscale
 from jaxscale.training import trainer as trainer_module
 
 
+@pytest.mark.slow
 def test_a_run_validates_its_config_once(tmp_path, monkeypatch):
     calls = []
     validate = trainer_module.validate

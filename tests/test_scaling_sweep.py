@@ -104,6 +104,7 @@ def test_plan_uses_the_experiment_and_gives_each_run_its_own_schedule(tmp_path):
     assert not any(r.run_dir.exists() for r in runs)  # planning trains nothing
 
 
+@pytest.mark.slow
 def test_sweep_trains_records_and_resumes(tmp_path):
     (run,) = plan_sweep("default", PRESETS["cpu"], [ModelShape.parse("32x1", 32)], [20 * 2048], tmp_path, [])
     (point,) = run_sweep([run])
