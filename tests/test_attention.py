@@ -200,6 +200,26 @@ def test_dots_remat_keeps_the_kernel_output_and_log_sum_exp(capsys):
     assert len(saved) == 2 and "f32[2,32,4,16]" in saved[0] and "f32[2,4,32]" in saved[1], saved
 
 
+@on_gpu
+def test_gpu_dots_remat_compiles_one_forward_kernel_per_layer():
+    """Saving the kernel's outputs is only worth it if the compiled backward does not run the forward kernel
+    again: JAX keeps the recomputed pallas_call in the backward's jaxpr (its DCE rule never drops one), so this
+    checks that XLA removed it."""
+    cfg = ModelConfig.from_preset("tiny-llama", attention="pallas")
+    weights = jax.tree.map(lambda a: a[0], Model.build(cfg).init(jax.random.key(0))["blocks"])
+    x, positions = jnp.ones((2, 64, cfg.d_model)), jnp.broadcast_to(jnp.arange(64), (2, 64))
+    segments = jnp.asarray(layouts(64)[:2])
+
+    def loss(x, weights):
+        return layer(cfg, weights, x, positions, segments, jnp.bfloat16).astype(jnp.float32).sum()
+
+    for policy, forwards in (("dots", 1), ("full", 2)):
+        step = jax.jit(jax.grad(jax.checkpoint(loss, policy=POLICIES[policy]), argnums=(0, 1)))
+        hlo = step.lower(x, weights).compile().as_text()
+        calls = [line for line in hlo.splitlines() if "custom-call(" in line and "flash_attention_forward" in line]
+        assert len(calls) == forwards, (policy, calls)
+
+
 def loss_and_grads(config, devices):
     """The first step's loss and gradients, under the trainer's mesh and activation rules."""
     trainer = build_trainer(config, devices)
