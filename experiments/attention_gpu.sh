@@ -9,8 +9,9 @@
 # faster masked kernel at 1B is written to $BEST_FILE (default /tmp/best_attention) for a later call to use.
 # SHAPES (default "1b 8k 3b") picks the benches; KERNELS (default "pallas cudnn") the masked kernels at 1B and 8k;
 # KERNELS_3B (default: the faster at 1B) the masked kernels at 3B; REMAT_3B (default: none on cards of 100 GB or
-# more, else dots) its remat policy; TESTS=0 skips the GPU tests (TEST_FILTER: their -k, default gpu); SWEEP=0 the kernel microbenchmark; PROFILE (run names,
-# e.g. "1b-off 1b-pallas") traces 3 steps of those benches and prints where their device time went.
+# more, else dots) its remat policy; TESTS=0 skips the GPU tests (TEST_FILTER: their -k, default gpu); SWEEP=0
+# the kernel microbenchmark; PROFILE (run names, e.g. "1b-off 1b-pallas") traces 3 steps of those benches and
+# prints where their device time went.
 set -u
 OUT=${OUT:-/tmp/attention_gpu}
 BUDGET=${BUDGET_S:-560}
