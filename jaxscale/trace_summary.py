@@ -4,22 +4,19 @@ collectives no compute hid, and the largest kernels.
 
 The kinds follow GPU kernel names (cuBLAS / XLA Triton matmuls, cuDNN flash attention, NCCL) and XLA's
 collective op names; on other devices most kernels count as "other". A CPU trace holds no device kernels: XLA
-runs the ops on host threads (tf_XLA...), and those ops stand in for them, as one device "/host:CPU".
+runs the ops on host threads (a client thread, or the Python thread that dispatched a step run inline), and those
+ops stand in for them, as one device "/host:CPU".
 """
 from __future__ import annotations
 
 import gzip
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 KINDS = ("matmul", "attention", "collective", "other")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-# An XLA op on a CPU thread is named like an HLO instruction (ynn_fusion, all-reduce.3); the runtime's own
-# events there (Rendezvous, ThunkExecutor::Execute, "end: ..." markers) are not.
-HLO_NAME = re.compile(r"[a-z][\w.\-]*")
 
 
 def kernel_kind(name: str) -> str:
@@ -114,11 +111,11 @@ def summarize(directory: str | Path, steps: int, top: int = 15) -> list[DeviceTi
 
 
 def host_xla_ops(events: list[dict]) -> list[tuple[float, float, str]]:
-    """The XLA ops a CPU backend ran on its host threads, (start µs, end µs, name) each."""
-    threads = {(e["pid"], e["tid"]) for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
-               and e["args"]["name"].startswith("tf_XLA")}
+    """The XLA ops a CPU backend ran, (start µs, end µs, name) each: the events its thunk executor tags with the
+    HLO instruction (args.hlo_op), on whichever thread ran the step; the runtime's own events there
+    (Rendezvous, ThunkExecutor::Execute, "end: ..." markers) carry no such tag."""
     return [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
-            if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in threads and HLO_NAME.fullmatch(e["name"])]
+            if e.get("ph") == "X" and "hlo_op" in (e.get("args") or {})]
 
 
 def format_summary(summaries: list[DeviceTime]) -> str:

@@ -1,5 +1,5 @@
 """The profile summary, on a trace laid out by hand (a CPU's trace holds no device kernels to check it on; the
-bench test covers the real CPU trace)."""
+bench test covers the real CPU trace) and on a CPU trace whose steps ran on the Python thread."""
 import gzip
 import json
 
@@ -51,3 +51,33 @@ def test_kernel_kinds():
 def test_a_directory_without_a_trace_says_how_to_write_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="bench --profile"):
         summarize(tmp_path, steps=1)
+
+
+INLINE_STEPS = """
+import sys
+import jax
+import jax.numpy as jnp
+jax.config.update("jax_cpu_enable_async_dispatch", False)  # the client runs each step on the calling thread
+from jaxscale.trace_summary import summarize
+step = jax.jit(lambda x: jnp.tanh(x @ x))
+x = step(jnp.ones((64, 64)))
+jax.profiler.start_trace(sys.argv[1], create_perfetto_trace=True)
+for _ in range(3):
+    x = step(x)
+jax.block_until_ready(x)
+jax.profiler.stop_trace()
+[cpu] = summarize(sys.argv[1], steps=3)
+print(cpu.device, sorted(name for name, _, calls in cpu.top if calls == 1))
+"""
+
+
+def test_a_cpu_step_run_on_the_python_thread_is_summarized(tmp_path):
+    """Small steps can run inline on the thread that dispatched them, not on a client thread: their ops count."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", INLINE_STEPS, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1].startswith("/host:CPU [")
+    assert "fusion" in done.stdout.splitlines()[-1]
