@@ -174,6 +174,19 @@ def test_fine_tuning_starts_at_the_reference_loss(name, tmp_path):
     assert float(metrics["loss"]) == pytest.approx(reference_loss(tokens, logits), abs=1e-5)
 
 
+def test_fine_tuning_with_offloaded_parameters_and_optimizer_starts_at_the_reference_loss(tmp_path):
+    """The imported parameters go to pinned_host memory as a fresh state's would; the step reads them there."""
+    _, tokens, logits = fixture("llama")
+    config = fine_tune_config("llama", tmp_path, "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2",
+                              "train.offload_params=true", "train.offload_optimizer=true")
+    trainer, state = imported_state(config, jax.devices()[:4])
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(state.params)} == {"pinned_host"}
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state) if x.ndim} == {"pinned_host"}
+    batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens)}
+    _, metrics = trainer.train_step(state, jax.device_put(batch, trainer.data_sharding))
+    assert float(metrics["loss"]) == pytest.approx(reference_loss(tokens, logits), abs=1e-5)
+
+
 def test_init_from_takes_the_shape_from_config_json(tmp_path):
     directory = FIXTURES / "llama"
     config = load_config("gpt2-124m", [f"model.init_from=hf:{directory}"])  # the experiment's model is replaced
