@@ -25,7 +25,6 @@ from jaxscale.observe.stragglers import StragglerConfig
 from jaxscale.observe.trackers import TrackingConfig
 from jaxscale.parallel.plan import (
     ONE_F_ONE_B_SCHEDULES,
-    REPEATED_SCHEDULES,
     PipelineConfig,
     plan_from_config,
     schedule_table,
@@ -524,12 +523,7 @@ def validate(config: Config, n_devices: int, builtin_model: bool = True) -> dict
         staged, layers = m.staged_layers, f"model.n_layers={m.n_layers}"
         if staged != m.n_layers:  # a mixture of experts is staged in groups of moe.every layers
             layers = f"{layers} in groups of model.moe.every={m.moe.every} ({staged} groups)"
-            chunks = stages * (config.pipeline.repeats if config.pipeline.schedule in REPEATED_SCHEDULES else 1)
-            if staged < chunks:
-                raise ConfigError(f"{layers} are fewer than the {chunks} layer chunks of mesh.pipeline="
-                                  f"{stages} and pipeline.schedule={config.pipeline.schedule}; use more layers, "
-                                  f"a smaller model.moe.every or fewer stages")
-        plan = plan_from_config(config.pipeline, staged, stages)  # microbatches, layers against stages
+        plan = plan_from_config(config.pipeline, staged, stages, layers)  # microbatches, layers against stages
         if config.pipeline.schedule in ONE_F_ONE_B_SCHEDULES:  # interleaved: microbatches against stages
             schedule_table(config.pipeline.schedule, stages, plan.microbatches, plan.repeats)
         rule = config.sharding.params.get("layers")

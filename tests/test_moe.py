@@ -397,7 +397,8 @@ def test_experts_with_a_1f1b_schedule_are_refused(schedule):
 
 @pytest.mark.parametrize("n_layers,pipeline,message", [
     (4, PipelineConfig(schedule="circular", microbatches=2),
-     r"model\.n_layers=4 in groups of model\.moe\.every=2 \(2 groups\) are fewer than the 4 layer chunks"),
+     r"model\.n_layers=4 in groups of model\.moe\.every=2 \(2 groups\) is fewer than mesh\.pipeline x "
+     r"repeats = 2 x 2 = 4 layer chunks; use fewer stages or fewer pipeline\.repeats"),
     (6, PipelineConfig(microbatches=2),
      r"model\.n_layers=6 in groups of model\.moe\.every=2 \(3 groups\) does not split evenly over "
      r"mesh\.pipeline=2.*choose n_layers / moe\.every divisible by 2"),

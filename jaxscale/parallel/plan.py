@@ -95,24 +95,26 @@ class PipelinePlan:
 
 
 def plan_pipeline(n_layers: int, stages: int, microbatches: int, repeats: int = 1,
-                  unrolled: bool = False) -> PipelinePlan:
+                  unrolled: bool = False, layers: str | None = None) -> PipelinePlan:
+    """`n_layers` units of depth (layers, or a mixture of experts' layer groups) dealt to stages x repeats
+    chunks; `layers` names that count in errors (default model.n_layers=N)."""
     chunks = stages * repeats
     if microbatches < stages:
         raise ConfigError(f"pipeline.microbatches={microbatches} is fewer than the {stages} pipeline stages "
                           f"(mesh.pipeline): stages would idle in every iteration, and the circular schedule "
                           f"cannot run; use pipeline.microbatches >= {stages}, e.g. {2 * stages}")
     if n_layers < chunks:
-        raise ConfigError(f"model.n_layers={n_layers} is fewer than mesh.pipeline x repeats = {stages} x "
+        raise ConfigError(f"{layers or f'model.n_layers={n_layers}'} is fewer than mesh.pipeline x repeats = {stages} x "
                           f"{repeats} = {chunks} layer chunks; use fewer stages"
                           + (" or fewer pipeline.repeats" if repeats > 1 else ""))
     base, extra = divmod(n_layers, chunks)
     return PipelinePlan(stages, repeats, microbatches, tuple(base + (c < extra) for c in range(chunks)), unrolled)
 
 
-def plan_from_config(settings: PipelineConfig, n_layers: int, stages: int) -> PipelinePlan:
+def plan_from_config(settings: PipelineConfig, n_layers: int, stages: int, layers: str | None = None) -> PipelinePlan:
     repeats = settings.repeats if settings.schedule in REPEATED_SCHEDULES else 1
     microbatches = stages if settings.microbatches is None else settings.microbatches
-    return plan_pipeline(n_layers, stages, microbatches, repeats, settings.unroll)
+    return plan_pipeline(n_layers, stages, microbatches, repeats, settings.unroll, layers)
 
 
 def describe_plan(plan: PipelinePlan, schedule: str | None = None) -> str:
