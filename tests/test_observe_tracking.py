@@ -133,3 +133,22 @@ def test_a_session_resumed_inside_the_window_traces_the_rest_of_it(tmp_path):
         profiler.after(step, state)
     assert not profiler.active and profiler.traced == 1 and profiler.summary
     assert list((tmp_path / "profile" / "process_0" / "plugins" / "profile").glob("*/*.xplane.pb"))
+
+
+def test_run_log_lines_go_to_the_stderr_of_the_moment(monkeypatch):
+    """A notebook or test runner that swaps (and closes) sys.stderr after the first run still gets the lines."""
+    import io
+    import sys
+
+    from jaxscale.training.loop import StderrHandler
+
+    logger = logging.getLogger("jaxscale.stderr_test")
+    logger.propagate = False
+    logger.addHandler(StderrHandler())
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    logger.warning("one")
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    logger.warning("two")
+    assert second.getvalue() == "two\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -321,11 +322,24 @@ def show_log_lines() -> None:
     root = logging.getLogger()
     if log.handlers or log.level != logging.NOTSET or (root.handlers and root.level <= logging.INFO):
         return
-    handler = logging.StreamHandler()
+    handler = StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s jaxscale: %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged, not when the handler was made: a notebook or a
+    test runner may replace (and close) the stream the first run saw."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
 
 
 # Settings that change how a run is carried out, not what it trains: a finished run rerun with other values of
