@@ -103,7 +103,7 @@ def summarize(directory: str | Path, steps: int, top: int = 15) -> list[DeviceTi
                    if e.get("ph") == "X" and e.get("pid") == pid]
         if kernels:
             summaries.append(device_time(device, kernels, steps, top))
-    if not devices:
+    if not summaries:  # a CPU run; libtpu, once loaded, adds an empty "/device:CUSTOM:Megascale Trace"
         cpu_ops = host_xla_ops(events)
         if cpu_ops:
             summaries.append(device_time("/host:CPU", cpu_ops, steps, top))
