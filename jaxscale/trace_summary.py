@@ -96,14 +96,15 @@ def summarize(directory: str | Path, steps: int, top: int = 15) -> list[DeviceTi
     data = json.loads(gzip.decompress(newest_trace(directory).read_bytes()))
     events = data["traceEvents"] if isinstance(data, dict) else data
     devices = {e["pid"]: e["args"]["name"] for e in events
-               if e.get("ph") == "M" and e.get("name") == "process_name" and "/device:" in e["args"]["name"]}
+               if e.get("ph") == "M" and e.get("name") == "process_name" and "/device:" in e["args"]["name"]
+               and "/device:CUSTOM:" not in e["args"]["name"]}  # a profiler plugin's own events, no chip's
     summaries = []
     for pid, device in sorted(devices.items(), key=lambda item: item[1]):
         kernels = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
                    if e.get("ph") == "X" and e.get("pid") == pid]
         if kernels:
             summaries.append(device_time(device, kernels, steps, top))
-    if not summaries:  # a CPU run; libtpu, once loaded, adds an empty "/device:CUSTOM:Megascale Trace"
+    if not summaries:  # a CPU run
         cpu_ops = host_xla_ops(events)
         if cpu_ops:
             summaries.append(device_time("/host:CPU", cpu_ops, steps, top))
@@ -114,8 +115,10 @@ def host_xla_ops(events: list[dict]) -> list[tuple[float, float, str]]:
     """The XLA ops a CPU backend ran, (start µs, end µs, name) each: the events its thunk executor tags with the
     HLO instruction (args.hlo_op), on whichever thread ran the step; the runtime's own events there
     (Rendezvous, ThunkExecutor::Execute, "end: ..." markers) carry no such tag."""
+    hosts = {e["pid"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name" and e["args"]["name"].startswith("/host:")}
     return [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
-            if e.get("ph") == "X" and "hlo_op" in (e.get("args") or {})]
+            if e.get("ph") == "X" and e.get("pid") in hosts and "hlo_op" in (e.get("args") or {})]
 
 
 def format_summary(summaries: list[DeviceTime]) -> str:

@@ -54,12 +54,12 @@ def test_a_directory_without_a_trace_says_how_to_write_one(tmp_path):
 
 
 def test_a_cpu_trace_beside_an_empty_device_process_summarizes_the_host_ops(tmp_path):
-    """With libtpu loaded (a TPU compile earlier in the process), a CPU trace also names a device process
-    that holds no kernels; the XLA ops on the host threads are still what ran."""
+    """With libtpu loaded (a TPU compile earlier in the process), a CPU trace also names a device process of
+    libtpu's own ("/device:CUSTOM:Megascale Trace"); the XLA ops on the host threads are still what ran."""
     op = {"ph": "X", "pid": 1, "tid": 5, "dur": 300, "name": "ynn_fusion", "args": {"hlo_op": "ynn_fusion"}}
     events = [{"ph": "M", "name": "process_name", "pid": 9, "args": {"name": "/device:CUSTOM:Megascale Trace"}},
               {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
-              {**op, "ts": 0}, {**op, "ts": 1000},
+              {**op, "ts": 0}, {**op, "ts": 1000}, {**op, "pid": 9, "ts": 2000},
               {"ph": "X", "pid": 1, "tid": 5, "ts": 400, "dur": 100, "name": "ThunkExecutor::Execute"}]
     path = tmp_path / "plugins" / "profile" / "run" / "host.trace.json.gz"
     path.parent.mkdir(parents=True)
