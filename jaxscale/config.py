@@ -23,12 +23,7 @@ from jaxscale.model.run_source import RUN_PREFIX, resolve_run_init_from
 from jaxscale.observe.profile import ProfileConfig
 from jaxscale.observe.stragglers import StragglerConfig
 from jaxscale.observe.trackers import TrackingConfig
-from jaxscale.parallel.plan import (
-    ONE_F_ONE_B_SCHEDULES,
-    PipelineConfig,
-    plan_from_config,
-    schedule_table,
-)
+from jaxscale.parallel.plan import ONE_F_ONE_B_SCHEDULES, PipelineConfig, plan_from_config, schedule_table
 from jaxscale.posttrain.config import PosttrainConfig
 from jaxscale.presets import KINDS, find_preset, known_presets
 from jaxscale.remat import parse_remat

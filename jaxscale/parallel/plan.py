@@ -98,14 +98,14 @@ def plan_pipeline(n_layers: int, stages: int, microbatches: int, repeats: int = 
                   unrolled: bool = False, layers: str | None = None) -> PipelinePlan:
     """`n_layers` units of depth (layers, or a mixture of experts' layer groups) dealt to stages x repeats
     chunks; `layers` names that count in errors (default model.n_layers=N)."""
-    chunks = stages * repeats
+    chunks, layers = stages * repeats, layers or f"model.n_layers={n_layers}"
     if microbatches < stages:
         raise ConfigError(f"pipeline.microbatches={microbatches} is fewer than the {stages} pipeline stages "
                           f"(mesh.pipeline): stages would idle in every iteration, and the circular schedule "
                           f"cannot run; use pipeline.microbatches >= {stages}, e.g. {2 * stages}")
     if n_layers < chunks:
-        raise ConfigError(f"{layers or f'model.n_layers={n_layers}'} is fewer than mesh.pipeline x repeats = {stages} x "
-                          f"{repeats} = {chunks} layer chunks; use fewer stages"
+        raise ConfigError(f"{layers} is fewer than mesh.pipeline x repeats = {stages} x {repeats} = {chunks} "
+                          f"layer chunks; use fewer stages"
                           + (" or fewer pipeline.repeats" if repeats > 1 else ""))
     base, extra = divmod(n_layers, chunks)
     return PipelinePlan(stages, repeats, microbatches, tuple(base + (c < extra) for c in range(chunks)), unrolled)
