@@ -95,9 +95,10 @@ def summarize(directory: str | Path, steps: int, top: int = 15) -> list[DeviceTi
     """Per device of the newest trace under `directory`, which holds `steps` steps."""
     data = json.loads(gzip.decompress(newest_trace(directory).read_bytes()))
     events = data["traceEvents"] if isinstance(data, dict) else data
-    devices = {e["pid"]: e["args"]["name"] for e in events
-               if e.get("ph") == "M" and e.get("name") == "process_name" and "/device:" in e["args"]["name"]
-               and "/device:CUSTOM:" not in e["args"]["name"]}  # a profiler plugin's own events, no chip's
+    processes = {e["pid"]: e["args"]["name"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    devices = {pid: name for pid, name in processes.items()  # CUSTOM: a profiler plugin's own events, no chip's
+               if "/device:" in name and "/device:CUSTOM:" not in name}
     summaries = []
     for pid, device in sorted(devices.items(), key=lambda item: item[1]):
         kernels = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
@@ -105,18 +106,16 @@ def summarize(directory: str | Path, steps: int, top: int = 15) -> list[DeviceTi
         if kernels:
             summaries.append(device_time(device, kernels, steps, top))
     if not summaries:  # a CPU run
-        cpu_ops = host_xla_ops(events)
+        cpu_ops = host_xla_ops(events, {pid for pid, name in processes.items() if name.startswith("/host:")})
         if cpu_ops:
             summaries.append(device_time("/host:CPU", cpu_ops, steps, top))
     return summaries
 
 
-def host_xla_ops(events: list[dict]) -> list[tuple[float, float, str]]:
-    """The XLA ops a CPU backend ran, (start µs, end µs, name) each: the events its thunk executor tags with the
-    HLO instruction (args.hlo_op), on whichever thread ran the step; the runtime's own events there
-    (Rendezvous, ThunkExecutor::Execute, "end: ..." markers) carry no such tag."""
-    hosts = {e["pid"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name" and e["args"]["name"].startswith("/host:")}
+def host_xla_ops(events: list[dict], hosts: set[int]) -> list[tuple[float, float, str]]:
+    """The XLA ops a CPU backend ran in the `hosts` processes, (start µs, end µs, name) each: the events its
+    thunk executor tags with the HLO instruction (args.hlo_op), on whichever thread ran the step; the runtime's
+    own events there (Rendezvous, ThunkExecutor::Execute, "end: ..." markers) carry no such tag."""
     return [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
             if e.get("ph") == "X" and e.get("pid") in hosts and "hlo_op" in (e.get("args") or {})]
 

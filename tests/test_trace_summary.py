@@ -15,15 +15,19 @@ STEP = [  # (start µs, duration µs, stream, name) of one step; the next step s
 ]
 
 
+def write_events(directory, events):
+    path = directory / "plugins" / "profile" / "run" / "host.trace.json.gz"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+
+
 def write_trace(directory, steps=2):
     events = [{"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}},
               {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
               {"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 9000, "name": "host work, not a kernel"}]
     events += [{"ph": "X", "pid": 7, "tid": tid, "ts": start + 2500 * step, "dur": dur, "name": name}
                for step in range(steps) for start, dur, tid, name in STEP]
-    path = directory / "plugins" / "profile" / "run" / "host.trace.json.gz"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    write_events(directory, events)
 
 
 def test_device_time_per_step_by_hand(tmp_path):
@@ -61,9 +65,7 @@ def test_a_cpu_trace_beside_an_empty_device_process_summarizes_the_host_ops(tmp_
               {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
               {**op, "ts": 0}, {**op, "ts": 1000}, {**op, "pid": 9, "ts": 2000},
               {"ph": "X", "pid": 1, "tid": 5, "ts": 400, "dur": 100, "name": "ThunkExecutor::Execute"}]
-    path = tmp_path / "plugins" / "profile" / "run" / "host.trace.json.gz"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    write_events(tmp_path, events)
     [cpu] = summarize(tmp_path, steps=2)
     assert cpu.device == "/host:CPU" and cpu.kernel_ms == pytest.approx(0.3)
     assert cpu.top == [("ynn_fusion", pytest.approx(0.3), 1)]
@@ -88,7 +90,8 @@ print(cpu.device, sorted(name for name, _, calls in cpu.top if calls == 1))
 
 
 def test_a_cpu_step_run_on_the_python_thread_is_summarized(tmp_path):
-    """Small steps can run inline on the thread that dispatched them, not on a client thread: their ops count."""
+    """A step the client runs inline (async dispatch off) has its ops on the thread that dispatched it, not on a
+    client thread: they count."""
     import subprocess
     import sys
 
